@@ -1,0 +1,33 @@
+# Every target sets up first; set-up is idempotent and takes about a second when done.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup test test-fast lint demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# Install the pinned CPU torch first when no torch is present, so the project's lower bound
+	@# is already met and pip never pulls a multi-GB CUDA build. An existing torch is kept.
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[serve,plot,dev]"
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check nlm tests bench
+
+demo: setup
+	$(VENV)/bin/nlm demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

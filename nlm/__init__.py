@@ -1,0 +1,3 @@
+"""nlm: knowledge distillation for causal language models."""
+
+__version__ = "0.1.0"

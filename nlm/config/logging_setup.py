@@ -1,0 +1,93 @@
+"""Logging for the whole process: one handler, plain or JSON lines, with secrets redacted.
+
+Secrets are registered once (from the environment and the parsed config) and replaced by `**********`
+in every record that reaches the handler, including formatted exceptions and third-party loggers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Iterable
+
+REDACTED = "**********"
+_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Redact `value` from every log record from now on. Values under 4 characters would redact noise."""
+    if value and len(value) >= 4:
+        _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    for secret in sorted(_secrets, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites a record's message and exception text with every registered secret replaced."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _secrets:
+            record.msg = redact(record.getMessage())
+            record.args = None
+            if record.exc_info:
+                record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip())
+                record.exc_info = None
+            if record.stack_info:
+                record.stack_info = redact(record.stack_info)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `extra` metrics."""
+
+    _standard = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in self._standard})
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return redact(json.dumps(entry, default=str))
+
+
+def setup_logging(level: str = "INFO", log_format: str = "text", secrets: Iterable[str] = ()) -> None:
+    """Install nlm's handler on the root logger and route transformers/datasets logs through it."""
+    for secret in secrets:
+        register_secret(secret)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_nlm", False):
+            root.removeHandler(old)
+    handler._nlm = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("urllib3", "filelock", "fsspec", "httpx", "httpcore", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_default_handler()
+        transformers.utils.logging.enable_propagation()
+        transformers.utils.logging.set_verbosity(max(logging.WARNING, root.level))
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass

@@ -1,0 +1,176 @@
+"""The one configuration of a training run.
+
+Every option lives here once, with its help text and its allowed range; the CLI flags, the `NLM_…`
+environment variables, the YAML keys and `nlm config show` are all derived from these classes.
+Sources and their precedence are in `nlm.config.sources`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"]
+DeviceName = Literal["cuda", "mps", "cpu"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+# Secret fields: accepted from the environment and the command line only, never from a file.
+SECRET_FIELDS = ("hf_token",)
+
+
+class LoRAConfig(BaseModel):
+    """Low-rank adapters on the student (through PEFT)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of every student weight.")
+    r: int = Field(16, ge=1, le=4096, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="Adapter scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["auto"] = Field(
+        "auto",
+        description="Module names to adapt, or 'auto': every attention and MLP projection found in the model.",
+    )
+    include_lm_head: bool = Field(False, description="Also adapt the output head (auto mode only).")
+    required: bool = Field(
+        False, description="Fail instead of falling back to full fine-tuning when no target module is found."
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: object) -> object:
+        if isinstance(value, str) and value != "auto":
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+
+class DistillationConfig(BaseModel):
+    """The loss: (1-alpha)·CE(student, label) + alpha·temperature²·divergence(teacher, student)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation term; 0 is plain fine-tuning.")
+    temperature: float = Field(2.0, gt=0, le=100, description="Softmax temperature for both models' distributions.")
+    divergence: Divergence = Field("forward_kl", description="forward_kl, reverse_kl, jsd, tvd or skew_kl.")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="Mixture weight of the generalised Jensen-Shannon divergence.")
+    skew_lambda: float = Field(0.1, ge=0, lt=1, description="Skew of skew_kl: KL(p || λp + (1-λ)q).")
+
+
+class TrainingConfig(BaseSettings):
+    """Everything `nlm train` needs. Precedence: CLI flags > NLM_… environment > YAML (--config) > defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NLM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
+        validate_default=True,
+        cli_implicit_flags=False,
+    )
+
+    # Models
+    teacher_model: str | None = Field(None, description="Teacher: a Hugging Face hub id or a local folder.")
+    student_model: str | None = Field(None, description="Student: a Hugging Face hub id or a local folder.")
+    teacher_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the teacher.")
+    student_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the student.")
+    hf_token: SecretStr | None = Field(
+        None, description="Hugging Face token for private models (environment NLM_HF_TOKEN or --hf_token only)."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repository.")
+
+    # Data
+    train_file: Path | None = Field(None, description="Training JSONL; else every *.jsonl in $SM_CHANNEL_TRAIN.")
+    eval_file: Path | None = Field(None, description="Evaluation JSONL; else $SM_CHANNEL_EVAL / $SM_CHANNEL_VALIDATION.")
+    eval_split: float = Field(0.0, ge=0, lt=1, description="Fraction of the training data held out for eval.")
+    max_seq_length: int = Field(512, ge=8, le=1_048_576, description="Longer sequences are truncated.")
+    completion_only_loss: bool = Field(True, description="Train only on completion/assistant tokens.")
+    prompt_separator: str = Field("\n", description="Text between prompt and completion.")
+    max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="JSONL lines longer than this are skipped.")
+
+    # Output
+    output_dir: Path = Field(Path("outputs"), description="Runs are written under output_dir/run_name.")
+    run_name: str = Field("distill", min_length=1, max_length=128, description="Name of this run's folder.")
+    overwrite: bool = Field(False, description="Replace an existing run folder.")
+    resume: bool = Field(False, description="Continue from the latest checkpoint of an existing run.")
+    merge_lora: bool = Field(False, description="Also write the LoRA adapter merged into the student.")
+
+    # Optimisation
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the training data (ignored if max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Total optimiser steps; -1 means use num_train_epochs.")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler_type: str = Field("cosine", description="Any transformers scheduler name: linear, cosine, constant…")
+    warmup_steps: float = Field(0.0, ge=0, description="Warm-up steps; a value in (0, 1) is a fraction of all steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Sequences per device per micro-batch.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Sequences per device per eval batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    auto_find_batch_size: bool = Field(False, description="Halve the batch size on out-of-memory and retry.")
+    gradient_checkpointing: bool = Field(False, description="Recompute student activations to save memory.")
+    seed: int = Field(42, ge=0, description="Seed for data order, initialisation and eval split.")
+    max_bad_steps: int = Field(3, ge=1, description="Stop after this many consecutive NaN/inf losses.")
+
+    # Devices and precision
+    device_preference: list[DeviceName] = Field(
+        ["cuda", "mps", "cpu"], min_length=1, description="Devices to try, first available wins."
+    )
+    device: DeviceName | None = Field(None, description="Force one device; an error if it is unavailable.")
+    precision: Precision = Field("auto", description="auto: bf16 on capable CUDA, fp16 on older CUDA, else fp32.")
+    teacher_device: str | None = Field(None, description="Teacher's own device (e.g. cuda:1); default: the student's.")
+    teacher_precision: Precision = Field("auto", description="Teacher weights' dtype; auto follows precision.")
+
+    # Evaluation, checkpoints, logging
+    eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="When to evaluate; 'steps' uses eval_steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: logging_steps).")
+    save_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="When to write checkpoints.")
+    save_steps: int = Field(500, ge=1, description="Checkpoint every N steps.")
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    load_best_model_at_end: bool = Field(False, description="Keep the checkpoint with the lowest eval loss.")
+    logging_steps: int = Field(10, ge=1, description="Log losses every N steps.")
+    report_to: list[str] = Field(default_factory=list, description="Trackers: tensorboard, wandb, mlflow (none: []).")
+
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_one_folder(cls, value: str) -> str:
+        if value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+            raise ValueError("must be a single folder name (no '/', '\\' or '..')")
+        return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and value in (["none"], ["None"]):
+            return []
+        return value
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        from transformers.trainer_utils import SchedulerType
+
+        allowed = [s.value for s in SchedulerType]
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingConfig:
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: pick one")
+        if self.eval_file is not None and self.eval_split > 0:
+            raise ValueError("give eval_file or eval_split, not both")
+        if self.load_best_model_at_end and self.eval_strategy == "no":
+            raise ValueError("load_best_model_at_end needs eval_strategy 'steps' or 'epoch'")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.run_name

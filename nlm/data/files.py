@@ -1,0 +1,58 @@
+"""Which files hold the training and evaluation data: explicit paths first, then SageMaker channels."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from nlm.errors import DataError
+
+TRAIN_CHANNELS = ("SM_CHANNEL_TRAIN",)
+EVAL_CHANNELS = ("SM_CHANNEL_EVAL", "SM_CHANNEL_VALIDATION")
+
+
+def _channel_files(variable: str, directory: str) -> list[Path]:
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise DataError(f"${variable} is {directory}, which is not a directory")
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise DataError(f"${variable} directory {directory} holds no *.jsonl file")
+    return files
+
+
+def resolve_train_files(train_file: Path | None, environ: Mapping[str, str] | None = None) -> list[Path]:
+    """`train_file` if given, else every *.jsonl (sorted) in $SM_CHANNEL_TRAIN."""
+    environ = os.environ if environ is None else environ
+    if train_file is not None:
+        return [Path(train_file)]
+    for variable in TRAIN_CHANNELS:
+        if environ.get(variable):
+            return _channel_files(variable, environ[variable])
+    raise DataError("no training data: set train_file (--train_file FILE) or $SM_CHANNEL_TRAIN to a folder of *.jsonl")
+
+
+def resolve_eval_files(eval_file: Path | None, environ: Mapping[str, str] | None = None) -> list[Path]:
+    """`eval_file` if given, else $SM_CHANNEL_EVAL or $SM_CHANNEL_VALIDATION, else none (empty list)."""
+    environ = os.environ if environ is None else environ
+    if eval_file is not None:
+        return [Path(eval_file)]
+    for variable in EVAL_CHANNELS:
+        if environ.get(variable):
+            return _channel_files(variable, environ[variable])
+    return []
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def files_fingerprint(paths: Sequence[Path]) -> dict[str, str]:
+    """Content hash of each data file, by path: the cache key and the run metadata use it."""
+    return {str(path): file_sha256(path) for path in paths}

@@ -1,0 +1,78 @@
+"""Per-token divergences between a teacher distribution p and a student distribution q, in log space.
+
+Each function takes log-probabilities `teacher_logp` and `student_logp` of shape [n, v] (already
+temperature-scaled, in fp32 or fp64) and returns a [n] tensor. Written by hand because no maintained
+library offers all five with safe handling of zero teacher mass; the forms follow the usual definitions
+(generalised JSD as in GKD, skew KL as in DistiLLM).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
+
+
+def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row; positions where p has no mass contribute 0 even when log p is -inf."""
+    p = p_logp.exp()
+    terms = torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def _floor(logp: torch.Tensor) -> torch.Tensor:
+    # -inf log-probs (a teacher with exactly zero mass) would make q-weighted terms inf or NaN; the floor
+    # stands for "as unlikely as this dtype can say" and only changes cases whose true value is infinite.
+    return logp.clamp_min(math.log(torch.finfo(logp.dtype).tiny))
+
+
+def forward_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q): mass-covering; the student is pushed to cover every token the teacher likes."""
+    return _kl(teacher_logp, student_logp)
+
+
+def reverse_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """KL(q || p): mode-seeking; the student is pushed off tokens the teacher rules out."""
+    return _kl(student_logp, _floor(teacher_logp))
+
+
+def _mixture_logp(a_logp: torch.Tensor, b_logp: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w·a + (1-w)·b), computed without leaving log space."""
+    return torch.logaddexp(a_logp + math.log(weight_a), b_logp + math.log1p(-weight_a))
+
+
+def jsd(teacher_logp: torch.Tensor, student_logp: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalised Jensen-Shannon: β·KL(p || m) + (1-β)·KL(q || m) with m = β·p + (1-β)·q."""
+    mixture = _mixture_logp(teacher_logp, student_logp, beta)
+    return beta * _kl(teacher_logp, mixture) + (1 - beta) * _kl(student_logp, mixture)
+
+
+def tvd(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """Total variation: half the L1 distance between the two distributions."""
+    return 0.5 * (teacher_logp.exp() - student_logp.exp()).abs().sum(-1)
+
+
+def skew_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, skew: float = 0.1) -> torch.Tensor:
+    """Skew KL: KL(p || λ·p + (1-λ)·q); λ=0 is forward KL, and λ>0 bounds it when q misses p's mass."""
+    if skew == 0:
+        return _kl(teacher_logp, student_logp)
+    return _kl(teacher_logp, _mixture_logp(teacher_logp, student_logp, skew))
+
+
+def token_divergence(
+    kind: str, teacher_logp: torch.Tensor, student_logp: torch.Tensor, *, jsd_beta: float = 0.5, skew_lambda: float = 0.1
+) -> torch.Tensor:
+    """Dispatch by name; the names are those of `distillation.divergence`."""
+    if kind == "forward_kl":
+        return forward_kl(teacher_logp, student_logp)
+    if kind == "reverse_kl":
+        return reverse_kl(teacher_logp, student_logp)
+    if kind == "jsd":
+        return jsd(teacher_logp, student_logp, jsd_beta)
+    if kind == "tvd":
+        return tvd(teacher_logp, student_logp)
+    if kind == "skew_kl":
+        return skew_kl(teacher_logp, student_logp, skew_lambda)
+    raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")

@@ -1,0 +1,47 @@
+"""The errors a user can cause. The CLI prints their message as one line and exits with `exit_code`."""
+
+
+class NlmError(Exception):
+    """Base of every error caused by the user's input, files or environment."""
+
+    exit_code = 1
+
+
+class ConfigError(NlmError):
+    """A configuration value, flag or config file is wrong."""
+
+    exit_code = 2
+
+
+class UnsafePathError(ConfigError):
+    """A path nlm would write to is inside a system directory or outside the output directory."""
+
+
+class DataError(NlmError):
+    """A data file is missing, unreadable or holds no usable record."""
+
+    exit_code = 2
+
+
+class ModelLoadError(NlmError):
+    """A model or tokenizer cannot be loaded."""
+
+
+class VocabularyMismatchError(NlmError):
+    """Teacher and student do not share a tokenizer."""
+
+
+class DeviceError(NlmError):
+    """A requested device is not available."""
+
+    exit_code = 2
+
+
+class RunExistsError(NlmError):
+    """A finished or started run would be overwritten."""
+
+    exit_code = 2
+
+
+class TrainingDivergedError(NlmError):
+    """The loss became NaN or infinite for too many steps."""

@@ -1,0 +1,1 @@
+"""Generation and the HTTP server. Imports nothing from training."""

@@ -1,0 +1,1 @@
+"""Devices and precision, model and tokenizer loading, vocabulary checks, LoRA targets."""

@@ -1,0 +1,165 @@
+"""Load tokenizers and causal LMs by hub id or local folder, failing early with the likely cause."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nlm.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+
+def _hint(name: str, exc: Exception) -> str:
+    text = str(exc)
+    if "trust_remote_code" in text:
+        return "this model ships its own code: pass --trust_remote_code if you trust its source"
+    hints = []
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).parent.exists()
+    if looks_local or Path(name).exists():
+        hints.append("check the folder holds config.json and the weights")
+    else:
+        hints.append("is the id spelled right?")
+        if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or "offline" in text.lower() or "connect" in text.lower():
+            hints.append("offline: the model must already be in the Hugging Face cache (HF_HUB_OFFLINE is set or the hub is unreachable)")
+        if "401" in text or "403" in text or "gated" in text.lower() or "private" in text.lower():
+            hints.append("a private or gated model needs a token: set NLM_HF_TOKEN")
+        else:
+            hints.append("is the hub reachable, and does a private model have its token (NLM_HF_TOKEN)?")
+    return "; ".join(hints)
+
+
+def _require_local_folder(name: str) -> None:
+    """A name written as a path must be an existing folder; otherwise the hub's error would be confusing."""
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"model folder {name} not found (a hub id has the form owner/name, without a leading / or .)")
+
+
+def _hub_kwargs(revision: str | None, token: Any, trust_remote_code: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    if token is not None:
+        kwargs["token"] = token.get_secret_value() if hasattr(token, "get_secret_value") else token
+    return kwargs
+
+
+def _short_error(exc: Exception) -> str:
+    # Hub errors span many lines; the first names the problem. Never echo request headers (tokens).
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, token: Any = None, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of `name`, with a pad token (EOS when the tokenizer defines none)."""
+    from transformers import AutoTokenizer
+
+    _require_local_folder(str(name))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **_hub_kwargs(revision, token, trust_remote_code))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {_short_error(exc)} ({_hint(name, exc)})") from None
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    revision: str | None = None,
+    token: Any = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = True,
+) -> Any:
+    """An `AutoModelForCausalLM` in `dtype`, moved to `device` when given."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = _hub_kwargs(revision, token, trust_remote_code)
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    _require_local_folder(str(name))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the model {name!r}: {_short_error(exc)} ({_hint(name, exc)})") from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def check_model_exists(name: str, *, revision: str | None = None, token: Any = None, trust_remote_code: bool = False) -> Any:
+    """Load only the config: a cheap check, before any data work, that `name` resolves."""
+    from transformers import AutoConfig
+
+    _require_local_folder(str(name))
+    try:
+        return AutoConfig.from_pretrained(name, **_hub_kwargs(revision, token, trust_remote_code))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the model {name!r}: {_short_error(exc)} ({_hint(name, exc)})") from None
+
+
+def model_revision(model: Any) -> str | None:
+    """The hub commit a model was loaded from, when it came from the hub."""
+    return getattr(model.config, "_commit_hash", None)
+
+
+def freeze(model: Any) -> Any:
+    """Make a teacher inert: eval mode (no dropout) and no parameter asks for a gradient."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_trained_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    token: Any = None,
+) -> Any:
+    """A model nlm wrote (full weights, or a LoRA adapter over its base model), ready for inference."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model folder {path} not found")
+    if not allow_pickle and not is_adapter_dir(path) and path.is_dir() and not any(path.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{path} holds no *.safetensors weights; pickle weights (.bin) run code when loaded, "
+            "so they are refused unless --allow_pickle"
+        )
+    if is_adapter_dir(path):
+        import json
+
+        from peft import PeftModel
+
+        base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_name:
+            raise ModelLoadError(f"{path}/adapter_config.json names no base_model_name_or_path")
+        base = load_causal_lm(base_name, dtype=dtype, token=token, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        try:
+            model = PeftModel.from_pretrained(base, str(path))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the LoRA adapter in {path}: {_short_error(exc)}") from None
+    else:
+        model = load_causal_lm(str(path), dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,57 @@
+"""`nlm eval`: score a model on a JSONL file: loss, perplexity, token accuracy; with a teacher, KL and agreement."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from nlm.data.tokenize import PaddingCollator, TokenizeSettings, tokenize_records
+from nlm.distill.metrics import EvalSums
+from nlm.models.device import select_device
+from nlm.models.loading import load_tokenizer, load_trained_model
+from nlm.models.vocab import shared_vocab_width
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model_path: str | Path,
+    data_file: Path,
+    *,
+    teacher_path: str | Path | None = None,
+    batch_size: int = 8,
+    settings: TokenizeSettings | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> dict[str, Any]:
+    """Token-level metrics of `model_path` on `data_file` (targets as in training: completion tokens)."""
+    settings = settings or TokenizeSettings()
+    target = select_device(forced=device) if device else select_device()
+    tokenizer = load_tokenizer(str(model_path), trust_remote_code=trust_remote_code)
+    model = load_trained_model(model_path, device=target, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    teacher = None
+    width = len(tokenizer)
+    if teacher_path is not None:
+        teacher = load_trained_model(teacher_path, device=target, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        width = shared_vocab_width(load_tokenizer(str(teacher_path)), tokenizer, teacher, model)
+    data = tokenize_records([Path(data_file)], tokenizer, settings, cache_root=None)
+    loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=PaddingCollator(tokenizer.pad_token_id or 0))
+    sums = EvalSums()
+    for batch in loader:
+        batch = {k: v.to(target) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :width]
+        teacher_logits = None
+        if teacher is not None:
+            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :width]
+        sums.add(logits, batch["labels"][:, 1:], teacher_logits)
+    result = sums.metrics()
+    result.update({"model": str(model_path), "data": str(data_file), "examples": len(data.dataset)})
+    if teacher_path is not None:
+        result["teacher"] = str(teacher_path)
+    return result

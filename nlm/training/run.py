@@ -1,0 +1,196 @@
+"""`nlm train`: config -> data -> models -> trainer -> output_dir/run_name/final. One function per step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.trainer_utils import get_last_checkpoint
+
+from nlm.config.paths import path_inside, safe_output_dir
+from nlm.config.settings import TrainingConfig
+from nlm.data.prepare import PreparedData, prepare_datasets
+from nlm.data.tokenize import PaddingCollator
+from nlm.distill.teacher import LiveTeacher
+from nlm.errors import ConfigError, RunExistsError
+from nlm.models.device import resolve_precision, select_device, teacher_dtype
+from nlm.models.loading import check_model_exists, count_parameters, load_causal_lm, load_tokenizer, model_revision
+from nlm.models.lora import apply_lora
+from nlm.models.vocab import shared_vocab_width
+from nlm.training.arguments import training_arguments
+from nlm.training.callbacks import install_callbacks
+from nlm.training.metadata import redacted_config, write_metadata
+from nlm.training.trainer import DistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+from nlm.inference.model_info import METADATA_FILE  # noqa: E402  (one owner of the file name)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def prepare_run_dir(config: TrainingConfig) -> tuple[Path, str | None]:
+    """The run folder, created; and the checkpoint to resume from. Never overwrites without being asked."""
+    output_dir = safe_output_dir(config.output_dir)
+    run_dir = path_inside(output_dir, config.run_name)
+    existing = run_dir.exists() and any(run_dir.iterdir())
+    if existing and config.resume:
+        checkpoint = get_last_checkpoint(str(run_dir))
+        if checkpoint is None:
+            raise RunExistsError(f"--resume: {run_dir} holds no checkpoint-N folder to resume from")
+        logger.info("resuming from %s", checkpoint)
+        return run_dir, checkpoint
+    if config.resume:
+        raise RunExistsError(f"--resume: {run_dir} does not exist or is empty; there is nothing to resume")
+    if existing:
+        if not config.overwrite:
+            finished = (run_dir / "final" / METADATA_FILE).exists()
+            state = "a finished run" if finished else "an unfinished run"
+            raise RunExistsError(
+                f"{run_dir} already holds {state}; pass --resume to continue it, --overwrite to replace it, "
+                "or choose another --run_name"
+            )
+        logger.warning("--overwrite: removing the previous run in %s", run_dir)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, None
+
+
+def _check_required(config: TrainingConfig) -> None:
+    if not config.student_model:
+        raise ConfigError("student_model is required: pass --student_model ID_OR_FOLDER or set it in the config file")
+    if not config.teacher_model and config.distillation.alpha > 0:
+        raise ConfigError(
+            "teacher_model is required when distillation.alpha > 0: pass --teacher_model, "
+            "or --distillation.alpha 0 for plain fine-tuning"
+        )
+
+
+def _hub(config: TrainingConfig, revision: str | None) -> dict[str, Any]:
+    return {"revision": revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
+
+
+def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
+    """Distil `teacher_model` into `student_model` on the configured data; returns where the model went."""
+    started = time.perf_counter()
+    _check_required(config)
+    # Fail on a missing model before any data work or folder creation.
+    check_model_exists(config.student_model, **_hub(config, config.student_revision))
+    if config.teacher_model:
+        check_model_exists(config.teacher_model, **_hub(config, config.teacher_revision))
+    run_dir, checkpoint = prepare_run_dir(config)
+
+    device = select_device(config.device_preference, config.device)
+    precision = resolve_precision(config.precision, device)
+    logger.info("precision: %s on %s", precision.name, device)
+
+    tokenizer = load_tokenizer(config.student_model, **_hub(config, config.student_revision))
+    # Mixed precision keeps fp32 master weights; autocast runs the forward in bf16/fp16.
+    student = load_causal_lm(config.student_model, dtype=torch.float32, **_hub(config, config.student_revision))
+    teacher, vocab_width = None, len(tokenizer)
+    if config.teacher_model:
+        teacher_device = torch.device(config.teacher_device) if config.teacher_device else device
+        if config.teacher_device:
+            select_device(forced=config.teacher_device)  # a clear error when that device does not exist
+        teacher_model = load_causal_lm(
+            config.teacher_model,
+            dtype=teacher_dtype(config.teacher_precision, precision, teacher_device),
+            **_hub(config, config.teacher_revision),
+        )
+        teacher_tokenizer = load_tokenizer(config.teacher_model, **_hub(config, config.teacher_revision))
+        vocab_width = shared_vocab_width(teacher_tokenizer, tokenizer, teacher_model, student)
+        teacher = LiveTeacher(teacher_model, teacher_device, vocab_width)
+
+    data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"))
+    if config.lora.enabled:
+        student = apply_lora(student, config.lora)
+        if config.gradient_checkpointing:
+            student.enable_input_require_grads()
+    trainable, total = count_parameters(student)
+    logger.info("student: %d parameters, %d trainable (%.2f%%)", total, trainable, 100 * trainable / max(total, 1))
+
+    args = training_arguments(config, run_dir, device.type, precision, log_format)
+    if config.eval_strategy != "no" and data.eval is None:
+        raise ConfigError(f"eval_strategy={config.eval_strategy} needs evaluation data: set eval_file or eval_split")
+    trainer = DistillationTrainer(
+        model=student,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        processing_class=tokenizer,
+        teacher=teacher,
+        distillation=config.distillation,
+        vocab_width=vocab_width,
+        max_bad_steps=config.max_bad_steps,
+    )
+    install_callbacks(trainer)
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = dict(output.metrics)
+    if data.eval is not None:
+        metrics.update(_final_eval(trainer))
+
+    final_dir = save_final(trainer, tokenizer, run_dir, config)
+    seconds = time.perf_counter() - started
+    write_metadata(
+        final_dir / METADATA_FILE,
+        config=redacted_config(config),
+        teacher={"model": config.teacher_model, "revision": model_revision(teacher.model) if teacher else None},
+        student={"model": config.student_model, "revision": model_revision(trainer.model)},
+        data=data_summary(data),
+        device=str(device),
+        teacher_device=str(teacher.device) if teacher else None,
+        precision=precision.name,
+        parameters={"total": total, "trainable": trainable},
+        wall_seconds=round(seconds, 3),
+        global_step=trainer.state.global_step,
+        final_metrics=metrics,
+        best_metric=trainer.state.best_metric,
+        best_checkpoint=trainer.state.best_model_checkpoint,
+        log_history=trainer.state.log_history,
+    )
+    logger.info("final model written to %s (%.1fs)", final_dir, seconds)
+    return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
+
+
+def _final_eval(trainer: DistillationTrainer) -> dict[str, Any]:
+    """The last eval's figures when it ran at the final step, else a fresh evaluation."""
+    last = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if last and last[-1].get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+        return {k: v for k, v in last[-1].items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
+def data_summary(data: PreparedData) -> dict[str, Any]:
+    return json.loads(json.dumps(data.summary(), default=str))
+
+
+def save_final(trainer: DistillationTrainer, tokenizer: Any, run_dir: Path, config: TrainingConfig) -> Path:
+    """final/: weights (full model or LoRA adapter) as safetensors, tokenizer, generation config; merged on request."""
+    final_dir = path_inside(run_dir, "final")
+    trainer.save_model(str(final_dir))
+    (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the metadata holds the config
+    tokenizer.save_pretrained(str(final_dir))
+    model = trainer.model
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(str(final_dir))
+    if config.lora.enabled and config.merge_lora and hasattr(model, "merge_and_unload"):
+        merged_dir = path_inside(final_dir, "merged")
+        merged = model.merge_and_unload()
+        merged.save_pretrained(str(merged_dir))
+        tokenizer.save_pretrained(str(merged_dir))
+        logger.info("merged LoRA model written to %s", merged_dir)
+    return final_dir

@@ -1,0 +1,138 @@
+"""`transformers.Trainer` with the distillation loss. Only the loss and the logged figures change; the loop,
+accumulation, mixed precision, checkpointing and distribution are the library's."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from nlm.config.settings import DistillationConfig
+from nlm.distill.loss import distillation_loss
+from nlm.distill.metrics import EvalSums
+from nlm.errors import TrainingDivergedError
+
+logger = logging.getLogger(__name__)
+
+
+class DistillationTrainer(Trainer):
+    """Trains the student on (1-α)·CE + α·τ²·D(teacher ‖ student); evaluates CE, perplexity and teacher agreement."""
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher: Any | None,
+        distillation: DistillationConfig,
+        vocab_width: int,
+        max_bad_steps: int = 3,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if teacher is None and distillation.alpha > 0:
+            raise ValueError("a teacher is required when distillation.alpha > 0")
+        self.teacher = teacher
+        self.distillation = distillation
+        self.vocab_width = vocab_width
+        self.max_bad_steps = max_bad_steps
+        self._bad_steps = 0
+        self._eval_sums: EvalSums | None = None
+        self._window = {"task": 0.0, "distill": 0.0, "batches": 0, "tokens": 0, "start": time.perf_counter()}
+        # The loss is normalised by the target-token count of the whole accumulated step (num_items_in_batch),
+        # so the Trainer must count tokens after the causal shift and must not divide by the accumulation again.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        labels = inputs["labels"]
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        student_logits = outputs.logits[:, :-1, : self.vocab_width]  # [b, s-1, v]
+        shifted_labels = labels[:, 1:]  # [b, s-1]
+        need_teacher = self.teacher is not None and (self.distillation.alpha > 0 or not model.training)
+        teacher_logits = None
+        if need_teacher:
+            teacher_logits = self.teacher.logits(inputs["input_ids"], inputs.get("attention_mask"))[:, :-1]
+
+        if not model.training:
+            assert self._eval_sums is not None
+            self._eval_sums.add(student_logits.detach(), shifted_labels, teacher_logits)
+            task = torch.nn.functional.cross_entropy(
+                student_logits.float().reshape(-1, student_logits.shape[-1]), shifted_labels.reshape(-1), ignore_index=-100
+            )
+            return (task, outputs) if return_outputs else task
+
+        normalizer = num_items_in_batch
+        if normalizer is not None and torch.is_tensor(normalizer):
+            normalizer = normalizer.to(student_logits.device)
+        parts = distillation_loss(
+            student_logits,
+            teacher_logits if teacher_logits is not None else student_logits.detach(),
+            shifted_labels,
+            alpha=self.distillation.alpha,
+            temperature=self.distillation.temperature,
+            divergence=self.distillation.divergence,
+            jsd_beta=self.distillation.jsd_beta,
+            skew_lambda=self.distillation.skew_lambda,
+            normalizer=normalizer,
+        )
+        loss = parts.total
+        if self.args.average_tokens_across_devices and normalizer is not None and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # gradients are averaged over processes afterwards
+        loss = self._guard_finite(loss, student_logits)
+        self._record(parts, normalizer, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _guard_finite(self, loss: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        """Skip the update of a NaN/inf micro-batch; stop after `max_bad_steps` in a row."""
+        if torch.isfinite(loss).item():
+            self._bad_steps = 0
+            return loss
+        self._bad_steps += 1
+        logger.warning("non-finite loss at step %d (%d in a row); this batch is skipped", self.state.global_step, self._bad_steps)
+        if self._bad_steps >= self.max_bad_steps:
+            raise TrainingDivergedError(
+                f"loss was NaN/inf for {self._bad_steps} batches in a row at step {self.state.global_step}; "
+                "stopped, keeping the last saved checkpoint. Lower learning_rate, use fp32/bf16 instead of fp16, "
+                "or check the data"
+            )
+        # A zero loss with a graph but no parameter in it: backward runs and leaves every gradient unchanged.
+        return student_logits.new_zeros((), requires_grad=True)
+
+    def _record(self, parts: Any, normalizer: Any, inputs: dict[str, torch.Tensor]) -> None:
+        # Parts are normalised per optimiser step; rescale to a per-token mean of this micro-batch for logging.
+        scale = float(normalizer) / max(parts.tokens, 1) if normalizer is not None else 1.0
+        self._window["task"] += parts.task.item() * scale
+        self._window["distill"] += parts.distill.item() * scale
+        self._window["batches"] += 1
+        mask = inputs.get("attention_mask")
+        self._window["tokens"] += int(mask.sum().item()) if mask is not None else inputs["input_ids"].numel()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._window["batches"]:
+            elapsed = max(time.perf_counter() - self._window["start"], 1e-9)
+            logs["task_loss"] = round(self._window["task"] / self._window["batches"], 6)
+            logs["distill_loss"] = round(self._window["distill"] / self._window["batches"], 6)
+            logs["tokens_per_second"] = round(self._window["tokens"] * max(self.accelerator.num_processes, 1) / elapsed, 2)
+            self._window = {"task": 0.0, "distill": 0.0, "batches": 0, "tokens": 0, "start": time.perf_counter()}
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the library's loop, then replace its batch-averaged loss with token-level figures."""
+        self._eval_sums = EvalSums()
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        figures = self._eval_sums.metrics()
+        if self._eval_sums.tokens:
+            output.metrics[f"{prefix}_loss"] = figures["loss"]
+            output.metrics[f"{prefix}_perplexity"] = figures["perplexity"] if math.isfinite(figures["perplexity"]) else float("inf")
+            output.metrics[f"{prefix}_token_accuracy"] = figures["token_accuracy"]
+            for key in ("teacher_kl", "teacher_agreement"):
+                if key in figures:
+                    output.metrics[f"{prefix}_{key}"] = figures[key]
+        self._eval_sums = None
+        return output
