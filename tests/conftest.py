@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests never download: huggingface_hub reads this once, at import, so it is set before anything imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import json
 import logging
 from pathlib import Path
@@ -22,10 +29,6 @@ CORPUS = [
 def _isolated_env(monkeypatch):
     for name in ("SM_CHANNEL_TRAIN", "SM_CHANNEL_EVAL", "SM_CHANNEL_VALIDATION"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    import os
-
     for name in list(os.environ):
         if name.startswith("NLM_"):
             monkeypatch.delenv(name, raising=False)

@@ -25,7 +25,7 @@ import datasets
 import nlm
 from nlm.data.files import files_fingerprint
 from nlm.data.reader import DEFAULT_MAX_LINE_BYTES, ReadStats, iter_records
-from nlm.errors import DataError
+from nlm.errors import DataError, NlmError
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def tokenize_records(
 
     read_stats, stats = ReadStats(), TokenizeStats()
     with tempfile.TemporaryDirectory(prefix="nlm-tok-") as scratch:
-        dataset = datasets.Dataset.from_generator(
+        dataset = _generate(
             _examples,
             gen_kwargs={"paths": list(paths), "tokenizer": tokenizer, "settings": settings, "read_stats": read_stats, "stats": stats},
             features=FEATURES,
@@ -209,6 +209,21 @@ def tokenize_records(
         logger.warning("%d examples had no target token left (prompt fills max_seq_length) and were dropped", stats.dropped_no_target)
     logger.info("tokenised %d examples (%d target tokens) from %d file(s)", stats.examples, stats.target_tokens, len(paths))
     return TokenizedData(dataset, stats, files)
+
+
+def _generate(generator: Any, **kwargs: Any) -> datasets.Dataset:
+    """Dataset.from_generator, re-raising our own errors that datasets wraps in DatasetGenerationError."""
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return datasets.Dataset.from_generator(generator, **kwargs)
+    except DatasetGenerationError as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, NlmError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 @dataclass

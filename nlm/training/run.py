@@ -15,12 +15,19 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from nlm.config.paths import path_inside, safe_output_dir
 from nlm.config.settings import TrainingConfig
+from nlm.data.files import resolve_eval_files
 from nlm.data.prepare import PreparedData, prepare_datasets
 from nlm.data.tokenize import PaddingCollator
 from nlm.distill.teacher import LiveTeacher
 from nlm.errors import ConfigError, RunExistsError
 from nlm.models.device import resolve_precision, select_device, teacher_dtype
-from nlm.models.loading import check_model_exists, count_parameters, load_causal_lm, load_tokenizer, model_revision
+from nlm.models.loading import (
+    check_model_exists,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    model_revision,
+)
 from nlm.models.lora import apply_lora
 from nlm.models.vocab import shared_vocab_width
 from nlm.training.arguments import training_arguments
@@ -69,6 +76,8 @@ def prepare_run_dir(config: TrainingConfig) -> tuple[Path, str | None]:
 
 
 def _check_required(config: TrainingConfig) -> None:
+    if config.eval_strategy != "no" and not (config.eval_file or config.eval_split > 0 or resolve_eval_files(None)):
+        raise ConfigError(f"eval_strategy={config.eval_strategy} needs evaluation data: set eval_file or eval_split")
     if not config.student_model:
         raise ConfigError("student_model is required: pass --student_model ID_OR_FOLDER or set it in the config file")
     if not config.teacher_model and config.distillation.alpha > 0:
@@ -122,8 +131,6 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     logger.info("student: %d parameters, %d trainable (%.2f%%)", total, trainable, 100 * trainable / max(total, 1))
 
     args = training_arguments(config, run_dir, device.type, precision, log_format)
-    if config.eval_strategy != "no" and data.eval is None:
-        raise ConfigError(f"eval_strategy={config.eval_strategy} needs evaluation data: set eval_file or eval_split")
     trainer = DistillationTrainer(
         model=student,
         args=args,

@@ -1,0 +1,194 @@
+"""End-to-end training in-process on tiny models: outputs, LoRA, resume, best model, guards."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from nlm.config.sources import load_config
+from nlm.errors import ConfigError, ModelLoadError, RunExistsError, TrainingDivergedError
+from nlm.training.run import train
+
+
+def _config(model_dirs, data_file, out, *extra):
+    args = [
+        "--teacher_model", str(model_dirs["teacher"]), "--student_model", str(model_dirs["student"]),
+        "--train_file", str(data_file), "--output_dir", str(out), "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-3", "--logging_steps", "2", "--max_steps", "6", "--save_steps", "3", *extra,
+    ]
+    return load_config(args).config
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_full_fine_tune_writes_a_loadable_model_and_metadata(model_dirs, pc_file, tmp_path, tokenizer):
+    result = train(_config(model_dirs, pc_file, tmp_path / "out", "--eval_split", "0.25", "--eval_strategy", "steps", "--eval_steps", "3"))
+    final = result.final_dir
+    assert final == (tmp_path / "out" / "distill" / "final").resolve()
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "training_metadata.json"):
+        assert (final / name).is_file(), name
+    assert not (final / "training_args.bin").exists()
+    assert (result.run_dir / "checkpoint-3").is_dir() and (result.run_dir / "checkpoint-6").is_dir()
+    metadata = json.loads((final / "training_metadata.json").read_text())
+    assert metadata["versions"]["torch"] and metadata["versions"]["transformers"]
+    assert metadata["config"]["student_model"] == str(model_dirs["student"])
+    assert metadata["data"]["train_files"] and metadata["data"]["train_examples"] == 18
+    assert metadata["precision"] == "fp32" and metadata["device"] == "cpu"
+    assert metadata["global_step"] == 6
+    for key in ("eval_loss", "eval_perplexity", "eval_teacher_kl", "eval_teacher_agreement"):
+        assert key in metadata["final_metrics"], key
+    logged = [entry for entry in metadata["log_history"] if "loss" in entry]
+    assert logged and all({"task_loss", "distill_loss", "tokens_per_second", "grad_norm", "learning_rate"} <= set(e) for e in logged)
+
+    model = AutoModelForCausalLM.from_pretrained(final)
+    ids = tokenizer("question: what is 2 plus 2?\n", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape[1] > ids.shape[1]
+    student_before = _weights(model_dirs["student"])
+    after = _weights(final)
+    assert any(not torch.equal(student_before[k], after[k]) for k in after)
+
+
+def test_teacher_stays_frozen(model_dirs, pc_file, tmp_path, monkeypatch):
+    import nlm.training.run as run_module
+
+    seen = {}
+    original = run_module.DistillationTrainer
+
+    class Spy(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["teacher"] = self.teacher.model
+            seen["before"] = {k: v.clone() for k, v in self.teacher.model.state_dict().items()}
+
+    monkeypatch.setattr(run_module, "DistillationTrainer", Spy)
+    train(_config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "3"))
+    teacher = seen["teacher"]
+    assert not teacher.training
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, seen["before"][key]), key
+
+
+def test_lora_run_writes_an_adapter_that_peft_loads_and_a_merged_model(model_dirs, pc_file, tmp_path, tokenizer):
+    from peft import AutoPeftModelForCausalLM
+
+    result = train(_config(model_dirs, pc_file, tmp_path / "out", "--lora.enabled", "--lora.r", "4", "--merge_lora"))
+    final = result.final_dir
+    assert (final / "adapter_model.safetensors").is_file() and (final / "adapter_config.json").is_file()
+    assert not (final / "model.safetensors").exists()
+    adapted = AutoPeftModelForCausalLM.from_pretrained(final)
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged")
+    ids = tokenizer("hello world\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
+    metadata = json.loads((final / "training_metadata.json").read_text())
+    assert metadata["parameters"]["trainable"] < metadata["parameters"]["total"] / 5
+
+
+class _Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_gives_the_same_final_weights_as_an_uninterrupted_run(model_dirs, pc_file, tmp_path, monkeypatch):
+    straight = train(_config(model_dirs, pc_file, tmp_path / "a"))
+    import nlm.training.run as run_module
+
+    original = run_module.install_callbacks
+
+    def with_crash(trainer):
+        original(trainer)
+        trainer.add_callback(_Crash())
+
+    monkeypatch.setattr(run_module, "install_callbacks", with_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(model_dirs, pc_file, tmp_path / "b"))
+    monkeypatch.setattr(run_module, "install_callbacks", original)
+    with pytest.raises(RunExistsError, match="unfinished run; pass --resume"):
+        train(_config(model_dirs, pc_file, tmp_path / "b"))
+    resumed = train(_config(model_dirs, pc_file, tmp_path / "b", "--resume"))
+    a, b = _weights(straight.final_dir), _weights(resumed.final_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_best_model_is_chosen_by_eval_loss(model_dirs, pc_file, tmp_path):
+    result = train(_config(
+        model_dirs, pc_file, tmp_path / "out", "--eval_split", "0.25", "--eval_strategy", "steps",
+        "--eval_steps", "2", "--load_best_model_at_end", "--save_total_limit", "5", "--learning_rate", "5e-3",
+    ))
+    metadata = json.loads((result.final_dir / "training_metadata.json").read_text())
+    evals = [e for e in metadata["log_history"] if "eval_loss" in e and e["step"] in (2, 4, 6)]
+    best = min(evals, key=lambda e: e["eval_loss"])
+    assert metadata["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert metadata["best_metric"] == pytest.approx(best["eval_loss"])
+    best_weights = _weights(result.run_dir / f"checkpoint-{best['step']}")
+    final_weights = _weights(result.final_dir)
+    for key in final_weights:
+        torch.testing.assert_close(final_weights[key], best_weights[key])
+
+
+def test_finished_run_is_never_overwritten_without_being_asked(model_dirs, pc_file, tmp_path):
+    config = _config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "1")
+    first = train(config)
+    stamp = (first.final_dir / "training_metadata.json").read_text()
+    with pytest.raises(RunExistsError, match="already holds a finished run; pass --resume .* --overwrite"):
+        train(config)
+    assert (first.final_dir / "training_metadata.json").read_text() == stamp
+    train(_config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "1", "--overwrite"))
+    with pytest.raises(RunExistsError, match="nothing to resume"):
+        train(_config(model_dirs, pc_file, tmp_path / "fresh", "--resume"))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_checkpoints(model_dirs, pc_file, tmp_path, monkeypatch):
+    import nlm.training.trainer as trainer_module
+
+    real = trainer_module.distillation_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 3:
+            parts.total = parts.total * float("nan")
+        return parts
+
+    monkeypatch.setattr(trainer_module, "distillation_loss", poisoned)
+    with pytest.raises(TrainingDivergedError, match="NaN/inf for 3 batches in a row .* keeping the last saved checkpoint"):
+        train(_config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "10"))
+    checkpoint = tmp_path / "out" / "distill" / "checkpoint-3"
+    assert checkpoint.is_dir()
+    assert all(torch.isfinite(v).all() for v in _weights(checkpoint).values())
+
+
+def test_missing_models_fail_before_any_work(model_dirs, pc_file, tmp_path):
+    config = load_config([
+        "--teacher_model", str(tmp_path / "no-teacher"), "--student_model", str(model_dirs["student"]),
+        "--train_file", str(pc_file), "--output_dir", str(tmp_path / "out"),
+    ]).config
+    with pytest.raises(ModelLoadError, match="no-teacher not found"):
+        train(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_teacher_is_required_unless_alpha_is_zero(model_dirs, pc_file, tmp_path):
+    config = load_config(["--student_model", str(model_dirs["student"]), "--train_file", str(pc_file)]).config
+    with pytest.raises(ConfigError, match="teacher_model is required when distillation.alpha > 0"):
+        train(config)
+    plain = load_config([
+        "--student_model", str(model_dirs["student"]), "--train_file", str(pc_file), "--distillation.alpha", "0",
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+    ]).config
+    assert train(plain).final_dir.is_dir()
+
+
+def test_eval_strategy_without_eval_data_is_an_error(model_dirs, pc_file, tmp_path):
+    with pytest.raises(ConfigError, match="needs evaluation data"):
+        train(_config(model_dirs, pc_file, tmp_path / "out", "--eval_strategy", "steps"))
