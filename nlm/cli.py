@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,17 +120,19 @@ def cmd_data_inspect(ns: argparse.Namespace, rest: list[str], options: dict[str,
 
 def cmd_eval(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) -> int:
     from nlm.data.tokenize import TokenizeSettings
+    from nlm.models.model_info import prompt_separator
     from nlm.training.evaluate import evaluate_model
 
     result = evaluate_model(
         ns.model, Path(ns.data), teacher_path=ns.teacher, batch_size=ns.batch_size,
-        settings=TokenizeSettings(max_seq_length=ns.max_seq_length), device=ns.device,
-        trust_remote_code=ns.trust_remote_code, allow_pickle=ns.allow_pickle,
+        settings=TokenizeSettings(max_seq_length=ns.max_seq_length, prompt_separator=prompt_separator(ns.model)),
+        device=ns.device,
+        trust_remote_code=ns.trust_remote_code, allow_pickle=ns.allow_pickle, exact_match=ns.exact_match,
     )
     if ns.json:
         print(json.dumps(result))
     else:
-        for key in ("loss", "perplexity", "token_accuracy", "teacher_kl", "teacher_agreement", "tokens", "examples"):
+        for key in ("loss", "perplexity", "token_accuracy", "exact_match", "teacher_kl", "teacher_agreement", "tokens", "examples"):
             if key in result:
                 value = result[key]
                 print(f"{key:<18} {value:.4f}" if isinstance(value, float) else f"{key:<18} {value}")
@@ -138,8 +140,8 @@ def cmd_eval(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) -
 
 
 def cmd_generate(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) -> int:
-    from nlm.inference.generate import GenerationSettings, generate_texts
-    from nlm.inference.model_info import prompt_separator
+    from nlm.models.generation import GenerationSettings, generate_texts
+    from nlm.models.model_info import prompt_separator
     from nlm.models.device import select_device
     from nlm.models.loading import load_tokenizer, load_trained_model
 
@@ -150,6 +152,14 @@ def cmd_generate(ns: argparse.Namespace, rest: list[str], options: dict[str, Any
     prompt = ns.prompt if ns.raw else ns.prompt + prompt_separator(ns.model)
     for text in generate_texts(model, tokenizer, [prompt], settings)[0]:
         print(text)
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) -> int:
+    from nlm.demo.pipeline import run_demo
+
+    run_demo(Path(ns.output_dir), seed=ns.seed, quick=ns.quick, overwrite=ns.overwrite, data_only=ns.data_only,
+             log_format=options["log_format"])
     return 0
 
 
@@ -198,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch_size", type=int, default=8)
     evaluate.add_argument("--max_seq_length", type=int, default=512)
     evaluate.add_argument("--device", choices=["cuda", "mps", "cpu"])
+    evaluate.add_argument("--exact_match", action="store_true",
+                          help="also generate greedily for each prompt/completion record and count exact matches")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--trust_remote_code", action="store_true")
     evaluate.add_argument("--allow_pickle", action="store_true", help="accept .bin (pickle) weights")
@@ -215,13 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--allow_pickle", action="store_true")
     generate.set_defaults(handler=cmd_generate)
 
-    for register in _EXTRA_COMMANDS:
-        register(commands)
+    demo = commands.add_parser("demo", help="distil a teacher into a student on a built-in task and compare with fine-tuning")
+    demo.add_argument("--output_dir", default="outputs/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="fewer steps and smaller models (same code)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in output_dir")
+    demo.add_argument("--data-only", "--data_only", dest="data_only", action="store_true",
+                      help="only write the data set and tokenizer")
+    demo.set_defaults(handler=cmd_demo)
     return parser
-
-
-# Later commands (demo, serve, teacher-cache) register themselves here to keep this file thin.
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def _register_config_secrets(config: Any) -> None:

@@ -83,9 +83,20 @@ def setup_logging(level: str = "INFO", log_format: str = "text", secrets: Iterab
     root.setLevel(level)
     for noisy in ("urllib3", "filelock", "fsspec", "httpx", "httpcore", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # Library progress bars (weight loading, dataset generation) are noise in logs and pipes.
+    quiet_bars = log_format == "json" or not sys.stderr.isatty()
+    try:
+        import datasets
+
+        if quiet_bars:
+            datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
     try:
         import transformers
 
+        if quiet_bars:
+            transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_default_handler()
         transformers.utils.logging.enable_propagation()
         transformers.utils.logging.set_verbosity(max(logging.WARNING, root.level))

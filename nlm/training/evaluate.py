@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader
 
 from nlm.data.tokenize import PaddingCollator, TokenizeSettings, tokenize_records
 from nlm.distill.metrics import EvalSums
+from nlm.data.reader import load_records
 from nlm.models.device import select_device
+from nlm.models.generation import GenerationSettings, generate_texts
 from nlm.models.loading import load_tokenizer, load_trained_model
 from nlm.models.vocab import shared_vocab_width
 
@@ -29,6 +31,8 @@ def evaluate_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    exact_match: bool = False,
+    max_new_tokens: int = 32,
 ) -> dict[str, Any]:
     """Token-level metrics of `model_path` on `data_file` (targets as in training: completion tokens)."""
     settings = settings or TokenizeSettings()
@@ -51,7 +55,26 @@ def evaluate_model(
             teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :width]
         sums.add(logits, batch["labels"][:, 1:], teacher_logits)
     result = sums.metrics()
+    if exact_match:
+        result["exact_match"] = exact_match_accuracy(model, tokenizer, Path(data_file), settings, batch_size, max_new_tokens)
     result.update({"model": str(model_path), "data": str(data_file), "examples": len(data.dataset)})
     if teacher_path is not None:
         result["teacher"] = str(teacher_path)
     return result
+
+
+def exact_match_accuracy(
+    model: Any, tokenizer: Any, data_file: Path, settings: TokenizeSettings, batch_size: int, max_new_tokens: int
+) -> float:
+    """Share of prompt/completion records whose greedy completion equals the reference (whitespace-trimmed)."""
+    records, _ = load_records([data_file], settings.max_line_bytes)
+    pairs = [(r["prompt"] + settings.prompt_separator, r["completion"].strip()) for r in records if r["format"] == "prompt_completion"]
+    if not pairs:
+        return float("nan")
+    generation = GenerationSettings(max_new_tokens=max_new_tokens)
+    correct = 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        outputs = generate_texts(model, tokenizer, [prompt for prompt, _ in chunk], generation)
+        correct += sum(out[0].strip() == reference for out, (_, reference) in zip(outputs, chunk, strict=True))
+    return correct / len(pairs)

@@ -37,7 +37,7 @@ from nlm.training.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
 
-from nlm.inference.model_info import METADATA_FILE  # noqa: E402  (one owner of the file name)
+from nlm.models.model_info import METADATA_FILE  # noqa: E402  (one owner of the file name)
 
 
 @dataclass

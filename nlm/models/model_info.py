@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-METADATA_FILE = "training_metadata.json"  # written by nlm.training; read here without importing training
+METADATA_FILE = "training_metadata.json"  # written by nlm.training, read by inference: one owner of the name
 
 
 def training_metadata(model_path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,179 @@
+"""`nlm demo`: build data and a tokenizer, train a teacher, distil one student, fine-tune another, compare.
+
+Every step goes through the code a user runs: `train()` is `nlm train`, `evaluate_model()` is `nlm eval`.
+The teacher is itself trained with `train()` (α=0, no teacher), from a randomly initialised model folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nlm.config.paths import path_inside, safe_output_dir
+from nlm.config.settings import TrainingConfig
+from nlm.data.tokenize import TokenizeSettings
+from nlm.demo.report import write_report
+from nlm.demo.task import build_demo_data, corpus, write_jsonl
+from nlm.errors import RunExistsError
+from nlm.models.loading import count_parameters
+from nlm.models.scratch import build_causal_lm, build_tokenizer
+from nlm.training.evaluate import evaluate_model
+from nlm.training.run import train
+
+logger = logging.getLogger("nlm.demo")
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """Model sizes and steps; `quick` is the same pipeline with fewer steps, for tests."""
+
+    teacher_layers: int = 4
+    teacher_hidden: int = 128
+    student_layers: int = 2
+    student_hidden: int = 64
+    teacher_epochs: float = 4.0
+    student_epochs: float = 30.0
+    teacher_lr: float = 2e-3
+    student_lr: float = 2e-3
+    batch_size: int = 32
+
+    @classmethod
+    def quick(cls) -> DemoBudget:
+        return cls(teacher_epochs=1.0, student_epochs=2.0, teacher_hidden=64, teacher_layers=2, student_hidden=32)
+
+
+class _Phases:
+    """One progress line per phase, with the elapsed time and a rough ETA from the budget's proportions."""
+
+    def __init__(self, names: list[str], weights: list[float]) -> None:
+        self.names, self.weights = names, weights
+        self.index, self.start, self.phase_start = 0, time.perf_counter(), time.perf_counter()
+
+    def next(self) -> None:
+        done = sum(self.weights[: self.index])
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / done * (1 - done) if done > 0 else None
+        eta_text = f", about {eta:.0f}s left" if eta is not None else ""
+        print(f"[{self.index + 1}/{len(self.names)}] {self.names[self.index]} (elapsed {elapsed:.0f}s{eta_text})", flush=True)
+        self.index += 1
+        self.phase_start = time.perf_counter()
+
+
+def prepare_output(output_dir: Path, overwrite: bool) -> Path:
+    """The demo folder, empty; an earlier demo is only replaced with `overwrite`."""
+    root = safe_output_dir(output_dir)
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise RunExistsError(f"{root} already holds a demo; pass --overwrite to replace it or --output_dir to write elsewhere")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def write_demo_data(root: Path, seed: int) -> dict[str, Path]:
+    data = build_demo_data(seed)
+    files = {
+        "teacher_train": write_jsonl(path_inside(root, "data/teacher_train.jsonl"), data.teacher_train),
+        "student_train": write_jsonl(path_inside(root, "data/student_train.jsonl"), data.student_train),
+        "heldout": write_jsonl(path_inside(root, "data/heldout.jsonl"), data.heldout),
+    }
+    tokenizer = build_tokenizer(corpus(data), vocab_size=400)
+    tokenizer.save_pretrained(path_inside(root, "tokenizer"))
+    logger.info("demo data: %d teacher examples, %d student examples, %d held-out", len(data.teacher_train),
+                len(data.student_train), len(data.heldout))
+    return files
+
+
+def _initial_model(root: Path, name: str, layers: int, hidden: int, seed: int) -> Path:
+    """A randomly initialised model folder, as a user's `student_model` would be a pretrained one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    model = build_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=hidden, num_layers=layers,
+                            num_heads=4, max_positions=64, seed=seed)
+    folder = path_inside(root, f"models/{name}-init")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _train(root: Path, run_name: str, student: Path, train_file: Path, epochs: float, lr: float, batch: int, seed: int,
+           teacher: Path | None, log_format: str) -> tuple[Path, float, list[dict]]:
+    import json
+
+    config = TrainingConfig(
+        student_model=str(student),
+        teacher_model=str(teacher) if teacher else None,
+        train_file=train_file,
+        output_dir=root / "runs",
+        run_name=run_name,
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        per_device_train_batch_size=batch,
+        max_seq_length=64,
+        seed=seed,
+        save_strategy="no",
+        logging_steps=10,
+        device_preference=["cpu"],
+        distillation={"alpha": 0.5 if teacher else 0.0},
+    )
+    started = time.perf_counter()
+    result = train(config, log_format=log_format)
+    seconds = time.perf_counter() - started
+    history = json.loads((result.final_dir / "training_metadata.json").read_text())["log_history"]
+    return result.final_dir, seconds, history
+
+
+def run_demo(output_dir: Path, seed: int = 0, quick: bool = False, overwrite: bool = False, data_only: bool = False,
+             log_format: str = "text") -> dict[str, Any]:
+    """Run the whole demo; returns the report (also written as report.json/report.md/curves.png)."""
+    budget = DemoBudget.quick() if quick else DemoBudget()
+    root = prepare_output(output_dir, overwrite)
+    phases = _Phases(
+        ["writing data and tokenizer", "training the teacher on the full pool", "distilling the student",
+         "fine-tuning the baseline student (alpha=0)", "evaluating all three on held-out prompts"],
+        [0.02, 0.4, 0.3, 0.18, 0.1],
+    )
+    phases.next()
+    files = write_demo_data(root, seed)
+    if data_only:
+        print(f"demo data written to {root / 'data'} and tokenizer to {root / 'tokenizer'}")
+        return {"data": {k: str(v) for k, v in files.items()}, "tokenizer": str(root / "tokenizer")}
+
+    teacher_init = _initial_model(root, "teacher", budget.teacher_layers, budget.teacher_hidden, seed)
+    student_init = _initial_model(root, "student", budget.student_layers, budget.student_hidden, seed)
+    phases.next()
+    teacher, teacher_s, teacher_log = _train(root, "teacher", teacher_init, files["teacher_train"], budget.teacher_epochs,
+                                             budget.teacher_lr, budget.batch_size, seed, None, log_format)
+    phases.next()
+    kd, kd_s, kd_log = _train(root, "student_kd", student_init, files["student_train"], budget.student_epochs,
+                              budget.student_lr, budget.batch_size, seed, teacher, log_format)
+    phases.next()
+    ce, ce_s, ce_log = _train(root, "student_ce", student_init, files["student_train"], budget.student_epochs,
+                              budget.student_lr, budget.batch_size, seed, None, log_format)
+    phases.next()
+    settings = TokenizeSettings(max_seq_length=64)
+    results = {}
+    for name, folder, seconds in (("teacher", teacher, teacher_s), ("student_kd", kd, kd_s), ("student_ce", ce, ce_s)):
+        metrics = evaluate_model(folder, files["heldout"], teacher_path=teacher if name != "teacher" else None,
+                                 batch_size=64, settings=settings, device="cpu", exact_match=True, max_new_tokens=4)
+        from transformers import AutoModelForCausalLM
+
+        params = count_parameters(AutoModelForCausalLM.from_pretrained(folder))[1]
+        results[name] = {
+            "accuracy": metrics["exact_match"], "loss": metrics["loss"], "perplexity": metrics["perplexity"],
+            "teacher_agreement": metrics.get("teacher_agreement"), "teacher_kl": metrics.get("teacher_kl"),
+            "params": params, "seconds": round(seconds, 2), "model": str(folder),
+        }
+    gap = results["teacher"]["accuracy"] - results["student_ce"]["accuracy"]
+    results["gap_closed"] = (results["student_kd"]["accuracy"] - results["student_ce"]["accuracy"]) / gap if gap > 0 else None
+    results["seed"], results["quick"] = seed, quick
+    results["data"] = {k: str(v) for k, v in files.items()}
+    write_report(root, results, {"teacher": teacher_log, "student_kd": kd_log, "student_ce": ce_log})
+    return results

@@ -1,0 +1,38 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nlm.cli import main
+
+
+def test_data_only_writes_data_and_tokenizer(tmp_path, capsys):
+    assert main(["demo", "--data-only", "--output_dir", str(tmp_path / "d")]) == 0
+    for name in ("teacher_train.jsonl", "student_train.jsonl", "heldout.jsonl"):
+        assert (tmp_path / "d" / "data" / name).stat().st_size > 0
+    assert (tmp_path / "d" / "tokenizer" / "tokenizer.json").is_file()
+    assert main(["demo", "--data-only", "--output_dir", str(tmp_path / "d")]) == 2
+    assert "already holds a demo; pass --overwrite" in capsys.readouterr().err
+    assert main(["demo", "--data-only", "--output_dir", str(tmp_path / "d"), "--overwrite"]) == 0
+
+
+@pytest.mark.slow
+def test_quick_demo_trains_and_evaluates_all_three(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "nlm.cli", "demo", "--quick", "--output_dir", str(out), "--seed", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    for key in ("teacher", "student_kd", "student_ce"):
+        entry = report[key]
+        assert {"accuracy", "loss", "params", "seconds"} <= set(entry)
+        assert 0 <= entry["accuracy"] <= 1 and entry["loss"] > 0 and entry["params"] > 0 and entry["seconds"] > 0
+        assert (out / "runs" / key / "final" / "training_metadata.json").is_file()
+    assert "gap_closed" in report
+    assert report["teacher"]["params"] > report["student_kd"]["params"] == report["student_ce"]["params"]
+    assert (out / "report.md").read_text().startswith("# nlm demo report")
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "nlm serve --model" in result.stdout and "distillation closed" in result.stdout
+    metadata = json.loads((out / "runs" / "student_ce" / "final" / "training_metadata.json").read_text())
+    assert metadata["config"]["distillation"]["alpha"] == 0.0
