@@ -66,7 +66,8 @@ def _config_options_help() -> str:
     lines = ["configuration options (CLI > NLM_* environment > --config YAML > default):"]
     for key, field in known_keys().items():
         default = field.get_default(call_default_factory=True)
-        lines.append(f"  --{key:<32} {field.description or ''} [default: {default}]")
+        shown = repr(default) if isinstance(default, str) else default
+        lines.append(f"  --{key:<32} {field.description or ''} [default: {shown}]")
     return "\n".join(lines)
 
 

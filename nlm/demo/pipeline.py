@@ -138,7 +138,7 @@ def run_demo(output_dir: Path, seed: int = 0, quick: bool = False, overwrite: bo
     phases = _Phases(
         ["writing data and tokenizer", "training the teacher on the full pool", "distilling the student",
          "fine-tuning the baseline student (alpha=0)", "evaluating all three on held-out prompts"],
-        [0.02, 0.4, 0.3, 0.18, 0.1],
+        [0.02, 0.6, 0.2, 0.1, 0.08],
     )
     phases.next()
     files = write_demo_data(root, seed)

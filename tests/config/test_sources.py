@@ -164,3 +164,12 @@ def test_cli_exits_2_with_one_line_on_config_errors(capsys):
 def test_cli_debug_shows_the_traceback():
     with pytest.raises(ConfigError):
         main(["--debug", "config", "show", "--lora.r", "0"])
+
+
+def test_configuration_reference_is_in_sync():
+    from pathlib import Path
+
+    from nlm.config.reference import render_reference
+
+    committed = Path(__file__).resolve().parents[2] / "docs" / "CONFIGURATION.md"
+    assert committed.read_text() == render_reference(), "run: python -m nlm.config.reference > docs/CONFIGURATION.md"
