@@ -141,10 +141,10 @@ def cmd_eval(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) -
 
 
 def cmd_generate(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) -> int:
-    from nlm.models.generation import GenerationSettings, generate_texts
-    from nlm.models.model_info import prompt_separator
     from nlm.models.device import select_device
+    from nlm.models.generation import GenerationSettings, generate_texts
     from nlm.models.loading import load_tokenizer, load_trained_model
+    from nlm.models.model_info import prompt_separator
 
     device = select_device(forced=ns.device) if ns.device else select_device()
     tokenizer = load_tokenizer(ns.model, trust_remote_code=ns.trust_remote_code)
@@ -162,6 +162,46 @@ def cmd_demo(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) -
     run_demo(Path(ns.output_dir), seed=ns.seed, quick=ns.quick, overwrite=ns.overwrite, data_only=ns.data_only,
              log_format=options["log_format"])
     return 0
+
+
+def cmd_serve(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) -> int:
+    import os
+
+    from nlm.config.logging_setup import register_secret
+    from nlm.inference.server import serve
+    from nlm.inference.settings import ServerSettings
+
+    api_key = None
+    if ns.api_key_env:
+        api_key = os.environ.get(ns.api_key_env)
+        if not api_key:
+            raise ConfigError(f"--api_key_env {ns.api_key_env}: that environment variable is not set or empty")
+        register_secret(api_key)
+    serve(ServerSettings(
+        model=Path(ns.model), host=ns.host, port=ns.port, served_model_name=ns.served_model_name, api_key=api_key,
+        max_batch_size=ns.max_batch_size, batch_window_ms=ns.batch_window_ms,
+        max_concurrent_requests=ns.max_concurrent_requests, request_timeout_s=ns.request_timeout,
+        max_body_bytes=ns.max_body_bytes, max_new_tokens_cap=ns.max_new_tokens_cap,
+        default_max_new_tokens=ns.default_max_new_tokens, max_return_sequences=ns.max_return_sequences,
+        max_prompt_chars=ns.max_prompt_chars, max_prompt_tokens=ns.max_prompt_tokens,
+        prompt_separator=ns.prompt_separator, device=ns.device, trust_remote_code=ns.trust_remote_code,
+        allow_pickle=ns.allow_pickle, graceful_shutdown_s=ns.graceful_shutdown,
+    ))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
 
 
 # --- parser -----------------------------------------------------------------------------------------
@@ -227,6 +267,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--trust_remote_code", action="store_true")
     generate.add_argument("--allow_pickle", action="store_true")
     generate.set_defaults(handler=cmd_generate)
+
+    serve = commands.add_parser("serve", help="serve a trained model over HTTP (SageMaker and OpenAI-compatible)")
+    serve.add_argument("--model", default="/opt/ml/model", help="model folder (full, merged or LoRA adapter)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
+    serve.add_argument("--port", type=_positive_int, default=8080)
+    serve.add_argument("--api_key_env", metavar="NAME", help="require 'Authorization: Bearer $NAME' on every route but /ping")
+    serve.add_argument("--served_model_name", help="model id shown by /v1/models (default: the folder name)")
+    serve.add_argument("--max_batch_size", type=_positive_int, default=8, help="requests sharing one generate call")
+    serve.add_argument("--batch_window_ms", type=float, default=10.0, help="how long the batcher waits for company")
+    serve.add_argument("--max_concurrent_requests", type=_positive_int, default=64, help="beyond this: 429 at once")
+    serve.add_argument("--request_timeout", type=_positive_float, default=60.0, help="seconds before a 504")
+    serve.add_argument("--max_body_bytes", type=_positive_int, default=1024 * 1024)
+    serve.add_argument("--max_new_tokens_cap", type=_positive_int, default=512)
+    serve.add_argument("--default_max_new_tokens", type=_positive_int, default=64)
+    serve.add_argument("--max_return_sequences", type=_positive_int, default=4)
+    serve.add_argument("--max_prompt_chars", type=_positive_int, default=32_000)
+    serve.add_argument("--max_prompt_tokens", type=_positive_int, default=2048)
+    serve.add_argument("--prompt_separator", help="appended to /invocations prompts (default: the model's training separator)")
+    serve.add_argument("--graceful_shutdown", type=_positive_float, default=30.0, help="seconds to finish in-flight requests")
+    serve.add_argument("--device", choices=["cuda", "mps", "cpu"])
+    serve.add_argument("--trust_remote_code", action="store_true")
+    serve.add_argument("--allow_pickle", action="store_true", help="accept .bin (pickle) weights")
+    serve.set_defaults(handler=cmd_serve)
 
     demo = commands.add_parser("demo", help="distil a teacher into a student on a built-in task and compare with fine-tuning")
     demo.add_argument("--output_dir", default="outputs/demo")

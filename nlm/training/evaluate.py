@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from nlm.data.reader import load_records
 from nlm.data.tokenize import PaddingCollator, TokenizeSettings, tokenize_records
 from nlm.distill.metrics import EvalSums
-from nlm.data.reader import load_records
 from nlm.models.device import select_device
 from nlm.models.generation import GenerationSettings, generate_texts
 from nlm.models.loading import load_tokenizer, load_trained_model

@@ -22,7 +22,7 @@ def test_splits_are_disjoint_and_student_data_is_a_subset():
 
 def test_answers_are_correct():
     data = build_demo_data(3)
-    for obj, distribution in data.task.distributions.items():
+    for distribution in data.task.distributions.values():
         assert set(distribution) == set(COLOURS) and abs(sum(distribution.values()) - 1) < 1e-9
     for row in data.heldout:
         obj = row["prompt"].split()[2]

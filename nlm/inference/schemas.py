@@ -1,0 +1,122 @@
+"""Request and response bodies: the SageMaker `/invocations` contract and the OpenAI-compatible routes.
+
+Static ranges live here; limits that are server settings (token caps) are checked in `limits.py`.
+Unknown fields are rejected (`extra="forbid"`), so a typo never silently changes generation.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_stop(value: str | list[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if len(stops) > 4:
+        raise ValueError("at most 4 stop strings")
+    if any(stop == "" for stop in stops):
+        raise ValueError("stop strings must not be empty")
+    return stops
+
+
+class InvocationRequest(_Strict):
+    """POST /invocations. `max_length` keeps the transformers meaning: prompt tokens + new tokens."""
+
+    prompt: str = Field(..., description="Text to complete; control characters other than newline and tab are removed.")
+    max_length: int | None = Field(None, ge=1, description="Prompt plus new tokens (transformers' meaning).")
+    max_new_tokens: int | None = Field(None, ge=1, description="New tokens to generate; wins over max_length.")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 means greedy decoding.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    do_sample: bool | None = Field(None, description="Sample instead of greedy; implied by temperature > 0.")
+    num_return_sequences: int | None = Field(None, ge=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop: list[str] | None = Field(None, description="Up to 4 strings; the output is cut before the first one.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+    @field_validator("stop")
+    @classmethod
+    def _valid_stop(cls, value: str | list[str] | None) -> list[str] | None:
+        return _check_stop(value)
+
+
+class InvocationResponse(BaseModel):
+    responses: list[str]
+    input_prompt: str
+    generation_config: dict
+
+
+class CompletionRequest(_Strict):
+    """POST /v1/completions (OpenAI). Fields OpenAI clients may send but nlm does not implement are refused
+    unless they hold their neutral value."""
+
+    model: str | None = None
+    prompt: str
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float | None = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    n: int | None = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    user: str | None = None
+    echo: Literal[False] | None = False
+    presence_penalty: Literal[0, 0.0] | None = 0
+    frequency_penalty: Literal[0, 0.0] | None = 0
+    logprobs: None = None
+    best_of: Literal[1] | None = 1
+    suffix: None = None
+    logit_bias: None = None
+    stream_options: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _valid_stop(cls, value: str | list[str] | None) -> list[str] | None:
+        return _check_stop(value)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    n: int | None = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    user: str | None = None
+    presence_penalty: Literal[0, 0.0] | None = 0
+    frequency_penalty: Literal[0, 0.0] | None = 0
+    logprobs: Literal[False] | None = None
+    logit_bias: None = None
+    stream_options: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _valid_stop(cls, value: str | list[str] | None) -> list[str] | None:
+        return _check_stop(value)
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
