@@ -116,6 +116,7 @@ class GenerationEngine:
         self._queue: queue.Queue[GenerationJob | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one generate at a time, also for warm-up
+        self._last_batch = 1
 
     @property
     def queue_depth(self) -> int:
@@ -154,19 +155,21 @@ class GenerationEngine:
             if job is None:
                 return
             batch = [job]
-            deadline = time.perf_counter() + self.batch_window
+            # Wait for company only when there is evidence of concurrent traffic: a lone client would
+            # otherwise pay the window on every request for nothing.
+            window = self.batch_window if (self._last_batch > 1 or not self._queue.empty()) else 0.0
+            deadline = time.perf_counter() + window
             while len(batch) < self.max_batch_size and not job.solo:
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
                 try:
-                    extra = self._queue.get(timeout=remaining)
+                    extra = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if extra is None:
                     self._queue.put(None)
                     break
                 batch.append(extra)
+            self._last_batch = len(batch)
             for group in self._groups(batch):
                 self._run_safely(group)
 

@@ -1,0 +1,32 @@
+import pytest
+
+from nlm.cli import main
+from nlm.inference import entrypoint
+
+
+def test_sagemaker_serve_entry_point_binds_all_interfaces_on_8080(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("nlm.cli.main", lambda args: seen.setdefault("args", args) and 0)
+    entrypoint.main(["serve"])
+    assert seen["args"][:5] == ["serve", "--host", "0.0.0.0", "--port", "8080"]
+    seen.clear()
+    monkeypatch.setenv("SAGEMAKER_BIND_TO_PORT", "9090")
+    entrypoint.main(["--max_batch_size", "4"])
+    assert seen["args"] == ["serve", "--host", "0.0.0.0", "--port", "9090", "--max_batch_size", "4"]
+
+
+def test_serve_without_a_model_folder_is_a_usage_error(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert "model folder" in capsys.readouterr().err
+
+
+def test_serve_with_an_unset_key_variable_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("NLM_TEST_UNSET_KEY", raising=False)
+    assert main(["serve", "--model", str(tmp_path), "--api_key_env", "NLM_TEST_UNSET_KEY"]) == 2
+    assert "NLM_TEST_UNSET_KEY: that environment variable is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--port", "--max_batch_size", "--max_concurrent_requests"])
+def test_serve_rejects_non_positive_limits(tmp_path, capsys, flag):
+    assert main(["serve", "--model", str(tmp_path), flag, "0"]) == 2
+    assert "expected an integer >= 1" in capsys.readouterr().err
