@@ -156,6 +156,19 @@ def cmd_generate(ns: argparse.Namespace, rest: list[str], options: dict[str, Any
     return 0
 
 
+def cmd_teacher_cache(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) -> int:
+    from nlm.distill.cache_builder import build_teacher_cache
+
+    if ns.teacher:
+        rest = [*rest, "--teacher_model", ns.teacher]
+    loaded = _load(ns.config, rest)
+    _register_config_secrets(loaded.config)
+    manifest = build_teacher_cache(loaded.config, Path(ns.output), top_k=ns.top_k, batch_size=ns.batch_size,
+                                   shard_examples=ns.shard_examples, overwrite=loaded.config.overwrite)
+    print(f"teacher cache: {ns.output} ({manifest['tokens']} tokens, {manifest['bytes_per_token']} bytes per token)")
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) -> int:
     from nlm.demo.pipeline import run_demo
 
@@ -267,6 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--trust_remote_code", action="store_true")
     generate.add_argument("--allow_pickle", action="store_true")
     generate.set_defaults(handler=cmd_generate)
+
+    cache = commands.add_parser(
+        "teacher-cache", help="run the teacher once over the training data and store its top-k targets",
+        epilog=_config_options_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cache.add_argument("--config", metavar="FILE", help="the YAML file the training run will use")
+    cache.add_argument("--teacher", help="teacher model (same as --teacher_model)")
+    cache.add_argument("--output", required=True, help="cache folder")
+    cache.add_argument("--top_k", type=_positive_int, default=64, help="teacher tokens kept per position")
+    cache.add_argument("--batch_size", type=_positive_int, default=8, help="sequences per teacher forward")
+    cache.add_argument("--shard_examples", type=_positive_int, default=1024, help="examples per shard (resume unit)")
+    cache.set_defaults(handler=cmd_teacher_cache, takes_config_flags=True)
 
     serve = commands.add_parser("serve", help="serve a trained model over HTTP (SageMaker and OpenAI-compatible)")
     serve.add_argument("--model", default="/opt/ml/model", help="model folder (full, merged or LoRA adapter)")

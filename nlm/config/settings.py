@@ -112,6 +112,15 @@ class TrainingConfig(BaseSettings):
     gradient_checkpointing: bool = Field(False, description="Recompute student activations to save memory.")
     seed: int = Field(42, ge=0, description="Seed for data order, initialisation and eval split.")
     max_bad_steps: int = Field(3, ge=1, description="Stop after this many consecutive NaN/inf losses.")
+    loss_impl: Literal["fused", "simple"] = Field(
+        "fused", description="fused: chunked loss from hidden states, no full logits; simple: full logits."
+    )
+    loss_chunk_tokens: int | None = Field(
+        None, ge=1, description="Tokens per chunk of the fused loss (default: about 4M logits per chunk)."
+    )
+    teacher_cache: Path | None = Field(
+        None, description="Train from a cache written by `nlm teacher-cache` instead of running the teacher."
+    )
 
     # Devices and precision
     device_preference: list[DeviceName] = Field(

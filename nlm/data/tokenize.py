@@ -246,4 +246,7 @@ class PaddingCollator:
             batch["input_ids"].append(ids + [self.pad_token_id] * pad)
             batch["attention_mask"].append([1] * len(ids) + [0] * pad)
             batch["labels"].append(labels + [IGNORE_INDEX] * pad)
-        return {name: torch.tensor(rows, dtype=torch.long) for name, rows in batch.items()}
+        tensors = {name: torch.tensor(rows, dtype=torch.long) for name, rows in batch.items()}
+        if "index" in examples[0]:  # the example's position in the training data, for the teacher cache
+            tensors["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+        return tensors

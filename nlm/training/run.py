@@ -18,9 +18,12 @@ from nlm.config.settings import TrainingConfig
 from nlm.data.files import resolve_eval_files
 from nlm.data.prepare import PreparedData, prepare_datasets
 from nlm.data.tokenize import PaddingCollator
-from nlm.distill.teacher import LiveTeacher
+from nlm.distill.cache import CacheMismatchError, TeacherCache, compare_fingerprints
+from nlm.distill.cache_builder import cache_fingerprint
+from nlm.distill.teacher import CachedTeacher, LiveTeacher
 from nlm.errors import ConfigError, RunExistsError
 from nlm.models.device import resolve_precision, select_device, teacher_dtype
+from nlm.models.heads import head_reproduces_logits
 from nlm.models.loading import (
     check_model_exists,
     count_parameters,
@@ -80,9 +83,9 @@ def _check_required(config: TrainingConfig) -> None:
         raise ConfigError(f"eval_strategy={config.eval_strategy} needs evaluation data: set eval_file or eval_split")
     if not config.student_model:
         raise ConfigError("student_model is required: pass --student_model ID_OR_FOLDER or set it in the config file")
-    if not config.teacher_model and config.distillation.alpha > 0:
+    if not config.teacher_model and not config.teacher_cache and config.distillation.alpha > 0:
         raise ConfigError(
-            "teacher_model is required when distillation.alpha > 0: pass --teacher_model, "
+            "teacher_model is required when distillation.alpha > 0: pass --teacher_model (or --teacher_cache DIR), "
             "or --distillation.alpha 0 for plain fine-tuning"
         )
 
@@ -108,8 +111,11 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     tokenizer = load_tokenizer(config.student_model, **_hub(config, config.student_revision))
     # Mixed precision keeps fp32 master weights; autocast runs the forward in bf16/fp16.
     student = load_causal_lm(config.student_model, dtype=torch.float32, **_hub(config, config.student_revision))
-    teacher, vocab_width = None, len(tokenizer)
-    if config.teacher_model:
+    teacher: LiveTeacher | CachedTeacher | None = None
+    vocab_width = len(tokenizer)
+    if config.teacher_cache:
+        teacher = open_teacher_cache(config, tokenizer)
+    elif config.teacher_model:
         teacher_device = torch.device(config.teacher_device) if config.teacher_device else device
         if config.teacher_device:
             select_device(forced=config.teacher_device)  # a clear error when that device does not exist
@@ -122,7 +128,9 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         vocab_width = shared_vocab_width(teacher_tokenizer, tokenizer, teacher_model, student)
         teacher = LiveTeacher(teacher_model, teacher_device, vocab_width)
 
-    data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"))
+    data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
+                            with_index=isinstance(teacher, CachedTeacher))
+    loss_impl = choose_loss_impl(config.loss_impl, student, teacher, data.train[0]["input_ids"])
     if config.lora.enabled:
         student = apply_lora(student, config.lora)
         if config.gradient_checkpointing:
@@ -142,6 +150,8 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         distillation=config.distillation,
         vocab_width=vocab_width,
         max_bad_steps=config.max_bad_steps,
+        loss_impl=loss_impl,
+        chunk_tokens=config.loss_chunk_tokens,
     )
     install_callbacks(trainer)
     output = trainer.train(resume_from_checkpoint=checkpoint)
@@ -154,11 +164,13 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     write_metadata(
         final_dir / METADATA_FILE,
         config=redacted_config(config),
-        teacher={"model": config.teacher_model, "revision": model_revision(teacher.model) if teacher else None},
+        teacher={"model": config.teacher_model, "teacher_cache": str(config.teacher_cache) if config.teacher_cache else None,
+                 "revision": model_revision(teacher.model) if isinstance(teacher, LiveTeacher) else None},
+        loss_impl=loss_impl,
         student={"model": config.student_model, "revision": model_revision(trainer.model)},
         data=data_summary(data),
         device=str(device),
-        teacher_device=str(teacher.device) if teacher else None,
+        teacher_device=str(teacher.device) if isinstance(teacher, LiveTeacher) else None,
         precision=precision.name,
         parameters={"total": total, "trainable": trainable},
         wall_seconds=round(seconds, 3),
@@ -170,6 +182,33 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     )
     logger.info("final model written to %s (%.1fs)", final_dir, seconds)
     return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
+
+
+def open_teacher_cache(config: TrainingConfig, tokenizer: Any) -> CachedTeacher:
+    """The cache named by `teacher_cache`, checked against this run's data, tokenizer and settings."""
+    try:
+        cache = TeacherCache(config.teacher_cache)
+        compare_fingerprints(cache_fingerprint(config, tokenizer, cache.top_k), cache.fingerprint, cache.directory)
+    except (FileNotFoundError, CacheMismatchError) as exc:
+        raise ConfigError(str(exc)) from None
+    if cache.vocab_size != len(tokenizer):
+        raise ConfigError(f"teacher cache vocabulary {cache.vocab_size} differs from the student tokenizer's {len(tokenizer)}")
+    logger.info("teacher targets from cache %s (top-%d, %d tokens); the teacher model is not loaded",
+                cache.directory, cache.top_k, cache.manifest["tokens"])
+    return CachedTeacher(cache)
+
+
+def choose_loss_impl(requested: str, student: Any, teacher: Any, sample_ids: list[int]) -> str:
+    """The fused loss needs logits == head(hidden); models that soft-cap or scale logits use the simple path."""
+    if requested != "fused":
+        return requested
+    ids = torch.tensor([sample_ids[:32]])
+    checks = [("student", student)] + ([("teacher", teacher.model)] if isinstance(teacher, LiveTeacher) else [])
+    for role, model in checks:
+        if not head_reproduces_logits(model, ids.to(next(model.parameters()).device)):
+            logger.warning("the %s post-processes its logits (e.g. soft-capping): using loss_impl=simple", role)
+            return "simple"
+    return "fused"
 
 
 def _final_eval(trainer: DistillationTrainer) -> dict[str, Any]:

@@ -12,9 +12,12 @@ import torch
 from transformers import Trainer
 
 from nlm.config.settings import DistillationConfig
-from nlm.distill.loss import distillation_loss
+from nlm.distill.fused import fused_distillation_loss
+from nlm.distill.loss import LossSettings, combine, summed_parts
 from nlm.distill.metrics import EvalSums
+from nlm.distill.teacher import LiveTeacher
 from nlm.errors import TrainingDivergedError
+from nlm.models.heads import capture_hidden, output_head
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ class DistillationTrainer(Trainer):
         distillation: DistillationConfig,
         vocab_width: int,
         max_bad_steps: int = 3,
+        loss_impl: str = "fused",
+        chunk_tokens: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -36,6 +41,9 @@ class DistillationTrainer(Trainer):
             raise ValueError("a teacher is required when distillation.alpha > 0")
         self.teacher = teacher
         self.distillation = distillation
+        self.loss_settings = LossSettings.from_config(distillation)
+        self.loss_impl = loss_impl
+        self.chunk_tokens = chunk_tokens
         self.vocab_width = vocab_width
         self.max_bad_steps = max_bad_steps
         self._bad_steps = 0
@@ -49,45 +57,57 @@ class DistillationTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        labels = inputs["labels"]
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-        student_logits = outputs.logits[:, :-1, : self.vocab_width]  # [b, s-1, v]
-        shifted_labels = labels[:, 1:]  # [b, s-1]
-        need_teacher = self.teacher is not None and (self.distillation.alpha > 0 or not model.training)
-        teacher_logits = None
-        if need_teacher:
-            teacher_logits = self.teacher.logits(inputs["input_ids"], inputs.get("attention_mask"))[:, :-1]
-
         if not model.training:
-            assert self._eval_sums is not None
-            self._eval_sums.add(student_logits.detach(), shifted_labels, teacher_logits)
-            task = torch.nn.functional.cross_entropy(
-                student_logits.float().reshape(-1, student_logits.shape[-1]), shifted_labels.reshape(-1), ignore_index=-100
-            )
-            return (task, outputs) if return_outputs else task
-
+            return self._eval_loss(model, inputs, return_outputs)
+        shifted_labels = inputs["labels"][:, 1:]  # [b, s-1]
+        mask = shifted_labels != -100
+        targets = shifted_labels[mask]  # [n]
         normalizer = num_items_in_batch
         if normalizer is not None and torch.is_tensor(normalizer):
-            normalizer = normalizer.to(student_logits.device)
-        parts = distillation_loss(
-            student_logits,
-            teacher_logits if teacher_logits is not None else student_logits.detach(),
-            shifted_labels,
-            alpha=self.distillation.alpha,
-            temperature=self.distillation.temperature,
-            divergence=self.distillation.divergence,
-            jsd_beta=self.distillation.jsd_beta,
-            skew_lambda=self.distillation.skew_lambda,
-            normalizer=normalizer,
-        )
+            normalizer = normalizer.to(targets.device)
+        use_teacher = self.teacher is not None and self.distillation.alpha > 0
+        if self.loss_impl == "fused":
+            head_module = output_head(self.accelerator.unwrap_model(model))
+            with capture_hidden(self.accelerator.unwrap_model(model)) as (store, head):
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+            rows = store["hidden"][:, :-1][mask]  # [n, H]
+            teacher_rows = self.teacher.row_source(inputs, mask, rows.device) if use_teacher else (lambda start, end: None)
+            parts = fused_distillation_loss(
+                rows, head, targets, teacher_rows, vocab_width=self.vocab_width, settings=self.loss_settings,
+                normalizer=normalizer, head_parameters=[p for p in head_module.parameters() if p.requires_grad],
+                chunk_size=self.chunk_tokens,
+            )
+            reference = rows
+        else:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+            student = outputs.logits[:, :-1, : self.vocab_width][mask]  # [n, V]
+            teacher = self.teacher.dense_rows(inputs, mask, student.device) if use_teacher else None
+            task_sum, distill_sum = summed_parts(student.float(), teacher, targets, self.loss_settings)
+            parts = combine(task_sum, distill_sum, targets.numel(), self.loss_settings, normalizer)
+            reference = student
         loss = parts.total
         if self.args.average_tokens_across_devices and normalizer is not None and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # gradients are averaged over processes afterwards
-        loss = self._guard_finite(loss, student_logits)
+        loss = self._guard_finite(loss, reference)
         self._record(parts, normalizer, inputs)
         return (loss, outputs) if return_outputs else loss
 
-    def _guard_finite(self, loss: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    def _eval_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool) -> Any:
+        """Eval: token-level CE for the Trainer, plus KL and agreement sums against a live teacher."""
+        assert self._eval_sums is not None
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        student_logits = outputs.logits[:, :-1, : self.vocab_width]  # [b, s-1, v]
+        shifted_labels = inputs["labels"][:, 1:]
+        teacher_logits = None
+        if isinstance(self.teacher, LiveTeacher):
+            teacher_logits = self.teacher.logits(inputs["input_ids"], inputs.get("attention_mask"))[:, :-1]
+        self._eval_sums.add(student_logits.detach(), shifted_labels, teacher_logits)
+        task = torch.nn.functional.cross_entropy(
+            student_logits.float().reshape(-1, student_logits.shape[-1]), shifted_labels.reshape(-1), ignore_index=-100
+        )
+        return (task, outputs) if return_outputs else task
+
+    def _guard_finite(self, loss: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Skip the update of a NaN/inf micro-batch; stop after `max_bad_steps` in a row."""
         if torch.isfinite(loss).item():
             self._bad_steps = 0
@@ -101,7 +121,7 @@ class DistillationTrainer(Trainer):
                 "or check the data"
             )
         # A zero loss with a graph but no parameter in it: backward runs and leaves every gradient unchanged.
-        return student_logits.new_zeros((), requires_grad=True)
+        return reference.new_zeros((), requires_grad=True)
 
     def _record(self, parts: Any, normalizer: Any, inputs: dict[str, torch.Tensor]) -> None:
         # Parts are normalised per optimiser step; rescale to a per-token mean of this micro-batch for logging.

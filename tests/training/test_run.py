@@ -150,7 +150,7 @@ def test_finished_run_is_never_overwritten_without_being_asked(model_dirs, pc_fi
 def test_nan_loss_stops_with_a_clear_message_and_keeps_checkpoints(model_dirs, pc_file, tmp_path, monkeypatch):
     import nlm.training.trainer as trainer_module
 
-    real = trainer_module.distillation_loss
+    real = trainer_module.fused_distillation_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -160,7 +160,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_checkpoints(model_dirs, p
             parts.total = parts.total * float("nan")
         return parts
 
-    monkeypatch.setattr(trainer_module, "distillation_loss", poisoned)
+    monkeypatch.setattr(trainer_module, "fused_distillation_loss", poisoned)
     with pytest.raises(TrainingDivergedError, match="NaN/inf for 3 batches in a row .* keeping the last saved checkpoint"):
         train(_config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "10"))
     checkpoint = tmp_path / "out" / "distill" / "checkpoint-3"
@@ -192,3 +192,53 @@ def test_teacher_is_required_unless_alpha_is_zero(model_dirs, pc_file, tmp_path)
 def test_eval_strategy_without_eval_data_is_an_error(model_dirs, pc_file, tmp_path):
     with pytest.raises(ConfigError, match="needs evaluation data"):
         train(_config(model_dirs, pc_file, tmp_path / "out", "--eval_strategy", "steps"))
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["--lora.enabled", "--lora.include_lm_head", "--lora.r", "4", "--lora.dropout", "0"],  # dropout masks differ by chunk
+    ["--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "2"],
+    ["--distillation.divergence", "jsd"],
+])
+def test_fused_and_simple_paths_train_to_the_same_weights(model_dirs, pc_file, tmp_path, extra):
+    runs = {}
+    for impl in ("fused", "simple"):
+        result = train(_config(model_dirs, pc_file, tmp_path / impl, "--max_steps", "4", "--loss_impl", impl, *extra))
+        name = "adapter_model.safetensors" if "--lora.enabled" in extra else "model.safetensors"
+        runs[impl] = load_file(str(result.final_dir / name))
+        metadata = json.loads((result.final_dir / "training_metadata.json").read_text())
+        assert metadata["loss_impl"] == impl
+    for key in runs["fused"]:
+        torch.testing.assert_close(runs["fused"][key], runs["simple"][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_tied_embeddings_train_the_same_fused_or_simple(tmp_path, tokenizer, pc_file):
+    from nlm.models.scratch import build_causal_lm
+
+    teacher = build_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=48, num_layers=2, seed=4)
+    student = build_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, num_layers=1, seed=5, tie_word_embeddings=True)
+    assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
+    for name, model in (("t", teacher), ("s", student)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    dirs = {"teacher": tmp_path / "t", "student": tmp_path / "s"}
+    finals = {impl: train(_config(dirs, pc_file, tmp_path / impl, "--max_steps", "3", "--loss_impl", impl)).final_dir
+              for impl in ("fused", "simple")}
+    a, b = load_file(str(finals["fused"] / "model.safetensors")), load_file(str(finals["simple"] / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_models_that_post_process_logits_fall_back_to_the_simple_loss(tmp_path, tokenizer, pc_file, caplog):
+    import logging
+
+    from nlm.models.scratch import build_causal_lm
+
+    for name, seed in (("t", 1), ("s", 2)):
+        model = build_causal_lm("granite", vocab_size=len(tokenizer), hidden_size=32, num_layers=1, seed=seed, logits_scaling=4.0)
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    with caplog.at_level(logging.WARNING):
+        result = train(_config({"teacher": tmp_path / "t", "student": tmp_path / "s"}, pc_file, tmp_path / "out", "--max_steps", "2"))
+    assert "post-processes its logits" in caplog.text
+    assert json.loads((result.final_dir / "training_metadata.json").read_text())["loss_impl"] == "simple"

@@ -1,0 +1,150 @@
+"""The offline teacher cache: the teacher's top-k log-probabilities for every target token, on disk.
+
+Written by hand because the format is nlm's own (see docs/TEACHER_CACHE.md): a manifest with a fingerprint
+of everything the numbers depend on, and safetensors shards (little-endian, memory-mapped on read) with, per
+target token, k token ids (int16 when the vocabulary fits, else int32), their log-probabilities at the
+cache's temperature (float16) and the log of the remaining mass (float32): 4k+4 or 6k+4 bytes per token.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nlm.distill.loss import SparseTargets
+
+FORMAT = "nlm-teacher-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CacheMismatchError(ValueError):
+    """The cache was built for other data, teacher, tokenizer or settings."""
+
+
+def manifest_path(directory: Path) -> Path:
+    return Path(directory) / MANIFEST
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    path = manifest_path(directory)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Atomic: a crash leaves the previous manifest, never a half-written one."""
+    path = manifest_path(directory)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def compare_fingerprints(expected: dict[str, Any], found: dict[str, Any], directory: Path) -> None:
+    """Raise naming the first field whose value differs (teacher, tokenizer, data, settings, version)."""
+    for key in sorted(set(expected) | set(found)):
+        if key in expected and expected.get(key) != found.get(key):
+            raise CacheMismatchError(
+                f"teacher cache {directory} does not match this run: '{key}' is {found.get(key)!r} in the cache "
+                f"but {expected.get(key)!r} here; rebuild it with `nlm teacher-cache` for this configuration"
+            )
+
+
+def id_dtype(vocab_size: int) -> torch.dtype:
+    return torch.int16 if vocab_size <= 32767 else torch.int32
+
+
+def bytes_per_token(top_k: int, vocab_size: int) -> int:
+    return top_k * (torch.tensor([], dtype=id_dtype(vocab_size)).element_size() + 2) + 4
+
+
+@dataclass
+class ShardRows:
+    ids: torch.Tensor  # [n, k]
+    logp: torch.Tensor  # [n, k] float16
+    tail_logp: torch.Tensor  # [n] float32
+    offsets: torch.Tensor  # [examples + 1] int64, rows of each example within the shard
+
+
+def save_shard(path: Path, rows: ShardRows) -> None:
+    partial = path.with_suffix(".partial")
+    save_file({"ids": rows.ids.contiguous(), "logp": rows.logp.contiguous(), "tail_logp": rows.tail_logp.contiguous(),
+               "offsets": rows.offsets.contiguous()}, str(partial), metadata={"format": FORMAT, "version": str(VERSION)})
+    os.replace(partial, path)
+
+
+class TeacherCache:
+    """Reads targets for examples by their index in the tokenised training data (memory-mapped shards)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        manifest = read_manifest(self.directory)
+        if manifest is None:
+            raise FileNotFoundError(f"teacher cache {self.directory}: no {MANIFEST} (build it with `nlm teacher-cache`)")
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise CacheMismatchError(f"teacher cache {self.directory}: format {manifest.get('format')} v{manifest.get('version')}, "
+                                     f"expected {FORMAT} v{VERSION}")
+        if not manifest.get("complete"):
+            raise CacheMismatchError(f"teacher cache {self.directory} is incomplete; rerun `nlm teacher-cache` to finish it")
+        self.manifest = manifest
+        self.top_k = int(manifest["top_k"])
+        self.temperature = float(manifest["temperature"])
+        self.vocab_size = int(manifest["vocab_size"])
+        self._starts = [shard["first_example"] for shard in manifest["shards"]]
+        self._handles: dict[int, Any] = {}
+        self._offsets: dict[int, list[int]] = {}
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.manifest["fingerprint"]
+
+    def _shard(self, number: int) -> Any:
+        if number not in self._handles:
+            handle = safe_open(str(self.directory / self.manifest["shards"][number]["file"]), framework="pt")
+            self._handles[number] = handle
+            self._offsets[number] = handle.get_tensor("offsets").tolist()
+        return self._handles[number]
+
+    def targets(self, example_indices: list[int], device: torch.device | str = "cpu") -> SparseTargets:
+        """Targets of the examples' target tokens, concatenated in the order given (the loss's row order)."""
+        ids, logp, tail = [], [], []
+        for index in example_indices:
+            number = bisect.bisect_right(self._starts, index) - 1
+            if number < 0 or index >= self._starts[number] + self.manifest["shards"][number]["examples"]:
+                raise IndexError(f"teacher cache {self.directory} has no example {index}")
+            handle = self._shard(number)
+            local = index - self._starts[number]
+            start, end = self._offsets[number][local], self._offsets[number][local + 1]
+            ids.append(handle.get_slice("ids")[start:end])
+            logp.append(handle.get_slice("logp")[start:end])
+            tail.append(handle.get_slice("tail_logp")[start:end])
+        return SparseTargets(
+            ids=torch.cat(ids).to(device=device, dtype=torch.int64),
+            logp=torch.cat(logp).to(device=device, dtype=torch.float32),
+            tail_logp=torch.cat(tail).to(device=device, dtype=torch.float32),
+        )
+
+
+def weights_fingerprint(model_path: str, revision: str | None) -> str:
+    """A hub commit when the model came from the hub; else the SHA-256 of the local weight files."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return f"hub:{model_path}@{revision or 'main'}"
+    digest = hashlib.sha256()
+    for file in sorted(list(folder.glob("*.safetensors")) + list(folder.glob("*.bin")) + [folder / "config.json"]):
+        if file.is_file():
+            digest.update(file.name.encode())
+            with file.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+    return "sha256:" + digest.hexdigest()

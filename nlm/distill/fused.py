@@ -1,0 +1,131 @@
+"""The fused, chunked loss: from final hidden states and output heads, never materialising full logits.
+
+Written by hand because no library computes every divergence of this engine chunk-wise with a generic
+(LoRA-wrapped, tied, biased) output head. It follows the fused-linear-cross-entropy idea: the forward
+walks over chunks of target tokens; per chunk it computes the student's logits [c, V] (and the teacher's,
+on the teacher's device), the loss, and — while that chunk's logits are alive — the gradients with respect
+to the chunk's hidden states and the head's trainable parameters. Only those gradients ([n, H] and the
+head's size) outlive the chunk; backward just scales them by the incoming gradient. Peak extra memory is
+one chunk of logits instead of [n, V] for each model, and there is no recomputation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from nlm.distill.loss import LossParts, LossSettings, SparseTargets, combine, summed_parts
+
+# Elements of one [chunk, V] logits tensor: 2**22 floats = 16 MiB; the chunk's handful of temporaries stay
+# well under 100 MiB whatever the vocabulary.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+TeacherRows = Callable[[int, int], "torch.Tensor | SparseTargets | None"]
+
+
+def chunk_rows(vocab: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    return max(8, chunk_elements // max(vocab, 1))
+
+
+class _FusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, spec: dict, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        head: Callable[[torch.Tensor], torch.Tensor] = spec["head"]
+        teacher_rows: TeacherRows = spec["teacher_rows"]
+        targets: torch.Tensor = spec["targets"]
+        settings: LossSettings = spec["settings"]
+        width, rows = spec["width"], spec["rows"]
+        weights = spec["weights"]  # d total / d (task_sum, distill_sum)
+        needs_grad = spec["needs_grad"]
+        n = hidden.shape[0]
+        task_total = hidden.new_zeros((), dtype=torch.float32)
+        distill_total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.zeros_like(hidden) if needs_grad else None
+        grad_params = [torch.zeros_like(p) for p in params] if needs_grad else []
+        for start in range(0, n, rows):
+            end = min(start + rows, n)
+            chunk = hidden[start:end].detach().requires_grad_(needs_grad)
+            with torch.enable_grad() if needs_grad else torch.no_grad():
+                logits = head(chunk)[..., :width].float()  # [c, V]
+                task_sum, distill_sum = summed_parts(logits, teacher_rows(start, end), targets[start:end], settings)
+                if needs_grad:
+                    objective = weights[0] * task_sum + weights[1] * distill_sum
+                    grads = torch.autograd.grad(objective, [chunk, *params], allow_unused=True)
+                    grad_hidden[start:end] = grads[0]
+                    for accumulated, grad in zip(grad_params, grads[1:], strict=True):
+                        if grad is not None:
+                            accumulated += grad
+            task_total += task_sum.detach()
+            distill_total += distill_sum.detach()
+            del logits  # free this chunk's logits before the next one
+        if needs_grad:
+            ctx.save_for_backward(grad_hidden, *grad_params)
+        ctx.needs_grad = needs_grad
+        ctx.mark_non_differentiable(task_total, distill_total)
+        total = weights[0] * task_total + weights[1] * distill_total
+        return total, task_total, distill_total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
+        if not ctx.needs_grad:
+            return (None, None)
+        grad_hidden, *grad_params = ctx.saved_tensors
+        return (grad_hidden * grad_total, None, *[g * grad_total for g in grad_params])
+
+
+def fused_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_head: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    targets: torch.Tensor,
+    teacher_rows: TeacherRows,
+    *,
+    vocab_width: int,
+    settings: LossSettings,
+    normalizer: float | torch.Tensor | None = None,
+    head_parameters: list[torch.Tensor] | None = None,
+    chunk_size: int | None = None,
+) -> LossParts:
+    """Same value and gradients as `distillation_loss` on the full logits, computed chunk by chunk.
+
+    student_hidden: [n, H] final hidden states of the n target tokens (after the model's last norm).
+    student_head: maps [c, H] -> [c, >=V] logits (the model's output embedding, adapters included).
+    targets: [n] labels. teacher_rows(start, end): the teacher's [end-start, V] logits on the student's
+    device, or cached SparseTargets, or None when α = 0.
+    `head_parameters` defaults to the head module's trainable parameters; their gradients are returned
+    through autograd like any other. `total` is differentiable; `task` and `distill` are for logging.
+    """
+    n = student_hidden.shape[0]
+    if head_parameters is None:
+        head_parameters = [p for p in student_head.parameters() if p.requires_grad] if isinstance(student_head, nn.Module) else []
+    denominator = normalizer if normalizer is not None else max(n, 1)
+    denominator_value = float(denominator)
+    weights = ((1 - settings.alpha) / denominator_value, settings.alpha * settings.temperature**2 / denominator_value)
+    spec = {
+        "head": student_head, "teacher_rows": teacher_rows, "targets": targets, "settings": settings,
+        "width": vocab_width, "rows": chunk_size or chunk_rows(vocab_width), "weights": weights,
+        "needs_grad": torch.is_grad_enabled() and (student_hidden.requires_grad or any(p.requires_grad for p in head_parameters)),
+    }
+    if n == 0:
+        zero = student_hidden.sum() * 0.0
+        return LossParts(total=zero, task=zero.detach(), distill=zero.detach(), tokens=0)
+    total, task_sum, distill_sum = _FusedLoss.apply(student_hidden, spec, *head_parameters)
+    parts = combine(task_sum, distill_sum, n, settings, denominator)
+    return LossParts(total=total, task=parts.task, distill=parts.distill, tokens=n)
+
+
+def dense_teacher_rows(teacher_hidden: torch.Tensor, teacher_head: Callable[[torch.Tensor], torch.Tensor],
+                       vocab_width: int, device: torch.device) -> TeacherRows:
+    """Teacher logits for a chunk, computed on the teacher's device from its hidden states, then moved."""
+
+    @torch.no_grad()
+    def rows(start: int, end: int) -> torch.Tensor:
+        return teacher_head(teacher_hidden[start:end])[..., :vocab_width].to(device, non_blocking=True).float()
+
+    return rows
+
+
+def sparse_teacher_rows(targets: SparseTargets) -> TeacherRows:
+    return targets.rows

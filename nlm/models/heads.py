@@ -1,0 +1,59 @@
+"""Access to a causal LM's final hidden states and output head, for the fused loss.
+
+`capture_hidden` swaps the output head's forward for one that records its input and returns a zero-width
+tensor, so the model's forward runs its whole body but never computes full logits. The head's real
+forward (adapters included) is handed back for chunk-wise use. Models that post-process logits (soft-capping,
+scaling) would make that wrong; `head_reproduces_logits` detects them so the caller can fall back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+
+def output_head(model: Any) -> torch.nn.Module:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None)")
+    return head
+
+
+@contextmanager
+def capture_hidden(model: Any) -> Iterator[tuple[dict[str, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]]:
+    """Within the block, model(...) records the head's input in store["hidden"] and yields empty logits."""
+    head = output_head(model)
+    had_instance_forward = "forward" in vars(head)
+    real_forward = head.forward
+    store: dict[str, torch.Tensor] = {}
+
+    def record(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        store["hidden"] = hidden
+        return hidden.new_zeros(*hidden.shape[:-1], 0)
+
+    head.forward = record
+    try:
+        yield store, real_forward
+    finally:
+        if had_instance_forward:
+            head.forward = real_forward
+        else:
+            del head.forward
+
+
+@torch.no_grad()
+def head_reproduces_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bool:
+    """Whether head(final hidden states) equals the model's logits (no soft-capping or scaling after the head)."""
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        with capture_hidden(model) as (store, head):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        rebuilt = head(store["hidden"])
+    finally:
+        model.train(was_training)
+    return rebuilt.shape == logits.shape and torch.allclose(rebuilt.float(), logits.float(), rtol=1e-3, atol=1e-3)

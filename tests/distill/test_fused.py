@@ -1,0 +1,148 @@
+"""The fused chunked loss equals the simple path: values and gradients, within 1e-5 in fp32."""
+
+import pytest
+import torch
+from torch import nn
+
+from nlm.distill.divergences import DIVERGENCES
+from nlm.distill.fused import dense_teacher_rows, fused_distillation_loss, sparse_teacher_rows
+from nlm.distill.loss import LossSettings, SparseTargets, distillation_loss
+
+
+def _setup(n=37, hidden=16, vocab=50, teacher_vocab=None, seed=0):
+    torch.manual_seed(seed)
+    student_hidden = torch.randn(n, hidden, requires_grad=True)
+    head = nn.Linear(hidden, vocab, bias=True)
+    teacher_hidden = torch.randn(n, 24)
+    teacher_head = nn.Linear(24, teacher_vocab or vocab, bias=False).requires_grad_(False)
+    targets = torch.randint(0, vocab, (n,))
+    return student_hidden, head, teacher_hidden, teacher_head, targets
+
+
+def _simple(student_hidden, head, teacher_hidden, teacher_head, targets, width, settings, normalizer=None):
+    student_logits = head(student_hidden)[:, :width]
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_hidden)[:, :width]
+    return distillation_loss(student_logits, teacher_logits, targets, alpha=settings.alpha, temperature=settings.temperature,
+                             divergence=settings.divergence, normalizer=normalizer)
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_fused_equals_simple_values_and_gradients(divergence, alpha):
+    student_hidden, head, teacher_hidden, teacher_head, targets = _setup()
+    settings = LossSettings(alpha=alpha, temperature=2.0, divergence=divergence)
+    simple = _simple(student_hidden, head, teacher_hidden, teacher_head, targets, 50, settings)
+    fused = fused_distillation_loss(student_hidden, head, targets, dense_teacher_rows(teacher_hidden, teacher_head, 50, torch.device("cpu")),
+                                    vocab_width=50, settings=settings, chunk_size=8)
+    torch.testing.assert_close(fused.total, simple.total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.task, simple.task.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.distill, simple.distill.detach(), rtol=1e-5, atol=1e-5)
+    params = [student_hidden, head.weight, head.bias]
+    for a, b in zip(_grads(fused.total, params), _grads(simple.total, params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_teacher_vocabulary_and_normalizer():
+    student_hidden, head, teacher_hidden, teacher_head, targets = _setup(vocab=50, teacher_vocab=64)
+    settings = LossSettings()
+    simple = _simple(student_hidden, head, teacher_hidden, teacher_head, targets, 50, settings, normalizer=100.0)
+    fused = fused_distillation_loss(student_hidden, head, targets, dense_teacher_rows(teacher_hidden, teacher_head, 50, torch.device("cpu")),
+                                    vocab_width=50, settings=settings, normalizer=100.0, chunk_size=5)
+    torch.testing.assert_close(fused.total, simple.total, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(fused.total, [student_hidden, head.weight]), _grads(simple.total, [student_hidden, head.weight]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_embeddings_get_both_gradients():
+    torch.manual_seed(1)
+    embedding = nn.Embedding(40, 12)
+    head = nn.Linear(12, 40, bias=False)
+    head.weight = embedding.weight  # tied, as in many small LMs
+    ids = torch.randint(0, 40, (20,))
+    targets = torch.randint(0, 40, (20,))
+    teacher_logits = torch.randn(20, 40)
+    settings = LossSettings()
+
+    def run(fused):
+        embedding.zero_grad()
+        hidden = torch.tanh(embedding(ids))
+        if fused:
+            loss = fused_distillation_loss(hidden, head, targets, lambda s, e: teacher_logits[s:e], vocab_width=40,
+                                           settings=settings, chunk_size=6).total
+        else:
+            loss = distillation_loss(head(hidden), teacher_logits, targets).total
+        loss.backward()
+        return embedding.weight.grad.clone()
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-6)
+
+
+def test_lora_adapter_on_the_head():
+    from peft import LoraConfig, get_peft_model
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(16, 30)
+
+    model = get_peft_model(Tiny(), LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    head = model.base_model.model.lm_head
+    torch.manual_seed(2)
+    hidden = torch.randn(25, 16, requires_grad=True)
+    targets = torch.randint(0, 30, (25,))
+    teacher_logits = torch.randn(25, 30)
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    assert len(trainable) == 2 and all("lora" in n for n, p in head.named_parameters() if p.requires_grad)
+    fused = fused_distillation_loss(hidden, head, targets, lambda s, e: teacher_logits[s:e], vocab_width=30,
+                                    settings=LossSettings(), chunk_size=4)
+    simple = distillation_loss(head(hidden), teacher_logits, targets)
+    torch.testing.assert_close(fused.total, simple.total, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(fused.total, [hidden, *trainable]), _grads(simple.total, [hidden, *trainable]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_sparse_cached_targets_match_the_simple_path(divergence):
+    student_hidden, head, teacher_hidden, teacher_head, targets = _setup()
+    with torch.no_grad():
+        teacher_logp = torch.log_softmax(teacher_head(teacher_hidden) / 2.0, -1)
+    top = teacher_logp.topk(8, dim=-1)
+    from nlm.distill.loss import tail_logp
+
+    sparse = SparseTargets(top.indices, top.values, tail_logp(top.values))
+    settings = LossSettings(divergence=divergence)
+    simple = distillation_loss(head(student_hidden), sparse, targets, divergence=divergence)
+    fused = fused_distillation_loss(student_hidden, head, targets, sparse_teacher_rows(sparse), vocab_width=50,
+                                    settings=settings, chunk_size=7)
+    torch.testing.assert_close(fused.total, simple.total, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_grads(fused.total, [student_hidden, head.weight]), _grads(simple.total, [student_hidden, head.weight]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_with_all_tokens_kept_equals_dense():
+    student_hidden, head, teacher_hidden, teacher_head, targets = _setup(vocab=20)
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_hidden)[:, :20]
+        logp = torch.log_softmax(teacher_logits / 2.0, -1)
+    top = logp.topk(19, dim=-1)  # all but one token: the tail bucket is exactly that token
+    from nlm.distill.loss import tail_logp
+
+    sparse = SparseTargets(top.indices, top.values, tail_logp(top.values))
+    dense = distillation_loss(head(student_hidden)[:, :20], teacher_logits, targets, alpha=1.0)
+    coarse = distillation_loss(head(student_hidden)[:, :20], sparse, targets, alpha=1.0)
+    torch.testing.assert_close(coarse.total, dense.total, rtol=1e-4, atol=1e-5)
+
+
+def test_no_grad_mode_and_empty_input():
+    student_hidden, head, teacher_hidden, teacher_head, targets = _setup()
+    rows = dense_teacher_rows(teacher_hidden, teacher_head, 50, torch.device("cpu"))
+    with torch.no_grad():
+        parts = fused_distillation_loss(student_hidden, head, targets, rows, vocab_width=50, settings=LossSettings())
+    assert torch.isfinite(parts.total) and not parts.total.requires_grad
+    empty = fused_distillation_loss(student_hidden[:0], head, targets[:0], rows, vocab_width=50, settings=LossSettings())
+    assert empty.tokens == 0 and empty.total.item() == 0
