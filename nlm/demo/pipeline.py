@@ -88,7 +88,7 @@ def write_demo_data(root: Path, seed: int) -> dict[str, Path]:
     return files
 
 
-def _initial_model(root: Path, name: str, layers: int, hidden: int, seed: int) -> Path:
+def initial_model(root: Path, name: str, layers: int, hidden: int, seed: int) -> Path:
     """A randomly initialised model folder, as a user's `student_model` would be a pretrained one."""
     from transformers import AutoTokenizer
 
@@ -146,8 +146,8 @@ def run_demo(output_dir: Path, seed: int = 0, quick: bool = False, overwrite: bo
         print(f"demo data written to {root / 'data'} and tokenizer to {root / 'tokenizer'}")
         return {"data": {k: str(v) for k, v in files.items()}, "tokenizer": str(root / "tokenizer")}
 
-    teacher_init = _initial_model(root, "teacher", budget.teacher_layers, budget.teacher_hidden, seed)
-    student_init = _initial_model(root, "student", budget.student_layers, budget.student_hidden, seed)
+    teacher_init = initial_model(root, "teacher", budget.teacher_layers, budget.teacher_hidden, seed)
+    student_init = initial_model(root, "student", budget.student_layers, budget.student_hidden, seed)
     phases.next()
     teacher, teacher_s, teacher_log = _train(root, "teacher", teacher_init, files["teacher_train"], budget.teacher_epochs,
                                              budget.teacher_lr, budget.batch_size, seed, None, log_format)

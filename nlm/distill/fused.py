@@ -73,7 +73,8 @@ class _FusedLoss(torch.autograd.Function):
         if not ctx.needs_grad:
             return (None, None)
         grad_hidden, *grad_params = ctx.saved_tensors
-        return (grad_hidden * grad_total, None, *[g * grad_total for g in grad_params])
+        # In place: these buffers exist only for this backward, and a copy would double a head-sized tensor.
+        return (grad_hidden.mul_(grad_total), None, *[g.mul_(grad_total) for g in grad_params])
 
 
 def fused_distillation_loss(

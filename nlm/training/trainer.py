@@ -48,11 +48,16 @@ class DistillationTrainer(Trainer):
         self.max_bad_steps = max_bad_steps
         self._bad_steps = 0
         self._eval_sums: EvalSums | None = None
-        self._window = {"task": 0.0, "distill": 0.0, "batches": 0, "tokens": 0, "start": time.perf_counter()}
+        self._window = self._new_window()
         # The loss is normalised by the target-token count of the whole accumulated step (num_items_in_batch),
         # so the Trainer must count tokens after the causal shift and must not divide by the accumulation again.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+
+    @staticmethod
+    def _new_window() -> dict[str, float]:
+        """Sums since the last logged step (means and rates are taken over them)."""
+        return {"task": 0.0, "distill": 0.0, "batches": 0, "samples": 0, "tokens": 0, "start": time.perf_counter()}
 
     def compute_loss(
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -129,6 +134,7 @@ class DistillationTrainer(Trainer):
         self._window["task"] += parts.task.item() * scale
         self._window["distill"] += parts.distill.item() * scale
         self._window["batches"] += 1
+        self._window["samples"] += int(inputs["input_ids"].shape[0])
         mask = inputs.get("attention_mask")
         self._window["tokens"] += int(mask.sum().item()) if mask is not None else inputs["input_ids"].numel()
 
@@ -137,8 +143,10 @@ class DistillationTrainer(Trainer):
             elapsed = max(time.perf_counter() - self._window["start"], 1e-9)
             logs["task_loss"] = round(self._window["task"] / self._window["batches"], 6)
             logs["distill_loss"] = round(self._window["distill"] / self._window["batches"], 6)
-            logs["tokens_per_second"] = round(self._window["tokens"] * max(self.accelerator.num_processes, 1) / elapsed, 2)
-            self._window = {"task": 0.0, "distill": 0.0, "batches": 0, "tokens": 0, "start": time.perf_counter()}
+            processes = max(self.accelerator.num_processes, 1)
+            logs["tokens_per_second"] = round(self._window["tokens"] * processes / elapsed, 2)
+            logs["samples_per_second"] = round(self._window["samples"] * processes / elapsed, 2)
+            self._window = self._new_window()
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:

@@ -42,7 +42,7 @@ def test_full_fine_tune_writes_a_loadable_model_and_metadata(model_dirs, pc_file
     for key in ("eval_loss", "eval_perplexity", "eval_teacher_kl", "eval_teacher_agreement"):
         assert key in metadata["final_metrics"], key
     logged = [entry for entry in metadata["log_history"] if "loss" in entry]
-    assert logged and all({"task_loss", "distill_loss", "tokens_per_second", "grad_norm", "learning_rate"} <= set(e) for e in logged)
+    assert logged and all({"task_loss", "distill_loss", "tokens_per_second", "samples_per_second", "grad_norm", "learning_rate"} <= set(e) for e in logged)
 
     model = AutoModelForCausalLM.from_pretrained(final)
     ids = tokenizer("question: what is 2 plus 2?\n", return_tensors="pt")["input_ids"]

@@ -1,0 +1,134 @@
+"""GPU parts of bench/gpu_check.sh: `loss` (memory and time of the loss at GPU sizes) and `train`
+(bf16 distillation throughput with nlm's trainer, live teacher and teacher cache). One JSON line each."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BF16_PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0}
+
+
+def card_peak() -> float:
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), 790.0)
+
+
+def loss_part(tokens: int = 8192, hidden: int = 4096, vocab: int = 131072) -> dict:
+    from nlm.distill.fused import dense_teacher_rows, fused_distillation_loss
+    from nlm.distill.loss import LossSettings, distillation_loss
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    h_s = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w_s = (torch.randn(vocab, hidden, device=device, dtype=torch.bfloat16) * 0.02).requires_grad_()
+    h_t = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+    w_t = torch.randn(vocab, hidden, device=device, dtype=torch.bfloat16) * 0.02
+    targets = torch.randint(0, vocab, (tokens,), device=device)
+
+    def simple():
+        logits = h_s @ w_s.T
+        with torch.no_grad():
+            teacher = h_t @ w_t.T
+        return distillation_loss(logits, teacher, targets).total
+
+    def fused():
+        rows = dense_teacher_rows(h_t, lambda x: x @ w_t.T, vocab, device)
+        return fused_distillation_loss(h_s, lambda x: x @ w_s.T, targets, rows, vocab_width=vocab,
+                                       settings=LossSettings(), head_parameters=[w_s]).total
+
+    def trl():
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        return _chunked_divergence_loss(h_s[None], h_t[None], w_s, w_t, torch.ones(1, tokens, device=device), beta=0.0,
+                                        temperature=2.0)[0]
+
+    results = {}
+    for name, fn in (("fused", fused), ("simple", simple), ("trl", trl)):
+        try:
+            h_s.grad = w_s.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn().backward()  # warm-up (and the peak)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            h_s.grad = w_s.grad = None
+            start = time.perf_counter()
+            fn().backward()
+            torch.cuda.synchronize()
+            results[name] = {"peak_extra_gib": round(peak / 2**30, 3), "seconds": round(time.perf_counter() - start, 4)}
+        except (torch.cuda.OutOfMemoryError, ImportError) as exc:
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+            torch.cuda.empty_cache()
+    return {"part": "loss_memory", "gpu": torch.cuda.get_device_name(), "dtype": "bf16", "tokens": tokens, "hidden": hidden,
+            "vocab": vocab, "results": results}
+
+
+def train_part(steps: int = 30, batch: int = 8, seq: int = 1024) -> dict:
+    import random
+
+    import nlm.training.run as run_module
+    from nlm.config.settings import TrainingConfig
+    from nlm.distill.cache_builder import build_teacher_cache
+    from nlm.models.scratch import build_causal_lm, build_tokenizer
+
+    root = Path(tempfile.mkdtemp(prefix="nlm-gpu-"))
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(3000)]
+    tokenizer = build_tokenizer([" ".join(rng.choice(words) for _ in range(200)) for _ in range(200)], vocab_size=32000)
+    sizes = {"teacher": dict(hidden_size=2048, num_layers=16, num_heads=16, intermediate_size=5632),
+             "student": dict(hidden_size=1024, num_layers=16, num_heads=16, intermediate_size=2816)}
+    params = {}
+    for name, size in sizes.items():
+        model = build_causal_lm("llama", vocab_size=len(tokenizer), max_positions=seq + 8, seed=0, **size)
+        params[name] = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    with (root / "train.jsonl").open("w") as handle:
+        for _ in range(batch * steps + batch):
+            handle.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(seq))}) + "\n")
+
+    marks: list[float] = []
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+    original = run_module.install_callbacks
+    run_module.install_callbacks = lambda trainer: (original(trainer), trainer.add_callback(Timer()))
+    common = dict(student_model=str(root / "student"), train_file=root / "train.jsonl", max_steps=steps, max_seq_length=seq,
+                  per_device_train_batch_size=batch, learning_rate=1e-4, save_strategy="no", logging_steps=10,
+                  precision="bf16", lr_scheduler_type="constant")
+    results = {}
+    for mode in ("live", "cached"):
+        marks.clear()
+        torch.cuda.reset_peak_memory_stats()
+        if mode == "live":
+            config = TrainingConfig(teacher_model=str(root / "teacher"), output_dir=root / "out-live", **common)
+        else:
+            started = time.perf_counter()
+            build_teacher_cache(TrainingConfig(teacher_model=str(root / "teacher"), **common), root / "cache", top_k=64, batch_size=8)
+            results["cache_build_seconds"] = round(time.perf_counter() - started, 1)
+            torch.cuda.reset_peak_memory_stats()
+            config = TrainingConfig(teacher_cache=root / "cache", output_dir=root / "out-cached", **common)
+        run_module.train(config)
+        seconds = marks[-1] - marks[2]  # skip warm-up steps
+        tokens = batch * seq * (len(marks) - 3)
+        flops = tokens * (6 * params["student"] + (2 * params["teacher"] if mode == "live" else 0))
+        results[mode] = {"tokens_per_s": round(tokens / seconds), "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                         "mfu": round(flops / seconds / (card_peak() * 1e12), 4)}
+    return {"part": "train_throughput", "gpu": torch.cuda.get_device_name(), "teacher_params": params["teacher"],
+            "student_params": params["student"], "batch": batch, "seq": seq, "steps": steps, "results": results}
+
+
+if __name__ == "__main__":
+    part = sys.argv[1] if len(sys.argv) > 1 else "loss"
+    print(json.dumps(loss_part() if part == "loss" else train_part()), flush=True)
