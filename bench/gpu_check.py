@@ -40,7 +40,7 @@ def loss_part(tokens: int = 8192, hidden: int = 4096, vocab: int = 131072) -> di
     def fused():
         rows = dense_teacher_rows(h_t, lambda x: x @ w_t.T, vocab, device)
         return fused_distillation_loss(h_s, lambda x: x @ w_s.T, targets, rows, vocab_width=vocab,
-                                       settings=LossSettings(), head_parameters=[w_s]).total
+                                       settings=LossSettings(), linear_head=(w_s, None)).total
 
     def trl():
         from trl.trainer.distillation_trainer import _chunked_divergence_loss

@@ -53,7 +53,7 @@ def run_case(impl: str, vocab: int, tokens: int, hidden: int) -> dict:
 
             rows = dense_teacher_rows(teacher_hidden, lambda x: x @ teacher_head.T, vocab, torch.device("cpu"))
             loss = fused_distillation_loss(student_hidden, lambda x: x @ student_head.T, targets, rows, vocab_width=vocab,
-                                           settings=LossSettings(alpha=0.5, temperature=2.0), head_parameters=[student_head]).total
+                                           settings=LossSettings(alpha=0.5, temperature=2.0), linear_head=(student_head, None)).total
         elif impl == "trl":
             from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
@@ -77,10 +77,14 @@ def run_case(impl: str, vocab: int, tokens: int, hidden: int) -> dict:
 
 
 def estimated_bytes(impl: str, vocab: int, tokens: int, hidden: int) -> int:
-    """Rough need, from the 32k measurements: simple ~45 and TRL's CPU path ~47 bytes per logit element."""
+    """Rough need, from measurements: simple holds ~45 bytes per logit element; TRL's CPU path ~47 bytes per
+    element of one 32k-vocabulary tile; the fused loss a few chunks."""
     inputs = 2 * vocab * hidden * 4 * 2 + tokens * hidden * 4 * 3
-    per_element = {"simple": 48, "trl": 50}.get(impl, 0)
-    return inputs + per_element * tokens * vocab + 2 * 2**30
+    if impl == "simple":
+        return inputs + 48 * tokens * vocab + 2 * 2**30
+    if impl == "trl":
+        return inputs + 50 * tokens * min(vocab, 32768) + 2 * 2**30
+    return inputs + 2 * 2**30
 
 
 def main() -> None:

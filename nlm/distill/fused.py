@@ -45,8 +45,15 @@ class _FusedLoss(torch.autograd.Function):
         distill_total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.zeros_like(hidden) if needs_grad else None
         grad_params = [torch.zeros_like(p) for p in params] if needs_grad else []
+        linear = spec["linear"]
         for start in range(0, n, rows):
             end = min(start + rows, n)
+            if linear is not None:
+                task_sum, distill_sum = _linear_chunk(hidden[start:end], linear, params, grad_hidden, grad_params,
+                                                      start, end, teacher_rows, targets, settings, width, weights, needs_grad)
+                task_total += task_sum
+                distill_total += distill_sum
+                continue
             chunk = hidden[start:end].detach().requires_grad_(needs_grad)
             with torch.enable_grad() if needs_grad else torch.no_grad():
                 logits = head(chunk)[..., :width].float()  # [c, V]
@@ -77,6 +84,32 @@ class _FusedLoss(torch.autograd.Function):
         return (grad_hidden.mul_(grad_total), None, *[g.mul_(grad_total) for g in grad_params])
 
 
+def _linear_chunk(hidden: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None], params: tuple[torch.Tensor, ...],
+                  grad_hidden: torch.Tensor | None, grad_params: list[torch.Tensor], start: int, end: int,
+                  teacher_rows: TeacherRows, targets: torch.Tensor, settings: LossSettings, width: int,
+                  weights: tuple[float, float], needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain linear head: gradients by hand (addmm into the accumulators), so no chunk allocates a
+    head-sized gradient — with autograd each chunk would, which dominates time at large vocabularies."""
+    weight, bias = linear
+    raw = torch.nn.functional.linear(hidden, weight, bias)[..., :width]
+    logits = raw.float().requires_grad_(needs_grad)  # [c, V]
+    with torch.enable_grad() if needs_grad else torch.no_grad():
+        task_sum, distill_sum = summed_parts(logits, teacher_rows(start, end), targets[start:end], settings)
+        if needs_grad:
+            objective = weights[0] * task_sum + weights[1] * distill_sum
+            (grad_logits,) = torch.autograd.grad(objective, [logits])
+    if needs_grad:
+        assert grad_hidden is not None
+        grad_logits = grad_logits.to(weight.dtype)
+        grad_hidden[start:end] = (grad_logits @ weight[:width]).to(grad_hidden.dtype)
+        for param, accumulated in zip(params, grad_params, strict=True):
+            if param is weight:
+                accumulated[:width].addmm_(grad_logits.T, hidden.to(weight.dtype))
+            elif param is bias:
+                accumulated[:width] += grad_logits.sum(0)
+    return task_sum.detach(), distill_sum.detach()
+
+
 def fused_distillation_loss(
     student_hidden: torch.Tensor,
     student_head: nn.Module | Callable[[torch.Tensor], torch.Tensor],
@@ -88,6 +121,7 @@ def fused_distillation_loss(
     normalizer: float | torch.Tensor | None = None,
     head_parameters: list[torch.Tensor] | None = None,
     chunk_size: int | None = None,
+    linear_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> LossParts:
     """Same value and gradients as `distillation_loss` on the full logits, computed chunk by chunk.
 
@@ -96,17 +130,28 @@ def fused_distillation_loss(
     targets: [n] labels. teacher_rows(start, end): the teacher's [end-start, V] logits on the student's
     device, or cached SparseTargets, or None when α = 0.
     `head_parameters` defaults to the head module's trainable parameters; their gradients are returned
-    through autograd like any other. `total` is differentiable; `task` and `distill` are for logging.
+    through autograd like any other. `linear_head=(weight, bias)` says the head is exactly
+    `F.linear(x, weight, bias)`: its gradients are then accumulated in place, without per-chunk copies.
+    A plain `nn.Linear` head is recognised by itself. `total` is differentiable; `task` and `distill` are
+    for logging.
     """
     n = student_hidden.shape[0]
+    if linear_head is None and type(student_head) is nn.Linear:
+        linear_head = (student_head.weight, student_head.bias)
     if head_parameters is None:
-        head_parameters = [p for p in student_head.parameters() if p.requires_grad] if isinstance(student_head, nn.Module) else []
+        if linear_head is not None:
+            head_parameters = [p for p in linear_head if p is not None and p.requires_grad]
+        elif isinstance(student_head, nn.Module):
+            head_parameters = [p for p in student_head.parameters() if p.requires_grad]
+        else:
+            head_parameters = []
     denominator = normalizer if normalizer is not None else max(n, 1)
     denominator_value = float(denominator)
     weights = ((1 - settings.alpha) / denominator_value, settings.alpha * settings.temperature**2 / denominator_value)
     spec = {
         "head": student_head, "teacher_rows": teacher_rows, "targets": targets, "settings": settings,
         "width": vocab_width, "rows": chunk_size or chunk_rows(vocab_width), "weights": weights,
+        "linear": linear_head,
         "needs_grad": torch.is_grad_enabled() and (student_hidden.requires_grad or any(p.requires_grad for p in head_parameters)),
     }
     if n == 0:

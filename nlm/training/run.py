@@ -22,7 +22,7 @@ from nlm.distill.cache import CacheMismatchError, TeacherCache, compare_fingerpr
 from nlm.distill.cache_builder import cache_fingerprint
 from nlm.distill.teacher import CachedTeacher, LiveTeacher
 from nlm.errors import ConfigError, RunExistsError
-from nlm.models.device import resolve_precision, select_device, teacher_dtype
+from nlm.models.device import PrecisionPlan, resolve_precision, select_device, teacher_dtype
 from nlm.models.heads import head_reproduces_logits
 from nlm.models.loading import (
     check_model_exists,
@@ -109,25 +109,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     logger.info("precision: %s on %s", precision.name, device)
 
     tokenizer = load_tokenizer(config.student_model, **_hub(config, config.student_revision))
-    # Mixed precision keeps fp32 master weights; autocast runs the forward in bf16/fp16.
-    student = load_causal_lm(config.student_model, dtype=torch.float32, **_hub(config, config.student_revision))
-    teacher: LiveTeacher | CachedTeacher | None = None
-    vocab_width = len(tokenizer)
-    if config.teacher_cache:
-        teacher = open_teacher_cache(config, tokenizer)
-    elif config.teacher_model:
-        teacher_device = torch.device(config.teacher_device) if config.teacher_device else device
-        if config.teacher_device:
-            select_device(forced=config.teacher_device)  # a clear error when that device does not exist
-        teacher_model = load_causal_lm(
-            config.teacher_model,
-            dtype=teacher_dtype(config.teacher_precision, precision, teacher_device),
-            **_hub(config, config.teacher_revision),
-        )
-        teacher_tokenizer = load_tokenizer(config.teacher_model, **_hub(config, config.teacher_revision))
-        vocab_width = shared_vocab_width(teacher_tokenizer, tokenizer, teacher_model, student)
-        teacher = LiveTeacher(teacher_model, teacher_device, vocab_width)
-
+    student, teacher, vocab_width = load_models(config, tokenizer, device, precision)
     data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
                             with_index=isinstance(teacher, CachedTeacher))
     loss_impl = choose_loss_impl(config.loss_impl, student, teacher, data.train[0]["input_ids"])
@@ -166,7 +148,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         config=redacted_config(config),
         teacher={"model": config.teacher_model, "teacher_cache": str(config.teacher_cache) if config.teacher_cache else None,
                  "revision": model_revision(teacher.model) if isinstance(teacher, LiveTeacher) else None},
-        loss_impl=loss_impl,
+        loss_impl=trainer.loss_impl,
         student={"model": config.student_model, "revision": model_revision(trainer.model)},
         data=data_summary(data),
         device=str(device),
@@ -182,6 +164,27 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     )
     logger.info("final model written to %s (%.1fs)", final_dir, seconds)
     return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
+
+
+def load_models(config: TrainingConfig, tokenizer: Any, device: torch.device, precision: PrecisionPlan
+                ) -> tuple[Any, LiveTeacher | CachedTeacher | None, int]:
+    """The student (fp32 master weights; mixed precision autocasts), the teacher or its cache, and the
+    vocabulary width both are compared over."""
+    student = load_causal_lm(config.student_model, dtype=torch.float32, **_hub(config, config.student_revision))
+    if config.teacher_cache:
+        return student, open_teacher_cache(config, tokenizer), len(tokenizer)
+    if not config.teacher_model:
+        return student, None, len(tokenizer)
+    teacher_device = torch.device(config.teacher_device) if config.teacher_device else device
+    if config.teacher_device:
+        select_device(forced=config.teacher_device)  # a clear error when that device does not exist
+    teacher_model = load_causal_lm(
+        config.teacher_model, dtype=teacher_dtype(config.teacher_precision, precision, teacher_device),
+        **_hub(config, config.teacher_revision),
+    )
+    teacher_tokenizer = load_tokenizer(config.teacher_model, **_hub(config, config.teacher_revision))
+    vocab_width = shared_vocab_width(teacher_tokenizer, tokenizer, teacher_model, student)
+    return student, LiveTeacher(teacher_model, teacher_device, vocab_width), vocab_width
 
 
 def open_teacher_cache(config: TrainingConfig, tokenizer: Any) -> CachedTeacher:
@@ -202,7 +205,7 @@ def choose_loss_impl(requested: str, student: Any, teacher: Any, sample_ids: lis
     """The fused loss needs logits == head(hidden); models that soft-cap or scale logits use the simple path."""
     if requested != "fused":
         return requested
-    ids = torch.tensor([sample_ids[:32]])
+    ids = torch.tensor([sample_ids[:8]])  # a few tokens: the check runs before the student reaches its device
     checks = [("student", student)] + ([("teacher", teacher.model)] if isinstance(teacher, LiveTeacher) else [])
     for role, model in checks:
         if not head_reproduces_logits(model, ids.to(next(model.parameters()).device)):

@@ -43,6 +43,11 @@ class DistillationTrainer(Trainer):
         self.distillation = distillation
         self.loss_settings = LossSettings.from_config(distillation)
         self.loss_impl = loss_impl
+        if loss_impl == "fused" and self.is_fsdp_enabled:
+            # FSDP gathers a sharded head in the module's __call__ hooks; the fused loss calls the head's forward
+            # chunk by chunk outside them, so it would see a shard.
+            logger.warning("FSDP is enabled: using loss_impl=simple (the fused loss needs an unsharded output head)")
+            self.loss_impl = "simple"
         self.chunk_tokens = chunk_tokens
         self.vocab_width = vocab_width
         self.max_bad_steps = max_bad_steps
@@ -81,6 +86,8 @@ class DistillationTrainer(Trainer):
                 rows, head, targets, teacher_rows, vocab_width=self.vocab_width, settings=self.loss_settings,
                 normalizer=normalizer, head_parameters=[p for p in head_module.parameters() if p.requires_grad],
                 chunk_size=self.chunk_tokens,
+                # A plain Linear head gets hand-written gradients (no head-sized copy per chunk).
+                linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
             )
             reference = rows
         else:
