@@ -102,16 +102,20 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     check_model_exists(config.student_model, **_hub(config, config.student_revision))
     if config.teacher_model:
         check_model_exists(config.teacher_model, **_hub(config, config.teacher_revision))
-    run_dir, checkpoint = prepare_run_dir(config)
-
     device = select_device(config.device_preference, config.device)
     precision = resolve_precision(config.precision, device)
     logger.info("precision: %s on %s", precision.name, device)
+    run_dir = path_inside(safe_output_dir(config.output_dir), config.run_name)
+    args = training_arguments(config, run_dir, device.type, precision, log_format)
+    # Under torchrun/accelerate every process runs this; the main one prepares folders and caches first.
+    with args.main_process_first(local=False, desc="run folder"):
+        run_dir, checkpoint = prepare_run_dir(config)
 
     tokenizer = load_tokenizer(config.student_model, **_hub(config, config.student_revision))
     student, teacher, vocab_width = load_models(config, tokenizer, device, precision)
-    data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
-                            with_index=isinstance(teacher, CachedTeacher))
+    with args.main_process_first(local=False, desc="tokenisation"):
+        data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
+                                with_index=isinstance(teacher, CachedTeacher))
     loss_impl = choose_loss_impl(config.loss_impl, student, teacher, data.train[0]["input_ids"])
     if config.lora.enabled:
         student = apply_lora(student, config.lora)
@@ -120,7 +124,6 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     trainable, total = count_parameters(student)
     logger.info("student: %d parameters, %d trainable (%.2f%%)", total, trainable, 100 * trainable / max(total, 1))
 
-    args = training_arguments(config, run_dir, device.type, precision, log_format)
     trainer = DistillationTrainer(
         model=student,
         args=args,
@@ -143,6 +146,8 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
 
     final_dir = save_final(trainer, tokenizer, run_dir, config)
     seconds = time.perf_counter() - started
+    if not trainer.is_world_process_zero():
+        return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
     write_metadata(
         final_dir / METADATA_FILE,
         config=redacted_config(config),
@@ -154,6 +159,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         device=str(device),
         teacher_device=str(teacher.device) if isinstance(teacher, LiveTeacher) else None,
         precision=precision.name,
+        world_size=args.world_size,
         parameters={"total": total, "trainable": trainable},
         wall_seconds=round(seconds, 3),
         global_step=trainer.state.global_step,
@@ -229,7 +235,9 @@ def data_summary(data: PreparedData) -> dict[str, Any]:
 def save_final(trainer: DistillationTrainer, tokenizer: Any, run_dir: Path, config: TrainingConfig) -> Path:
     """final/: weights (full model or LoRA adapter) as safetensors, tokenizer, generation config; merged on request."""
     final_dir = path_inside(run_dir, "final")
-    trainer.save_model(str(final_dir))
+    trainer.save_model(str(final_dir))  # every process must call it (it gathers sharded weights); rank 0 writes
+    if not trainer.is_world_process_zero():
+        return final_dir
     (final_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the metadata holds the config
     tokenizer.save_pretrained(str(final_dir))
     model = trainer.model
