@@ -23,26 +23,27 @@ def _channel_files(variable: str, directory: str) -> list[Path]:
     return files
 
 
-def resolve_train_files(train_file: Path | None, environ: Mapping[str, str] | None = None) -> list[Path]:
-    """`train_file` if given, else every *.jsonl (sorted) in $SM_CHANNEL_TRAIN."""
+def _from_channels(explicit: Path | None, channels: tuple[str, ...], environ: Mapping[str, str] | None) -> list[Path]:
     environ = os.environ if environ is None else environ
-    if train_file is not None:
-        return [Path(train_file)]
-    for variable in TRAIN_CHANNELS:
+    if explicit is not None:
+        return [Path(explicit)]
+    for variable in channels:
         if environ.get(variable):
             return _channel_files(variable, environ[variable])
-    raise DataError("no training data: set train_file (--train_file FILE) or $SM_CHANNEL_TRAIN to a folder of *.jsonl")
+    return []
+
+
+def resolve_train_files(train_file: Path | None, environ: Mapping[str, str] | None = None) -> list[Path]:
+    """`train_file` if given, else every *.jsonl (sorted) in $SM_CHANNEL_TRAIN."""
+    files = _from_channels(train_file, TRAIN_CHANNELS, environ)
+    if not files:
+        raise DataError("no training data: set train_file (--train_file FILE) or $SM_CHANNEL_TRAIN to a folder of *.jsonl")
+    return files
 
 
 def resolve_eval_files(eval_file: Path | None, environ: Mapping[str, str] | None = None) -> list[Path]:
     """`eval_file` if given, else $SM_CHANNEL_EVAL or $SM_CHANNEL_VALIDATION, else none (empty list)."""
-    environ = os.environ if environ is None else environ
-    if eval_file is not None:
-        return [Path(eval_file)]
-    for variable in EVAL_CHANNELS:
-        if environ.get(variable):
-            return _channel_files(variable, environ[variable])
-    return []
+    return _from_channels(eval_file, EVAL_CHANNELS, environ)
 
 
 def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:

@@ -53,13 +53,11 @@ class InvocationResponse(BaseModel):
     generation_config: dict
 
 
-class CompletionRequest(_Strict):
-    """POST /v1/completions (OpenAI). Fields OpenAI clients may send but nlm does not implement are refused
-    unless they hold their neutral value."""
+class _OpenAIRequest(_Strict):
+    """Fields shared by the OpenAI completion routes. Fields OpenAI clients may send but nlm does not implement
+    are accepted only with their neutral value."""
 
     model: str | None = None
-    prompt: str
-    max_tokens: int | None = Field(16, ge=1)
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, gt=0, le=1)
     n: int | None = Field(1, ge=1)
@@ -67,12 +65,8 @@ class CompletionRequest(_Strict):
     stream: bool | None = False
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     user: str | None = None
-    echo: Literal[False] | None = False
     presence_penalty: Literal[0, 0.0] | None = 0
     frequency_penalty: Literal[0, 0.0] | None = 0
-    logprobs: None = None
-    best_of: Literal[1] | None = 1
-    suffix: None = None
     logit_bias: None = None
     stream_options: dict | None = None
 
@@ -80,6 +74,17 @@ class CompletionRequest(_Strict):
     @classmethod
     def _valid_stop(cls, value: str | list[str] | None) -> list[str] | None:
         return _check_stop(value)
+
+
+class CompletionRequest(_OpenAIRequest):
+    """POST /v1/completions (OpenAI)."""
+
+    prompt: str
+    max_tokens: int | None = Field(16, ge=1)
+    echo: Literal[False] | None = False
+    logprobs: None = None
+    best_of: Literal[1] | None = 1
+    suffix: None = None
 
 
 class ChatMessage(_Strict):
@@ -88,28 +93,13 @@ class ChatMessage(_Strict):
     name: str | None = None
 
 
-class ChatCompletionRequest(_Strict):
-    model: str | None = None
+class ChatCompletionRequest(_OpenAIRequest):
+    """POST /v1/chat/completions (OpenAI)."""
+
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(1.0, ge=0, le=2)
-    top_p: float | None = Field(1.0, gt=0, le=1)
-    n: int | None = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    user: str | None = None
-    presence_penalty: Literal[0, 0.0] | None = 0
-    frequency_penalty: Literal[0, 0.0] | None = 0
     logprobs: Literal[False] | None = None
-    logit_bias: None = None
-    stream_options: dict | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _valid_stop(cls, value: str | list[str] | None) -> list[str] | None:
-        return _check_stop(value)
 
 
 class ErrorBody(BaseModel):
