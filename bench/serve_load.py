@@ -75,11 +75,25 @@ async def load(base: str, concurrency: int, per_client: int, max_new_tokens: int
             used = response.json()["generation_config"]
             tokens += used["max_new_tokens"]  # an upper bound; EOS can stop earlier
 
+    ping_latencies: list[float] = []
+    finished = asyncio.Event()
+
+    async def pinger(http: httpx.AsyncClient) -> None:
+        """/ping must stay fast while generation is busy: it is sampled every 50 ms during the load."""
+        while not finished.is_set():
+            started = time.perf_counter()
+            (await http.get(f"{base}/ping")).raise_for_status()
+            ping_latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(0.05)
+
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency + 4)) as http:
         await http.post(f"{base}/invocations", json={"prompt": "warm", "max_new_tokens": 2})
+        ping_task = asyncio.create_task(pinger(http))
         started = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i in range(concurrency)))
         wall = time.perf_counter() - started
+        finished.set()
+        await ping_task
     latencies.sort()
     return {
         "concurrency": concurrency,
@@ -88,6 +102,7 @@ async def load(base: str, concurrency: int, per_client: int, max_new_tokens: int
         "tokens_per_s": round(tokens / wall, 1),
         "p50_s": round(statistics.median(latencies), 4),
         "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 4),
+        "ping_max_s": round(max(ping_latencies), 4) if ping_latencies else None,
     }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,6 @@ class EvalSums:
     kl: float = 0.0
     agree: int = 0
     with_teacher: bool = False
-    extra: dict = field(default_factory=dict)
 
     def add(self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
             ignore_index: int = -100) -> None:
