@@ -45,7 +45,7 @@ def _plot(path: Path, results: dict[str, Any], histories: dict[str, list[dict]])
     values = [results[key]["accuracy"] for key, _ in ROWS]
     bars = scores.bar(range(3), values, color=["#555555", "#2a7ab9", "#d98c2b"])
     scores.set_xticks(range(3), ["teacher", "distilled", "fine-tuned"])
-    scores.set_ylim(0, 1)
+    scores.set_ylim(0, 1.12)
     scores.set_ylabel("held-out exact-match accuracy")
     scores.set_title("held-out accuracy")
     for bar, value in zip(bars, values, strict=True):
