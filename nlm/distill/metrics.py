@@ -27,11 +27,15 @@ class EvalSums:
         """Add one batch; logits [b, s, v] already aligned with labels [b, s] (shifted for a causal LM)."""
         reference = teacher_logits if teacher_logits is not None else student_logits
         student, teacher, targets = select_targets(student_logits, reference, labels, ignore_index)
+        self.add_rows(student, targets, teacher if teacher_logits is not None else None)
+
+    def add_rows(self, student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None = None) -> None:
+        """Add target rows directly: logits [n, v] and labels [n] (the chunked evaluation feeds these)."""
         student = student.float()
         self.tokens += targets.numel()
         self.ce += F.cross_entropy(student, targets, reduction="sum").item()
         self.correct += (student.argmax(-1) == targets).sum().item()
-        if teacher_logits is not None:
+        if teacher is not None:
             self.with_teacher = True
             teacher = teacher.float()
             self.kl += forward_kl(F.log_softmax(teacher, -1), F.log_softmax(student, -1)).sum().item()

@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer
 
 from nlm.config.settings import DistillationConfig
-from nlm.distill.fused import fused_distillation_loss
+from nlm.distill.fused import chunk_rows, fused_distillation_loss
 from nlm.distill.loss import LossSettings, combine, summed_parts
 from nlm.distill.metrics import EvalSums
 from nlm.distill.teacher import LiveTeacher
@@ -104,19 +104,35 @@ class DistillationTrainer(Trainer):
         self._record(parts, normalizer, inputs)
         return (loss, outputs) if return_outputs else loss
 
+    @torch.no_grad()
     def _eval_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool) -> Any:
-        """Eval: token-level CE for the Trainer, plus KL and agreement sums against a live teacher."""
+        """Eval: token-level CE for the Trainer, plus KL and agreement sums against a live teacher.
+
+        With the fused loss, evaluation is chunked too: only [chunk, V] logits of the target rows exist.
+        """
         assert self._eval_sums is not None
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-        student_logits = outputs.logits[:, :-1, : self.vocab_width]  # [b, s-1, v]
         shifted_labels = inputs["labels"][:, 1:]
-        teacher_logits = None
-        if isinstance(self.teacher, LiveTeacher):
-            teacher_logits = self.teacher.logits(inputs["input_ids"], inputs.get("attention_mask"))[:, :-1]
-        self._eval_sums.add(student_logits.detach(), shifted_labels, teacher_logits)
-        task = torch.nn.functional.cross_entropy(
-            student_logits.float().reshape(-1, student_logits.shape[-1]), shifted_labels.reshape(-1), ignore_index=-100
-        )
+        mask = shifted_labels != -100
+        targets = shifted_labels[mask]
+        live = self.teacher if isinstance(self.teacher, LiveTeacher) else None
+        before = (self._eval_sums.ce, self._eval_sums.tokens)
+        if self.loss_impl == "fused":
+            unwrapped = self.accelerator.unwrap_model(model)
+            with capture_hidden(unwrapped) as (store, head):
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+            rows = store["hidden"][:, :-1][mask]  # [n, H]
+            teacher_rows = live.row_source(inputs, mask, rows.device) if live is not None else None
+            step = self.chunk_tokens or chunk_rows(self.vocab_width)
+            for start in range(0, rows.shape[0], step):
+                end = min(start + step, rows.shape[0])
+                self._eval_sums.add_rows(head(rows[start:end])[..., : self.vocab_width], targets[start:end],
+                                         teacher_rows(start, end) if teacher_rows is not None else None)
+        else:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+            student = outputs.logits[:, :-1, : self.vocab_width][mask]  # [n, V]
+            self._eval_sums.add_rows(student, targets, live.dense_rows(inputs, mask, student.device) if live else None)
+        ce, count = self._eval_sums.ce - before[0], self._eval_sums.tokens - before[1]
+        task = torch.tensor(ce / max(count, 1), device=inputs["input_ids"].device)
         return (task, outputs) if return_outputs else task
 
     def _guard_finite(self, loss: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

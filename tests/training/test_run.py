@@ -201,13 +201,17 @@ def test_eval_strategy_without_eval_data_is_an_error(model_dirs, pc_file, tmp_pa
     ["--distillation.divergence", "jsd"],
 ])
 def test_fused_and_simple_paths_train_to_the_same_weights(model_dirs, pc_file, tmp_path, extra):
-    runs = {}
+    runs, metrics = {}, {}
     for impl in ("fused", "simple"):
-        result = train(_config(model_dirs, pc_file, tmp_path / impl, "--max_steps", "4", "--loss_impl", impl, *extra))
+        result = train(_config(model_dirs, pc_file, tmp_path / impl, "--max_steps", "4", "--loss_impl", impl,
+                               "--eval_file", str(pc_file), *extra))
         name = "adapter_model.safetensors" if "--lora.enabled" in extra else "model.safetensors"
         runs[impl] = load_file(str(result.final_dir / name))
         metadata = json.loads((result.final_dir / "training_metadata.json").read_text())
         assert metadata["loss_impl"] == impl
+        metrics[impl] = result.metrics
+    for key in ("eval_loss", "eval_perplexity", "eval_token_accuracy", "eval_teacher_kl", "eval_teacher_agreement"):
+        assert metrics["fused"][key] == pytest.approx(metrics["simple"][key], rel=1e-4, abs=1e-6), key
     for key in runs["fused"]:
         torch.testing.assert_close(runs["fused"][key], runs["simple"][key], rtol=1e-4, atol=1e-5, msg=key)
 
