@@ -27,7 +27,7 @@ lint: setup
 	$(VENV)/bin/ruff check nlm tests bench
 
 demo: setup
-	$(VENV)/bin/nlm demo
+	$(VENV)/bin/nlm demo --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
