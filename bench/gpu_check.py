@@ -15,15 +15,38 @@ BF16_PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0}
 
 
 def card_peak() -> float:
-    name = torch.cuda.get_device_name()
+    name = _gpu_name()
     return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), 790.0)
 
 
-def loss_part(tokens: int = 8192, hidden: int = 4096, vocab: int = 131072) -> dict:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> int:
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _peak() -> int:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def _gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke run)"
+
+
+def loss_part(tokens: int = 8192, hidden: int = 4096, vocab: int = 131072, smoke: bool = False) -> dict:
     from nlm.distill.fused import dense_teacher_rows, fused_distillation_loss
     from nlm.distill.loss import LossSettings, distillation_loss
 
-    device = torch.device("cuda")
+    device = torch.device("cpu" if smoke else "cuda")
+    if smoke:
+        tokens, hidden, vocab = 64, 32, 1000
     torch.manual_seed(0)
     h_s = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     w_s = (torch.randn(vocab, hidden, device=device, dtype=torch.bfloat16) * 0.02).requires_grad_()
@@ -52,25 +75,24 @@ def loss_part(tokens: int = 8192, hidden: int = 4096, vocab: int = 131072) -> di
     for name, fn in (("fused", fused), ("simple", simple), ("trl", trl)):
         try:
             h_s.grad = w_s.grad = None
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            base = _reset_peak()
             fn().backward()  # warm-up (and the peak)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
+            _sync()
+            peak = _peak() - base
             h_s.grad = w_s.grad = None
             start = time.perf_counter()
             fn().backward()
-            torch.cuda.synchronize()
+            _sync()
             results[name] = {"peak_extra_gib": round(peak / 2**30, 3), "seconds": round(time.perf_counter() - start, 4)}
         except (torch.cuda.OutOfMemoryError, ImportError) as exc:
             results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
-            torch.cuda.empty_cache()
-    return {"part": "loss_memory", "gpu": torch.cuda.get_device_name(), "dtype": "bf16", "tokens": tokens, "hidden": hidden,
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return {"part": "loss_memory", "gpu": _gpu_name(), "dtype": "bf16", "tokens": tokens, "hidden": hidden,
             "vocab": vocab, "results": results}
 
 
-def train_part(steps: int = 30, batch: int = 8, seq: int = 1024) -> dict:
+def train_part(steps: int = 30, batch: int = 8, seq: int = 1024, smoke: bool = False) -> dict:
     import random
 
     import nlm.training.run as run_module
@@ -84,6 +106,9 @@ def train_part(steps: int = 30, batch: int = 8, seq: int = 1024) -> dict:
     tokenizer = build_tokenizer([" ".join(rng.choice(words) for _ in range(200)) for _ in range(200)], vocab_size=32000)
     sizes = {"teacher": dict(hidden_size=2048, num_layers=16, num_heads=16, intermediate_size=5632),
              "student": dict(hidden_size=1024, num_layers=16, num_heads=16, intermediate_size=2816)}
+    if smoke:  # the same code on the CPU with tiny sizes, to check the script before spending device time
+        steps, batch, seq = 5, 2, 32
+        sizes = {"teacher": dict(hidden_size=64, num_layers=2, num_heads=4), "student": dict(hidden_size=32, num_layers=1, num_heads=4)}
     params = {}
     for name, size in sizes.items():
         model = build_causal_lm("llama", vocab_size=len(tokenizer), max_positions=seq + 8, seed=0, **size)
@@ -99,36 +124,38 @@ def train_part(steps: int = 30, batch: int = 8, seq: int = 1024) -> dict:
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
+            _sync()
             marks.append(time.perf_counter())
 
     original = run_module.install_callbacks
     run_module.install_callbacks = lambda trainer: (original(trainer), trainer.add_callback(Timer()))
     common = dict(student_model=str(root / "student"), train_file=root / "train.jsonl", max_steps=steps, max_seq_length=seq,
                   per_device_train_batch_size=batch, learning_rate=1e-4, save_strategy="no", logging_steps=10,
-                  precision="bf16", lr_scheduler_type="constant")
+                  precision="fp32" if smoke else "bf16", lr_scheduler_type="constant",
+                  device_preference=["cpu"] if smoke else ["cuda"])
     results = {}
     for mode in ("live", "cached"):
         marks.clear()
-        torch.cuda.reset_peak_memory_stats()
+        _reset_peak()
         if mode == "live":
             config = TrainingConfig(teacher_model=str(root / "teacher"), output_dir=root / "out-live", **common)
         else:
             started = time.perf_counter()
             build_teacher_cache(TrainingConfig(teacher_model=str(root / "teacher"), **common), root / "cache", top_k=64, batch_size=8)
             results["cache_build_seconds"] = round(time.perf_counter() - started, 1)
-            torch.cuda.reset_peak_memory_stats()
+            _reset_peak()
             config = TrainingConfig(teacher_cache=root / "cache", output_dir=root / "out-cached", **common)
         run_module.train(config)
         seconds = marks[-1] - marks[2]  # skip warm-up steps
         tokens = batch * seq * (len(marks) - 3)
         flops = tokens * (6 * params["student"] + (2 * params["teacher"] if mode == "live" else 0))
-        results[mode] = {"tokens_per_s": round(tokens / seconds), "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        results[mode] = {"tokens_per_s": round(tokens / seconds), "peak_memory_gib": round(_peak() / 2**30, 2),
                          "mfu": round(flops / seconds / (card_peak() * 1e12), 4)}
-    return {"part": "train_throughput", "gpu": torch.cuda.get_device_name(), "teacher_params": params["teacher"],
+    return {"part": "train_throughput", "gpu": _gpu_name(), "teacher_params": params["teacher"],
             "student_params": params["student"], "batch": batch, "seq": seq, "steps": steps, "results": results}
 
 
 if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else "loss"
-    print(json.dumps(loss_part() if part == "loss" else train_part()), flush=True)
+    smoke = "--smoke" in sys.argv  # CPU, tiny sizes: checks the script itself, measures nothing
+    print(json.dumps(loss_part(smoke=smoke) if part == "loss" else train_part(smoke=smoke)), flush=True)

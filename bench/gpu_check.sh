@@ -5,6 +5,7 @@
 #      live teacher, through nlm's own trainer; tokens/s, peak memory and MFU against the card's bf16 peak;
 #   3. the same student trained from a teacher cache (built first, not timed), for the cached speed-up.
 # Prints one JSON object per part, and writes them to ${OUT:-/tmp}/gpu_check.json.
+# `python3 bench/gpu_check.py loss --smoke` (or `train --smoke`) runs the same code on the CPU at tiny sizes.
 #
 # The device image has torch, transformers, accelerate, peft and safetensors, but not datasets or
 # pydantic-settings: carry their wheels in .whl/ (see the device README) and they are installed first:

@@ -1,0 +1,23 @@
+"""The GPU check is run only where a GPU is lent; its --smoke mode runs the same code on the CPU so it
+cannot rot unnoticed between such sessions."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
+
+
+@pytest.mark.parametrize("part", ["loss", "train"])
+def test_gpu_check_smoke(part):
+    done = subprocess.run([sys.executable, str(SCRIPT), part, "--smoke"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if part == "loss":
+        assert "seconds" in result["results"]["fused"] and "seconds" in result["results"]["simple"]
+    else:
+        assert result["results"]["live"]["tokens_per_s"] > 0 and result["results"]["cached"]["tokens_per_s"] > 0
