@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
@@ -46,10 +47,18 @@ def resolve_eval_files(eval_file: Path | None, environ: Mapping[str, str] | None
     return _from_channels(eval_file, EVAL_CHANNELS, environ)
 
 
-def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's content; remembered per (path, size, mtime), since a run hashes its data files
+    for the tokenisation cache, the teacher-cache check and the metadata."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while chunk := handle.read(chunk_size):
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
