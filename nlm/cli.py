@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nlm.config import flags
 from nlm.errors import ConfigError, NlmError
 
 logger = logging.getLogger("nlm")
@@ -203,20 +204,6 @@ def cmd_serve(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) 
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
 # --- parser -----------------------------------------------------------------------------------------
 
 
@@ -250,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data_commands.add_parser("inspect", help="count records, formats, skipped lines and token lengths")
     inspect.add_argument("file", help="a JSONL file")
     inspect.add_argument("--tokenizer", help="tokenizer (hub id or folder) for token-length statistics")
-    inspect.add_argument("--max_seq_length", type=int, default=512)
+    inspect.add_argument("--max_seq_length", type=flags.positive_int, default=512)
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.add_argument("--trust_remote_code", action="store_true")
     inspect.set_defaults(handler=cmd_data_inspect)
@@ -259,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="a trained model folder (full or LoRA adapter) or hub id")
     evaluate.add_argument("--data", required=True, help="JSONL file to score")
     evaluate.add_argument("--teacher", help="also report KL to and top-1 agreement with this teacher")
-    evaluate.add_argument("--batch_size", type=int, default=8)
-    evaluate.add_argument("--max_seq_length", type=int, default=512)
+    evaluate.add_argument("--batch_size", type=flags.positive_int, default=8)
+    evaluate.add_argument("--max_seq_length", type=flags.positive_int, default=512)
     evaluate.add_argument("--device", choices=["cuda", "mps", "cpu"])
     evaluate.add_argument("--exact_match", action="store_true",
                           help="also generate greedily for each prompt/completion record and count exact matches")
@@ -272,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate a completion for one prompt")
     generate.add_argument("--model", required=True)
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max_new_tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    generate.add_argument("--seed", type=int)
+    generate.add_argument("--max_new_tokens", type=flags.positive_int, default=64)
+    generate.add_argument("--temperature", type=flags.temperature, default=0.0, help="0 is greedy")
+    generate.add_argument("--seed", type=flags.non_negative_int)
     generate.add_argument("--raw", action="store_true", help="do not append the training prompt separator")
     generate.add_argument("--device", choices=["cuda", "mps", "cpu"])
     generate.add_argument("--trust_remote_code", action="store_true")
@@ -288,29 +275,29 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--config", metavar="FILE", help="the YAML file the training run will use")
     cache.add_argument("--teacher", help="teacher model (same as --teacher_model)")
     cache.add_argument("--output", required=True, help="cache folder")
-    cache.add_argument("--top_k", type=_positive_int, default=64, help="teacher tokens kept per position")
-    cache.add_argument("--batch_size", type=_positive_int, default=8, help="sequences per teacher forward")
-    cache.add_argument("--shard_examples", type=_positive_int, default=1024, help="examples per shard (resume unit)")
+    cache.add_argument("--top_k", type=flags.positive_int, default=64, help="teacher tokens kept per position")
+    cache.add_argument("--batch_size", type=flags.positive_int, default=8, help="sequences per teacher forward")
+    cache.add_argument("--shard_examples", type=flags.positive_int, default=1024, help="examples per shard (resume unit)")
     cache.set_defaults(handler=cmd_teacher_cache, takes_config_flags=True)
 
     serve = commands.add_parser("serve", help="serve a trained model over HTTP (SageMaker and OpenAI-compatible)")
     serve.add_argument("--model", default="/opt/ml/model", help="model folder (full, merged or LoRA adapter)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
-    serve.add_argument("--port", type=_positive_int, default=8080)
+    serve.add_argument("--port", type=flags.positive_int, default=8080)
     serve.add_argument("--api_key_env", metavar="NAME", help="require 'Authorization: Bearer $NAME' on every route but /ping")
     serve.add_argument("--served_model_name", help="model id shown by /v1/models (default: the folder name)")
-    serve.add_argument("--max_batch_size", type=_positive_int, default=8, help="requests sharing one generate call")
-    serve.add_argument("--batch_window_ms", type=float, default=10.0, help="how long the batcher waits for company")
-    serve.add_argument("--max_concurrent_requests", type=_positive_int, default=64, help="beyond this: 429 at once")
-    serve.add_argument("--request_timeout", type=_positive_float, default=60.0, help="seconds before a 504")
-    serve.add_argument("--max_body_bytes", type=_positive_int, default=1024 * 1024)
-    serve.add_argument("--max_new_tokens_cap", type=_positive_int, default=512)
-    serve.add_argument("--default_max_new_tokens", type=_positive_int, default=64)
-    serve.add_argument("--max_return_sequences", type=_positive_int, default=4)
-    serve.add_argument("--max_prompt_chars", type=_positive_int, default=32_000)
-    serve.add_argument("--max_prompt_tokens", type=_positive_int, default=2048)
+    serve.add_argument("--max_batch_size", type=flags.positive_int, default=8, help="requests sharing one generate call")
+    serve.add_argument("--batch_window_ms", type=flags.non_negative_float, default=10.0, help="how long the batcher waits for company")
+    serve.add_argument("--max_concurrent_requests", type=flags.positive_int, default=64, help="beyond this: 429 at once")
+    serve.add_argument("--request_timeout", type=flags.positive_float, default=60.0, help="seconds before a 504")
+    serve.add_argument("--max_body_bytes", type=flags.positive_int, default=1024 * 1024)
+    serve.add_argument("--max_new_tokens_cap", type=flags.positive_int, default=512)
+    serve.add_argument("--default_max_new_tokens", type=flags.positive_int, default=64)
+    serve.add_argument("--max_return_sequences", type=flags.positive_int, default=4)
+    serve.add_argument("--max_prompt_chars", type=flags.positive_int, default=32_000)
+    serve.add_argument("--max_prompt_tokens", type=flags.positive_int, default=2048)
     serve.add_argument("--prompt_separator", help="appended to /invocations prompts (default: the model's training separator)")
-    serve.add_argument("--graceful_shutdown", type=_positive_float, default=30.0, help="seconds to finish in-flight requests")
+    serve.add_argument("--graceful_shutdown", type=flags.positive_float, default=30.0, help="seconds to finish in-flight requests")
     serve.add_argument("--device", choices=["cuda", "mps", "cpu"])
     serve.add_argument("--trust_remote_code", action="store_true")
     serve.add_argument("--allow_pickle", action="store_true", help="accept .bin (pickle) weights")
@@ -318,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="distil a teacher into a student on a built-in task and compare with fine-tuning")
     demo.add_argument("--output_dir", default="outputs/demo")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=flags.non_negative_int, default=0)
     demo.add_argument("--quick", action="store_true", help="fewer steps and smaller models (same code)")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in output_dir")
     demo.add_argument("--data-only", "--data_only", dest="data_only", action="store_true",

@@ -30,3 +30,16 @@ def test_serve_with_an_unset_key_variable_is_a_usage_error(tmp_path, capsys, mon
 def test_serve_rejects_non_positive_limits(tmp_path, capsys, flag):
     assert main(["serve", "--model", str(tmp_path), flag, "0"]) == 2
     assert "expected an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--model", "m", "--data", "d", "--batch_size", "0"], "expected an integer >= 1"),
+    (["generate", "--model", "m", "--prompt", "p", "--temperature", "3"], "expected a temperature in [0, 2]"),
+    (["generate", "--model", "m", "--prompt", "p", "--max_new_tokens", "many"], "expected an integer, got 'many'"),
+    (["data", "inspect", "f", "--max_seq_length", "-4"], "expected an integer >= 1"),
+    (["demo", "--seed", "-1"], "expected an integer >= 0"),
+])
+def test_command_flags_are_range_checked(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
