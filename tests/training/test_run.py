@@ -199,6 +199,8 @@ def test_eval_strategy_without_eval_data_is_an_error(model_dirs, pc_file, tmp_pa
     ["--lora.enabled", "--lora.include_lm_head", "--lora.r", "4", "--lora.dropout", "0"],  # dropout masks differ by chunk
     ["--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "2"],
     ["--distillation.divergence", "jsd"],
+    ["--gradient_checkpointing"],
+    ["--gradient_checkpointing", "--lora.enabled", "--lora.dropout", "0"],
 ])
 def test_fused_and_simple_paths_train_to_the_same_weights(model_dirs, pc_file, tmp_path, extra):
     runs, metrics = {}, {}
