@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from nlm.distill.divergences import forward_kl
-from nlm.distill.loss import select_targets
 
 
 @dataclass
@@ -22,15 +22,8 @@ class EvalSums:
     agree: int = 0
     with_teacher: bool = False
 
-    def add(self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
-            ignore_index: int = -100) -> None:
-        """Add one batch; logits [b, s, v] already aligned with labels [b, s] (shifted for a causal LM)."""
-        reference = teacher_logits if teacher_logits is not None else student_logits
-        student, teacher, targets = select_targets(student_logits, reference, labels, ignore_index)
-        self.add_rows(student, targets, teacher if teacher_logits is not None else None)
-
     def add_rows(self, student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None = None) -> None:
-        """Add target rows directly: logits [n, v] and labels [n] (the chunked evaluation feeds these)."""
+        """Add target rows: student logits [n, v], their labels [n], and the teacher's logits [n, v] if any."""
         student = student.float()
         self.tokens += targets.numel()
         self.ce += F.cross_entropy(student, targets, reduction="sum").item()
@@ -49,3 +42,36 @@ class EvalSums:
             out["teacher_kl"] = self.kl / n
             out["teacher_agreement"] = self.agree / n
         return out
+
+
+def score_batch(sums: EvalSums, model: Any, inputs: dict[str, torch.Tensor], vocab_width: int, *,
+                teacher: Any | None = None, chunked: bool = True, chunk_tokens: int | None = None,
+                model_for_head: Any | None = None) -> Any:
+    """Add one batch's target tokens to `sums`; returns the model's outputs.
+
+    `teacher` is a LiveTeacher (or None). `chunked` builds logits only for target rows, a chunk at a time
+    (as the fused loss does), so evaluation never holds [batch, seq, vocab] logits; models that post-process
+    their logits must pass chunked=False. `model_for_head` is the unwrapped model when `model` is a
+    distributed wrapper.
+    """
+    from nlm.distill.fused import chunk_rows
+    from nlm.models.heads import capture_hidden
+
+    shifted_labels = inputs["labels"][:, 1:]
+    mask = shifted_labels != -100
+    targets = shifted_labels[mask]
+    if not chunked:
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        student = outputs.logits[:, :-1, :vocab_width][mask]  # [n, V]
+        sums.add_rows(student, targets, teacher.dense_rows(inputs, mask, student.device) if teacher is not None else None)
+        return outputs
+    with capture_hidden(model_for_head if model_for_head is not None else model) as (store, head):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+    rows = store["hidden"][:, :-1][mask]  # [n, H]
+    teacher_rows = teacher.row_source(inputs, mask, rows.device) if teacher is not None else None
+    step = chunk_tokens or chunk_rows(vocab_width)
+    for start in range(0, rows.shape[0], step):
+        end = min(start + step, rows.shape[0])
+        sums.add_rows(head(rows[start:end])[..., :vocab_width], targets[start:end],
+                      teacher_rows(start, end) if teacher_rows is not None else None)
+    return outputs

@@ -11,9 +11,11 @@ from torch.utils.data import DataLoader
 
 from nlm.data.reader import load_records
 from nlm.data.tokenize import PaddingCollator, TokenizeSettings, tokenize_records
-from nlm.distill.metrics import EvalSums
+from nlm.distill.metrics import EvalSums, score_batch
+from nlm.distill.teacher import LiveTeacher
 from nlm.models.device import select_device
 from nlm.models.generation import GenerationSettings, generate_texts
+from nlm.models.heads import head_reproduces_logits
 from nlm.models.loading import load_tokenizer, load_trained_model
 from nlm.models.vocab import shared_vocab_width
 
@@ -42,18 +44,18 @@ def evaluate_model(
     teacher = None
     width = len(tokenizer)
     if teacher_path is not None:
-        teacher = load_trained_model(teacher_path, device=target, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        width = shared_vocab_width(load_tokenizer(str(teacher_path)), tokenizer, teacher, model)
+        teacher_model = load_trained_model(teacher_path, device=target, trust_remote_code=trust_remote_code,
+                                           allow_pickle=allow_pickle)
+        width = shared_vocab_width(load_tokenizer(str(teacher_path)), tokenizer, teacher_model, model)
+        teacher = LiveTeacher(teacher_model, target, width)
     data = tokenize_records([Path(data_file)], tokenizer, settings, cache_root=None)
     loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=PaddingCollator(tokenizer.pad_token_id or 0))
+    sample = torch.tensor([data.dataset[0]["input_ids"][:8]], device=target)
+    # Chunked scoring (no full logits) unless a model post-processes its logits after the head.
+    chunked = head_reproduces_logits(model, sample) and (teacher is None or head_reproduces_logits(teacher.model, sample))
     sums = EvalSums()
     for batch in loader:
-        batch = {k: v.to(target) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :width]
-        teacher_logits = None
-        if teacher is not None:
-            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :width]
-        sums.add(logits, batch["labels"][:, 1:], teacher_logits)
+        score_batch(sums, model, {k: v.to(target) for k, v in batch.items()}, width, teacher=teacher, chunked=chunked)
     result = sums.metrics()
     if exact_match:
         result["exact_match"] = exact_match_accuracy(model, tokenizer, Path(data_file), settings, batch_size, max_new_tokens)

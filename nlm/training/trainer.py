@@ -12,9 +12,9 @@ import torch
 from transformers import Trainer
 
 from nlm.config.settings import DistillationConfig
-from nlm.distill.fused import chunk_rows, fused_distillation_loss
+from nlm.distill.fused import fused_distillation_loss
 from nlm.distill.loss import LossSettings, combine, summed_parts
-from nlm.distill.metrics import EvalSums
+from nlm.distill.metrics import EvalSums, score_batch
 from nlm.distill.teacher import LiveTeacher
 from nlm.errors import TrainingDivergedError
 from nlm.models.heads import capture_hidden, output_head
@@ -111,26 +111,13 @@ class DistillationTrainer(Trainer):
         With the fused loss, evaluation is chunked too: only [chunk, V] logits of the target rows exist.
         """
         assert self._eval_sums is not None
-        shifted_labels = inputs["labels"][:, 1:]
-        mask = shifted_labels != -100
-        targets = shifted_labels[mask]
-        live = self.teacher if isinstance(self.teacher, LiveTeacher) else None
         before = (self._eval_sums.ce, self._eval_sums.tokens)
-        if self.loss_impl == "fused":
-            unwrapped = self.accelerator.unwrap_model(model)
-            with capture_hidden(unwrapped) as (store, head):
-                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-            rows = store["hidden"][:, :-1][mask]  # [n, H]
-            teacher_rows = live.row_source(inputs, mask, rows.device) if live is not None else None
-            step = self.chunk_tokens or chunk_rows(self.vocab_width)
-            for start in range(0, rows.shape[0], step):
-                end = min(start + step, rows.shape[0])
-                self._eval_sums.add_rows(head(rows[start:end])[..., : self.vocab_width], targets[start:end],
-                                         teacher_rows(start, end) if teacher_rows is not None else None)
-        else:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-            student = outputs.logits[:, :-1, : self.vocab_width][mask]  # [n, V]
-            self._eval_sums.add_rows(student, targets, live.dense_rows(inputs, mask, student.device) if live else None)
+        outputs = score_batch(
+            self._eval_sums, model, inputs, self.vocab_width,
+            teacher=self.teacher if isinstance(self.teacher, LiveTeacher) else None,
+            chunked=self.loss_impl == "fused", chunk_tokens=self.chunk_tokens,
+            model_for_head=self.accelerator.unwrap_model(model),
+        )
         ce, count = self._eval_sums.ce - before[0], self._eval_sums.tokens - before[1]
         task = torch.tensor(ce / max(count, 1), device=inputs["input_ids"].device)
         return (task, outputs) if return_outputs else task
