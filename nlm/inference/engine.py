@@ -69,6 +69,20 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
+class _StopStrings(StoppingCriteria):
+    """Finishes a row as soon as its new text contains one of its job's stop strings (no wasted steps)."""
+
+    def __init__(self, tokenizer: Any, jobs: list[GenerationJob], prompt_width: int, per_job: int) -> None:
+        self.tokenizer, self.jobs, self.prompt_width, self.per_job = tokenizer, jobs, prompt_width, per_job
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = []
+        for row, ids in enumerate(input_ids[:, self.prompt_width:].tolist()):
+            stops = self.jobs[row // self.per_job].stop
+            done.append(bool(stops) and cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops)[1])
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 class _StopStringsStreamer(TextStreamer):
     """Sends decoded text pieces to a callback, holding back text that may be the start of a stop string."""
 
@@ -228,7 +242,10 @@ class GenerationEngine:
             "repetition_penalty": sampling.repetition_penalty,
             "pad_token_id": pad,
             "eos_token_id": tokenizer.eos_token_id,
-            "stopping_criteria": StoppingCriteriaList([_Cancelled(group)]),
+            "stopping_criteria": StoppingCriteriaList(
+                [_Cancelled(group)]
+                + ([_StopStrings(tokenizer, group, width, sampling.num_return_sequences)] if any(j.stop for j in group) else [])
+            ),
         }
         if sampling.do_sample:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
