@@ -77,8 +77,9 @@ class DistillationTrainer(Trainer):
             normalizer = normalizer.to(targets.device)
         use_teacher = self.teacher is not None and self.distillation.alpha > 0
         if self.loss_impl == "fused":
-            head_module = output_head(self.accelerator.unwrap_model(model))
-            with capture_hidden(self.accelerator.unwrap_model(model)) as (store, head):
+            unwrapped = self.accelerator.unwrap_model(model)
+            head_module = output_head(unwrapped)
+            with capture_hidden(unwrapped) as (store, head):
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
             rows = store["hidden"][:, :-1][mask]  # [n, H]
             teacher_rows = self.teacher.row_source(inputs, mask, rows.device) if use_teacher else (lambda start, end: None)
