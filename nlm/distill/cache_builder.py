@@ -8,7 +8,6 @@ full [batch, seq, vocab] tensor.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import nlm
-from nlm.config.paths import safe_output_dir
+from nlm.config.paths import claim_folder, mark_folder, require_owned, safe_output_dir
 from nlm.config.settings import TrainingConfig
 from nlm.data.files import files_fingerprint, resolve_train_files
 from nlm.data.prepare import tokenize_settings
@@ -38,10 +37,13 @@ from nlm.distill.fused import chunk_rows
 from nlm.distill.loss import tail_logp
 from nlm.errors import ConfigError, RunExistsError
 from nlm.models.device import resolve_precision, select_device, teacher_dtype
-from nlm.models.heads import capture_hidden, head_reproduces_logits
+from nlm.models.heads import capture_hidden, head_reproduces_logits, sliced_head
 from nlm.models.loading import freeze, load_causal_lm, load_tokenizer, model_revision
 
 logger = logging.getLogger(__name__)
+
+# What `nlm teacher-cache` writes in its folder; `--overwrite` removes only these.
+CACHE_ENTRIES = ("manifest.json", "manifest.json.partial", "shard-*.safetensors", "shard-*.partial", "tokenized")
 
 
 def cache_fingerprint(config: TrainingConfig, tokenizer: Any, top_k: int) -> dict[str, Any]:
@@ -67,17 +69,18 @@ def cache_fingerprint(config: TrainingConfig, tokenizer: Any, top_k: int) -> dic
 def _shard_rows(teacher: Any, batches: list[dict], width: int, temperature: float, top_k: int, dtype: torch.dtype,
                 device: torch.device) -> ShardRows:
     ids, logp, tail, offsets = [], [], [], [0]
-    rows_per_chunk = chunk_rows(width)
+    rows_per_chunk = chunk_rows(width, device)
     for batch in batches:
         input_ids = batch["input_ids"].to(device)
         mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [b, s-1]: the positions the loss trains on
-        with capture_hidden(teacher) as (store, head):
+        with capture_hidden(teacher) as (store, _):
             teacher(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False)
         hidden = store["hidden"][:, :-1]
+        head = sliced_head(teacher, width)  # weight[:V] only: a padded head's extra rows are never multiplied
         for row in range(input_ids.shape[0]):
             selected = hidden[row][mask[row].to(device)]  # [t, H]
             for start in range(0, selected.shape[0], rows_per_chunk):
-                logits = head(selected[start:start + rows_per_chunk])[..., :width].float()
+                logits = head(selected[start:start + rows_per_chunk]).float()
                 top = F.log_softmax(logits / temperature, dim=-1).topk(top_k, dim=-1)
                 ids.append(top.indices.to("cpu", dtype))
                 logp.append(top.values.to("cpu", torch.float16))
@@ -99,8 +102,8 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         raise ConfigError(f"top_k = {top_k}: expected 1 <= top_k < vocabulary size {width}")
     fingerprint = cache_fingerprint(config, tokenizer, top_k)
     existing = read_manifest(output)
-    if existing is not None and overwrite:
-        shutil.rmtree(output)
+    if overwrite and output.is_dir() and any(output.iterdir()):
+        claim_folder(output, created_by="nlm teacher-cache", owns=CACHE_ENTRIES, overwrite=True, exists_message="")
         existing = None
     if existing is not None:
         try:
@@ -110,9 +113,9 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         if existing.get("complete"):
             logger.info("teacher cache %s is already complete (%d tokens)", output, existing["tokens"])
             return existing
-    elif output.exists() and any(output.iterdir()):
-        raise RunExistsError(f"{output} is not empty and holds no teacher cache; choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
+    elif output.is_dir() and any(output.iterdir()):
+        require_owned(output)  # a marked folder without a manifest: an earlier build stopped before its first shard
+    mark_folder(output, "nlm teacher-cache", CACHE_ENTRIES)
 
     device = select_device(config.device_preference, config.device)
     precision = resolve_precision(config.precision, device)

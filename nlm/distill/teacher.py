@@ -13,7 +13,7 @@ import torch
 from nlm.distill.cache import TeacherCache
 from nlm.distill.fused import TeacherRows, dense_teacher_rows, sparse_teacher_rows
 from nlm.distill.loss import SparseTargets
-from nlm.models.heads import capture_hidden
+from nlm.models.heads import capture_hidden, sliced_head
 from nlm.models.loading import freeze
 
 
@@ -39,11 +39,12 @@ class LiveTeacher:
     @torch.no_grad()
     def row_source(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device) -> TeacherRows:
         attention = inputs.get("attention_mask")
-        with capture_hidden(self.model) as (store, head):
+        with capture_hidden(self.model) as (store, _):
             self.model(input_ids=inputs["input_ids"].to(self.device), use_cache=False,
                        attention_mask=attention.to(self.device) if attention is not None else None)
         hidden = store["hidden"][:, :-1][mask.to(self.device)]  # [n, H_teacher]
-        return dense_teacher_rows(hidden, head, self.vocab_width, device)
+        # weight[:V] only: a padded head's extra rows are never multiplied
+        return dense_teacher_rows(hidden, sliced_head(self.model, self.vocab_width), self.vocab_width, device)
 
 
 class CachedTeacher:
