@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,6 @@ from nlm.distill.cache import (
     write_manifest,
 )
 from nlm.distill.fused import chunk_rows
-from nlm.distill.loss import tail_logp
 from nlm.errors import ConfigError, RunExistsError
 from nlm.models.device import resolve_precision, select_device, teacher_dtype
 from nlm.models.heads import capture_hidden, head_reproduces_logits, sliced_head
@@ -47,7 +47,10 @@ CACHE_ENTRIES = ("manifest.json", "manifest.json.partial", "shard-*.safetensors"
 
 
 def cache_fingerprint(config: TrainingConfig, tokenizer: Any, top_k: int) -> dict[str, Any]:
-    """Everything the cached numbers depend on that a training run can check without the teacher."""
+    """Everything the cached numbers depend on: the data files in their order (the example indices follow
+    it), every tokenisation setting (max_line_bytes included: it decides which lines are skipped), the
+    tokenizer and its chat template, the temperature, top-k, and — when the run names the teacher — its
+    weights (a hub id and revision, or the SHA-256 of the local weight files)."""
     settings = tokenize_settings(config)
     fingerprint = {
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -56,13 +59,31 @@ def cache_fingerprint(config: TrainingConfig, tokenizer: Any, top_k: int) -> dic
         "max_seq_length": settings.max_seq_length,
         "completion_only_loss": settings.completion_only_loss,
         "prompt_separator": settings.prompt_separator,
-        "data_files": sorted(files_fingerprint(resolve_train_files(config.train_file)).values()),
+        "tokenize_settings": asdict(settings),
+        "data_files": list(files_fingerprint(resolve_train_files(config.train_file)).values()),  # in order
         "top_k": top_k,
         "nlm_version": nlm.__version__,
     }
     if config.teacher_model:
         fingerprint["teacher_model"] = config.teacher_model
+        fingerprint["teacher_weights"] = weights_fingerprint(config.teacher_model, config.teacher_revision)
     return fingerprint
+
+
+def rounded_targets(top_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k log-probabilities [n, k] as stored (float16) and the tail bucket (float32), so that the k+1
+    stored probabilities sum to one *after* the fp16 rounding.
+
+    Each value is rounded down (never up), so the stored top-k mass never exceeds the teacher's; the tail
+    is then exactly what the stored values leave (computed in float64), instead of the teacher's own tail,
+    which rounding would no longer complement (peaked rows could even round past one).
+    """
+    stored = top_logp.to(torch.float16)
+    rounded_up = stored.float() > top_logp
+    stored = torch.where(rounded_up, torch.nextafter(stored, torch.full_like(stored, float("-inf"))), stored)
+    left = 1 - stored.double().exp().sum(-1)
+    tail = torch.log(left.clamp(min=1e-30)).float()
+    return stored, tail
 
 
 @torch.no_grad()
@@ -83,8 +104,9 @@ def _shard_rows(teacher: Any, batches: list[dict], width: int, temperature: floa
                 logits = head(selected[start:start + rows_per_chunk]).float()
                 top = F.log_softmax(logits / temperature, dim=-1).topk(top_k, dim=-1)
                 ids.append(top.indices.to("cpu", dtype))
-                logp.append(top.values.to("cpu", torch.float16))
-                tail.append(tail_logp(top.values).cpu())
+                stored, rest = rounded_targets(top.values)
+                logp.append(stored.cpu())
+                tail.append(rest.cpu())
             offsets.append(offsets[-1] + int(mask[row].sum()))
     return ShardRows(torch.cat(ids), torch.cat(logp), torch.cat(tail), torch.tensor(offsets, dtype=torch.int64))
 
@@ -119,17 +141,28 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
 
     device = select_device(config.device_preference, config.device)
     precision = resolve_precision(config.precision, device)
+    if config.teacher_device:  # the teacher's own device, as in training (a clear error when it does not exist)
+        device = select_device(forced=config.teacher_device)
     teacher = freeze(load_causal_lm(config.teacher_model, dtype=teacher_dtype(config.teacher_precision, precision, device), **hub))
     teacher.to(device)
-    data = tokenize_records(resolve_train_files(config.train_file), tokenizer, tokenize_settings(config), cache_root=None)
+    teacher_weights = model_revision(teacher) or fingerprint["teacher_weights"]
+    if existing is not None and existing.get("teacher_weights") != teacher_weights:
+        raise RunExistsError(
+            f"teacher cache {output} was started from other teacher weights ({existing.get('teacher_weights')}, now "
+            f"{teacher_weights}); its shards cannot be mixed with this teacher's: pass --overwrite to rebuild it"
+        )
+    # Tokenised data stay on disk (memory-mapped Arrow) in the cache folder, as in training: memory does not
+    # grow with the corpus.
+    tokenized_root = output / "tokenized"
+    data = tokenize_records(resolve_train_files(config.train_file), tokenizer, tokenize_settings(config),
+                            cache_root=tokenized_root)
     dataset = data.dataset
     sample = torch.tensor([dataset[0]["input_ids"]], device=device)
     if not head_reproduces_logits(teacher, sample):
         raise ConfigError(f"{config.teacher_model} post-processes its logits (soft-capping or scaling); the cache cannot be built from its head")
 
     manifest = existing or {
-        "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "teacher_weights":
-        model_revision(teacher) or weights_fingerprint(config.teacher_model, config.teacher_revision),
+        "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "teacher_weights": teacher_weights,
         "top_k": top_k, "temperature": config.distillation.temperature, "vocab_size": width,
         "id_dtype": str(id_dtype(width)).removeprefix("torch."), "bytes_per_token": bytes_per_token(top_k, width),
         "examples": len(dataset), "tokens": 0, "shards": [], "complete": False,

@@ -287,3 +287,14 @@ def test_same_seed_same_adapters_different_seed_different_adapters(model_dirs, p
         assert torch.equal(a[key], b[key]), key
     lora_a = [key for key in a if "lora_A" in key]
     assert lora_a and all(not torch.equal(a[key], c[key]) for key in lora_a)
+
+
+def test_gradient_accumulation_4x1_equals_one_batch_of_4(model_dirs, pc_file, tmp_path):
+    """Loss normalised by the step's target tokens: 4 micro-batches of 1 == 1 batch of 4 (same examples)."""
+    finals = {}
+    for name, batch, accumulation in (("4x1", "1", "4"), ("1x4", "4", "1")):
+        result = train(_config(model_dirs, pc_file, tmp_path / name, "--max_steps", "3", "--save_strategy", "no",
+                               "--per_device_train_batch_size", batch, "--gradient_accumulation_steps", accumulation))
+        finals[name] = _weights(result.final_dir)
+    for key in finals["4x1"]:
+        torch.testing.assert_close(finals["4x1"][key], finals["1x4"][key], rtol=0, atol=1e-5, msg=key)
