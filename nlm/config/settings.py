@@ -17,6 +17,13 @@ Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"]
 DeviceName = Literal["cuda", "mps", "cpu"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
+# transformers' SchedulerType values, listed here so validating a config never imports transformers (start-up
+# time of `nlm config show` and of usage errors); tests/config/test_settings.py keeps the list in sync.
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+)
+
 # Secret fields: accepted from the environment and the command line only, never from a file.
 SECRET_FIELDS = ("hf_token",)
 
@@ -163,11 +170,8 @@ class TrainingConfig(BaseSettings):
     @field_validator("lr_scheduler_type")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
-        from transformers.trainer_utils import SchedulerType
-
-        allowed = [s.value for s in SchedulerType]
-        if value not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}")
+        if value not in LR_SCHEDULERS:
+            raise ValueError(f"expected one of {', '.join(LR_SCHEDULERS)}")
         return value
 
     @model_validator(mode="after")
