@@ -99,7 +99,7 @@ class TrainingConfig(BaseSettings):
 
     # Data
     train_file: Path | None = Field(None, description="Training JSONL; else every *.jsonl in $SM_CHANNEL_TRAIN.")
-    eval_file: Path | None = Field(None, description="Evaluation JSONL; else $SM_CHANNEL_EVAL / $SM_CHANNEL_VALIDATION.")
+    eval_file: Path | None = Field(None, description="Evaluation JSONL; else $SM_CHANNEL_EVAL / $SM_CHANNEL_VALIDATION / $SM_CHANNEL_TEST.")
     eval_split: float = Field(0.0, ge=0, lt=1, description="Fraction of the training data held out for eval.")
     max_seq_length: int = Field(512, ge=8, le=1_048_576, description="Longer sequences are truncated.")
     completion_only_loss: bool = Field(True, description="Train only on completion/assistant tokens.")
