@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "eval": "nlm.commands.evaluate",
     "generate": "nlm.commands.generate",
     "teacher-cache": "nlm.commands.teacher_cache",
+    "teacher-generate": "nlm.commands.teacher_generate",
     "serve": "nlm.commands.serve",
     "demo": "nlm.commands.demo",
     "config show": "nlm.commands.config_show",

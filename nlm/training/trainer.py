@@ -18,6 +18,7 @@ from nlm.distill.metrics import EvalSums, score_batch
 from nlm.distill.teacher import LiveTeacher
 from nlm.errors import TrainingDivergedError
 from nlm.models.heads import capture_hidden, output_head
+from nlm.training.policy import StepPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class DistillationTrainer(Trainer):
         max_bad_steps: int = 3,
         loss_impl: str = "fused",
         chunk_tokens: int | None = None,
+        step_policy: StepPolicy | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -49,6 +51,7 @@ class DistillationTrainer(Trainer):
             logger.warning("FSDP is enabled: using loss_impl=simple (the fused loss needs an unsharded output head)")
             self.loss_impl = "simple"
         self.chunk_tokens = chunk_tokens
+        self.step_policy = step_policy  # None: every step trains on the dataset (see nlm/training/policy.py)
         self.vocab_width = vocab_width
         self.max_bad_steps = max_bad_steps
         self._bad_steps = 0
@@ -63,6 +66,17 @@ class DistillationTrainer(Trainer):
     def _new_window() -> dict[str, float]:
         """Sums since the last logged step (means and rates are taken over them)."""
         return {"task": 0.0, "distill": 0.0, "batches": 0, "samples": 0, "tokens": 0, "start": time.perf_counter()}
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """The micro-batches of one optimiser step; the step policy may replace their completions (once per step,
+        before the target tokens that normalise the loss are counted)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.step_policy is None or not batches:
+            return batches, num_items
+        student = self.accelerator.unwrap_model(self.model)
+        batches, source = self.step_policy.prepare(batches, self.state.global_step, student, self.args.process_index)
+        self.loss_settings = self.step_policy.loss_settings(source)
+        return batches, self._get_num_items_in_batch(batches, device)
 
     def compute_loss(
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -157,6 +171,8 @@ class DistillationTrainer(Trainer):
             processes = max(self.accelerator.num_processes, 1)
             logs["tokens_per_second"] = round(self._window["tokens"] * processes / elapsed, 2)
             logs["samples_per_second"] = round(self._window["samples"] * processes / elapsed, 2)
+            if self.step_policy is not None:
+                logs.update(self.step_policy.figures(elapsed))
             self._window = self._new_window()
         super().log(logs, start_time)
 
