@@ -52,7 +52,7 @@ def test_cached_values_equal_the_live_teacher(model_dirs, pc_file, tmp_path):
     expected = torch.log_softmax(logits[mask] / 2.0, -1).topk(16, dim=-1)
     cached = TeacherCache(tmp_path / "cache").targets([3])
     assert torch.equal(cached.ids, expected.indices)
-    torch.testing.assert_close(cached.logp, expected.values, rtol=0, atol=2e-3)  # float16 storage
+    torch.testing.assert_close(cached.logp, expected.values, rtol=2e-3, atol=1e-4)  # float16, rounded down: one step
 
 
 def test_interrupted_build_resumes(model_dirs, pc_file, tmp_path, monkeypatch):
