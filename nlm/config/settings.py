@@ -160,6 +160,14 @@ class TrainingConfig(BaseSettings):
             return []
         return value
 
+    # issue 15: an unknown, uninstalled or credential-less tracker is a config error naming the fix.
+    @field_validator("report_to")
+    @classmethod
+    def _report_to_usable(cls, value: list[str]) -> list[str]:
+        from nlm.config.trackers import check_trackers
+
+        return check_trackers(value)
+
     @field_validator("lr_scheduler_type")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:

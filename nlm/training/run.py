@@ -36,6 +36,7 @@ from nlm.models.vocab import shared_vocab_width
 from nlm.training.arguments import training_arguments
 from nlm.training.callbacks import install_callbacks
 from nlm.training.metadata import redacted_config, write_metadata
+from nlm.training.trackers import direct_tracker_output, prepare_trackers
 from nlm.training.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     # Under torchrun/accelerate every process runs this; the main one prepares folders and caches first.
     with args.main_process_first(local=False, desc="run folder"):
         run_dir, checkpoint = prepare_run_dir(config)
+    prepare_trackers(config.report_to, config.output_dir, run_dir)
 
     tokenizer = load_tokenizer(config.student_model, **_hub(config, config.student_revision))
     student, teacher, vocab_width = load_models(config, tokenizer, device, precision)
@@ -139,6 +141,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         chunk_tokens=config.loss_chunk_tokens,
     )
     install_callbacks(trainer)
+    direct_tracker_output(trainer, run_dir)
     output = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(output.metrics)
     if data.eval is not None:

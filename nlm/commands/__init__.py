@@ -1,0 +1,1 @@
+"""One module per command: `Options` (the flags) and `run(options) -> exit code`."""
