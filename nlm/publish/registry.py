@@ -17,11 +17,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 from nlm.errors import ConfigError
-from nlm.models.model_info import METADATA_FILE, training_metadata
+from nlm.export.output import EXPORT_METADATA_FILE
+from nlm.models.model_info import training_metadata
 
 logger = logging.getLogger(__name__)
 
-EXPORT_METADATA_FILE = "export_metadata.json"  # written by nlm.export (which owns the format)
 EXPERIMENT = "nlm-publish"
 # Metrics where lower is better; every other metric (accuracy, agreement, exact match) is higher-better.
 LOWER_IS_BETTER = ("loss", "perplexity", "kl")
