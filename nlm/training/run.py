@@ -34,7 +34,7 @@ from nlm.models.loading import (
 from nlm.models.lora import apply_lora
 from nlm.models.vocab import shared_vocab_width
 from nlm.training.arguments import training_arguments
-from nlm.training.callbacks import install_callbacks
+from nlm.training.callbacks import add_hardware_metrics, install_callbacks
 from nlm.training.metadata import redacted_config, write_metadata
 from nlm.training.trackers import direct_tracker_output, prepare_trackers
 from nlm.training.trainer import DistillationTrainer
@@ -142,6 +142,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     )
     install_callbacks(trainer)
     direct_tracker_output(trainer, run_dir)
+    add_hardware_metrics(trainer)
     output = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(output.metrics)
     if data.eval is not None:

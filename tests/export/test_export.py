@@ -60,7 +60,7 @@ def test_merged_equals_the_adapter_model_and_is_a_plain_folder(lora_final, token
     assert (out / "training_metadata.json").is_file()  # lineage and the prompt separator travel along
 
 
-@pytest.mark.parametrize("fmt,tolerance", [("int8", 0.05), ("int4", 0.5)])
+@pytest.mark.parametrize("fmt,tolerance", [("int8", 0.05), pytest.param("int4", 0.5, marks=pytest.mark.slow)])
 def test_quantized_export_reloads_with_no_flags_and_reports_its_delta(model_dirs, tokenizer, heldout, tmp_path, fmt, tolerance):
     reference = _logits(load_trained_model(model_dirs["student"]), tokenizer)
     result = export_model(model_dirs["student"], tmp_path / fmt, fmt, eval_file=heldout)
