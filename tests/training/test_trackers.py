@@ -59,7 +59,7 @@ def test_tensorboard_and_mlflow_record_the_run(model_dirs, pc_file, tmp_path, mo
 
     accumulator = EventAccumulator(str(events[0].parent))
     accumulator.Reload()
-    assert {"train/loss", "train/distill_loss", "train/task_loss"} <= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/distill_loss", "train/task_loss", "train/sys_rss_mb"} <= set(accumulator.Tags()["scalars"])
 
     store = tmp_path / "out" / "mlflow.db"
     assert store.is_file(), "the default MLflow store is a local sqlite file"
