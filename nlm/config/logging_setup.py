@@ -83,6 +83,10 @@ def setup_logging(level: str = "INFO", log_format: str = "text", secrets: Iterab
     root.setLevel(level)
     for noisy in ("urllib3", "filelock", "fsspec", "httpx", "httpcore", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # issue 15: transformers imports torchao (installed for `nlm export`) on every model load, and torchao logs
+    # the optional GPU kernels it cannot load plus torch pytree notices: not actionable, so errors only.
+    for import_noise in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(import_noise).setLevel(max(logging.ERROR, root.level))
     # Library progress bars (weight loading, dataset generation) are noise in logs and pipes.
     quiet_bars = log_format == "json" or not sys.stderr.isatty()
     try:
