@@ -141,3 +141,20 @@ def test_export_command_prints_a_json_summary(model_dirs, tmp_path, capsys):
     assert run(Options(model=str(model_dirs["student"]), output=str(tmp_path / "o"), format="merged")) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["format"] == "merged" and summary["ratio"] == pytest.approx(1.0, abs=0.02), summary  # + the safetensors header
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int8", "gguf"])
+def test_nlm_eval_and_generate_load_an_export_with_no_extra_flag(model_dirs, heldout, tmp_path, fmt):
+    import subprocess
+    import sys
+
+    out = export_model(model_dirs["student"], tmp_path / fmt, fmt, quant="q8_0").output_dir
+    def nlm(*args):
+        done = subprocess.run([sys.executable, "-m", "nlm.cli", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    scored = json.loads(nlm("eval", "--model", str(out), "--data", str(heldout), "--json"))
+    assert scored["examples"] == 8 and scored["loss"] > 0
+    assert nlm("generate", "--model", str(out), "--prompt", "the quick brown", "--max_new_tokens", "4").strip()
