@@ -158,3 +158,12 @@ def test_nlm_eval_and_generate_load_an_export_with_no_extra_flag(model_dirs, hel
     scored = json.loads(nlm("eval", "--model", str(out), "--data", str(heldout), "--json"))
     assert scored["examples"] == 8 and scored["loss"] > 0
     assert nlm("generate", "--model", str(out), "--prompt", "the quick brown", "--max_new_tokens", "4").strip()
+
+
+def test_nlm_export_on_the_command_line(model_dirs, tmp_path, capsys):
+    from nlm.cli import main
+
+    assert main(["export", "--model", str(model_dirs["student"]), "--output", str(tmp_path / "o"), "--format", "merged"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == "merged"
+    assert main(["export", "--model", str(model_dirs["student"]), "--output", str(tmp_path / "o")]) == 2  # not empty
+    assert main(["export", "--model", "x", "--output", "y", "--format", "int3"]) == 2

@@ -90,3 +90,14 @@ def test_bad_requests_are_config_errors(tmp_path, model_dirs, store, monkeypatch
         publish_model(final, "m")
     with pytest.raises(ConfigError, match="folder not found"):
         publish_model(tmp_path / "nope", "m", tracking_uri=store)
+
+
+def test_nlm_publish_on_the_command_line(tmp_path, model_dirs, store, capsys):
+    from nlm.cli import main
+
+    final = _final(tmp_path, model_dirs, "a", 1.0)
+    assert main(["publish", "--model", str(final), "--name", "cli", "--tracking_uri", store, "--alias", "champion"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["version"] == "1" and printed["alias_moved"]
+    assert main(["publish", "--model", str(final), "--name", "cli", "--tracking_uri", store,
+                 "--only_if_better", "eval_loss"]) == 2

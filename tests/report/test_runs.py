@@ -53,3 +53,12 @@ def test_report_refuses_what_it_did_not_write_and_bad_folders(tmp_path):
         load_run(tmp_path / "mine")
     with pytest.raises(ConfigError, match="run folder not found"):
         load_run(tmp_path / "nope")
+
+
+def test_nlm_report_on_the_command_line(tmp_path, capsys):
+    from nlm.cli import main
+
+    run_dir = _finished(tmp_path, "kd")
+    assert main(["report", str(run_dir), "--output", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.png").is_file() and "| kd | 6 |" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "missing")]) == 2
