@@ -65,7 +65,9 @@ def folder_bytes(folder: Path, names: list[str] | None = None) -> int:
 
 
 def _parameter_bytes(model: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """Bytes of the model's distinct tensors (a tied embedding and head share storage: counted once)."""
+    distinct = {t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in distinct.values())
 
 
 def _write_quantized(plain_dir: Path, output: Path, fmt: str, trust_remote_code: bool) -> dict[str, Any]:

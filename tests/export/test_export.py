@@ -167,3 +167,11 @@ def test_nlm_export_on_the_command_line(model_dirs, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == "merged"
     assert main(["export", "--model", str(model_dirs["student"]), "--output", str(tmp_path / "o")]) == 2  # not empty
     assert main(["export", "--model", "x", "--output", "y", "--format", "int3"]) == 2
+
+
+def test_reference_size_counts_a_tied_head_once(tokenizer, tmp_path):
+    model = build_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "tied")
+    tokenizer.save_pretrained(tmp_path / "tied")
+    sizes = export_model(tmp_path / "tied", tmp_path / "out").metadata["sizes"]
+    assert sizes["ratio"] == pytest.approx(1.0, abs=0.03)
