@@ -58,13 +58,10 @@ def _materialise_gguf(gguf_file: Path, folder: Path) -> Path:
     return folder
 
 
-def _speed(folder: Path, max_new_tokens: int) -> dict[str, float]:
-    import torch
-
+def _speed(folder: Path, max_new_tokens: int, prompts: int) -> dict[str, float]:
     from nlm.models.generation import GenerationSettings, generate_texts
     from nlm.models.loading import load_tokenizer, load_trained_model
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     model = load_trained_model(folder)
     load_seconds = time.perf_counter() - started
@@ -72,7 +69,7 @@ def _speed(folder: Path, max_new_tokens: int) -> dict[str, float]:
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     generate_texts(model, tokenizer, PROMPTS[:1], GenerationSettings(max_new_tokens=4))  # warm-up
     tokens, started = 0, time.perf_counter()
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[:prompts]:
         out = generate_texts(model, tokenizer, [prompt], settings)[0][0]
         tokens += len(tokenizer(out, add_special_tokens=False)["input_ids"])
     return {"load_seconds": round(load_seconds, 3), "tokens_per_second": round(tokens / (time.perf_counter() - started), 2)}
@@ -83,6 +80,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a Hugging Face model folder (Llama-family for gguf)")
     parser.add_argument("--from_gguf", type=Path, help="a .gguf file to dequantize into the fp32 source folder")
     parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the prompts to time")
     parser.add_argument("--formats", nargs="+", default=["merged", "int8", "int4", "gguf:f16", "gguf:q8_0"])
     args = parser.parse_args()
     if not (args.model or args.from_gguf):
@@ -111,7 +109,7 @@ def main() -> None:
                 "export_seconds": round(export_seconds, 1),
                 "heldout_loss": round(scored["loss"], 4),
                 "loss_delta_pct": round(100 * (scored["loss"] - base["loss"]) / base["loss"], 2),
-                **_speed(result.output_dir, args.max_new_tokens),
+                **_speed(result.output_dir, args.max_new_tokens, args.prompts),
             })
             print(json.dumps(rows[-1]), flush=True)
         print(json.dumps({"source": str(args.model or args.from_gguf), "heldout_tokens": base["tokens"],
