@@ -8,7 +8,7 @@
        probability mass of each side is compared with ULD. With identical tokenizers every token matches,
        the ULD part is empty and the result is today's forward KL exactly.
 
-Rows are the aligned group-start positions (see `nlm.distill.align`); every function returns one value per row
+Rows are the aligned group-start positions (see `nlm.data.align`); every function returns one value per row
 (fp32), to be summed and normalised by the caller like the same-tokenizer divergences.
 """
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from nlm.distill.align import align_spans, normalise_spans, token_spans
+from nlm.data.align import align_spans, normalise_spans, token_spans
 from nlm.models.scratch import build_tokenizer
 
 CORPUS = [
