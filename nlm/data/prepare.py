@@ -44,20 +44,23 @@ def tokenize_settings(config: TrainingConfig) -> TokenizeSettings:
     )
 
 
-def prepare_datasets(config: TrainingConfig, tokenizer: Any, cache_root: Path | None, with_index: bool = False) -> PreparedData:
+def prepare_datasets(config: TrainingConfig, tokenizer: Any, cache_root: Path | None, with_index: bool = False,
+                     teacher_tokenizer: Any = None) -> PreparedData:
     """Tokenise the training data and the evaluation data (a file, a SageMaker channel, or a held-out split).
 
     `with_index` adds each training example's position in the tokenised files (before any eval split):
-    the key into a teacher cache.
+    the key into a teacher cache. `teacher_tokenizer` (a teacher with its own tokenizer) adds the teacher's
+    tokenisation and the alignment of each example.
     """
     settings = tokenize_settings(config)
-    train_data = tokenize_records(resolve_train_files(config.train_file), tokenizer, settings, cache_root)
+    train_data = tokenize_records(resolve_train_files(config.train_file), tokenizer, settings, cache_root,
+                                  teacher_tokenizer=teacher_tokenizer)
     train, evaluation, eval_data = train_data.dataset, None, None
     if with_index:
         train = train.add_column("index", list(range(len(train))))
     eval_files = resolve_eval_files(config.eval_file)
     if eval_files:
-        eval_data = tokenize_records(eval_files, tokenizer, settings, cache_root)
+        eval_data = tokenize_records(eval_files, tokenizer, settings, cache_root, teacher_tokenizer=teacher_tokenizer)
         evaluation = eval_data.dataset
     elif config.eval_split > 0:
         if len(train) < 2:

@@ -70,14 +70,22 @@ def aligned_distill_sum(student_rows: torch.Tensor, head: Callable[[torch.Tensor
 
 
 class AlignedTeacher:
-    """A frozen teacher with its own tokenizer: logits at the aligned group starts of its own token ids."""
+    """A frozen teacher with its own tokenizer: logits at the aligned group starts of its own token ids.
 
-    def __init__(self, model: Any, device: torch.device | str, vocab_width: int) -> None:
+    `paired_tokenizer` tells the data layer to add the teacher's tokenisation and the alignment to each
+    example; `cross` and `vocab_map` say which divergence compares the two vocabularies.
+    """
+
+    def __init__(self, model: Any, device: torch.device | str, vocab_width: int, tokenizer: Any = None,
+                 cross: CrossSettings | None = None, vocab_map: VocabMap | None = None) -> None:
         from nlm.models.loading import freeze
 
         self.model = freeze(model).to(device)
         self.device = torch.device(device)
         self.vocab_width = vocab_width
+        self.paired_tokenizer = tokenizer
+        self.cross = cross or CrossSettings()
+        self.vocab_map = vocab_map
 
     @torch.no_grad()
     def group_logits(self, inputs: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -90,7 +98,8 @@ class AlignedTeacher:
         return head(rows)[..., : self.vocab_width].float().to(device)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "live_cross_tokenizer", "device": str(self.device), "vocab_width": self.vocab_width}
+        return {"kind": "live_cross_tokenizer", "device": str(self.device), "vocab_width": self.vocab_width,
+                "method": self.cross.method, "matched_tokens": self.vocab_map.matched if self.vocab_map else None}
 
 
 def cross_tokenizer_loss(

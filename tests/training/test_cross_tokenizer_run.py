@@ -1,0 +1,70 @@
+"""`nlm train` with a teacher whose tokenizer differs: refused without a method, trained with uld/hybrid."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nlm.config.sources import load_config
+from nlm.errors import VocabularyMismatchError
+from nlm.models.scratch import build_causal_lm, build_tokenizer
+from nlm.training.run import train
+from tests.conftest import CORPUS
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory):
+    """A teacher with its own (larger, differently merged) tokenizer."""
+    folder = tmp_path_factory.mktemp("other_teacher")
+    tokenizer = build_tokenizer(CORPUS + ["naïve café 🙂"] * 5, vocab_size=380)
+    model = build_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=48, num_layers=2, seed=2)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _config(teacher, model_dirs, data, out, *extra):
+    return load_config([
+        "--teacher_model", str(teacher), "--student_model", str(model_dirs["student"]), "--train_file", str(data),
+        "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps", "3", "--logging_steps", "1",
+        "--learning_rate", "1e-3", *extra,
+    ]).config
+
+
+def test_different_tokenizers_are_refused_naming_the_option(other_teacher, model_dirs, pc_file, tmp_path):
+    with pytest.raises(VocabularyMismatchError, match="distillation.cross_tokenizer to uld or hybrid") as info:
+        train(_config(other_teacher, model_dirs, pc_file, tmp_path / "out"))
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["uld", "hybrid"])
+def test_cross_tokenizer_training_runs_and_records_the_method(other_teacher, model_dirs, pc_file, tmp_path, method):
+    result = train(_config(other_teacher, model_dirs, pc_file, tmp_path / "out", "--distillation.cross_tokenizer", method))
+    metadata = json.loads((result.final_dir / "training_metadata.json").read_text())
+    assert metadata["config"]["distillation"]["cross_tokenizer"] == method
+    assert metadata["teacher"]["describe"]["method"] == method
+    logged = [entry for entry in metadata["log_history"] if "distill_loss" in entry]
+    assert logged and all(entry["distill_loss"] > 0 for entry in logged)
+
+
+def test_same_tokenizer_ignores_the_option(model_dirs, pc_file, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="nlm")
+    config = _config(model_dirs["teacher"], model_dirs, pc_file, tmp_path / "out", "--distillation.cross_tokenizer", "hybrid",
+                     "--max_steps", "1")
+    result = train(config)
+    assert "cross_tokenizer=hybrid ignored" in caplog.text
+    metadata = json.loads((result.final_dir / "training_metadata.json").read_text())
+    assert metadata["teacher"]["describe"] is None or metadata["teacher"]["describe"].get("kind") != "live_cross_tokenizer"
+
+
+def test_teacher_cache_with_cross_tokenizer_is_a_usage_error(model_dirs, pc_file, tmp_path):
+    from nlm.errors import ConfigError
+
+    config = _config(model_dirs["teacher"], model_dirs, pc_file, tmp_path / "out", "--distillation.cross_tokenizer", "uld")
+    config = config.model_copy(update={"teacher_cache": tmp_path, "teacher_model": None})
+    with pytest.raises(ConfigError, match="cross_tokenizer cannot be used with teacher_cache"):
+        train(config)
