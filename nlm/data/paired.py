@@ -7,6 +7,7 @@ columns join the student's `input_ids`/`labels`:
     teacher_input_ids  the teacher's token ids of the whole example (its BOS, prompt, completion, EOS)
     align_student      positions in `input_ids` of the first token of each aligned group
     align_teacher      positions in `teacher_input_ids` of the first token of the same group
+    teacher_labels     the teacher's own targets over the same text (for `nlm eval`: per-byte perplexity)
 
 Group g's first token is predicted at position `align_*[g] - 1` on each side, from the same text prefix: the
 two next-token distributions that cross-tokenizer losses compare. The EOS tokens of both sides form one more
@@ -21,7 +22,7 @@ from typing import Any
 
 from nlm.data.align import align_spans
 
-PAIRED_COLUMNS = ("teacher_input_ids", "align_student", "align_teacher")
+PAIRED_COLUMNS = ("teacher_input_ids", "teacher_labels", "align_student", "align_teacher")
 
 
 def _with_offsets(tokenizer: Any, text: str, special: bool) -> tuple[list[int], list[tuple[int, int]]]:
@@ -40,8 +41,8 @@ def _eos(tokenizer: Any) -> list[int]:
 
 def pair_prompt_completion(
     prompt: str, completion: str, separator: str, student: Any, teacher: Any
-) -> tuple[list[int], list[tuple[int, int]]]:
-    """Teacher ids and aligned (student position, teacher position) pairs of a prompt/completion record."""
+) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+    """Teacher ids, aligned (student position, teacher position) pairs and teacher labels of a prompt/completion record."""
     s_prompt = student(prompt + separator, add_special_tokens=True)["input_ids"]
     t_prompt = teacher(prompt + separator, add_special_tokens=True)["input_ids"]
     s_ids, s_spans = _with_offsets(student, completion, False)
@@ -50,17 +51,18 @@ def pair_prompt_completion(
     teacher_ids = list(t_prompt) + t_ids + _eos(teacher)
     if _eos(student) and _eos(teacher):
         pairs.append((len(s_prompt) + len(s_ids), len(t_prompt) + len(t_ids)))
-    return teacher_ids, pairs
+    labels = [-100] * len(t_prompt) + teacher_ids[len(t_prompt):]
+    return teacher_ids, pairs, labels
 
 
-def pair_text(text: str, student: Any, teacher: Any) -> tuple[list[int], list[tuple[int, int]]]:
+def pair_text(text: str, student: Any, teacher: Any) -> tuple[list[int], list[tuple[int, int]], list[int]]:
     """A plain-text record: every token is a target; the first group has no prefix to predict it from."""
     s_ids, s_spans = _with_offsets(student, text, True)
     t_ids, t_spans = _with_offsets(teacher, text, True)
     pairs = [(s, t) for s, t in _pairs(text, s_spans, t_spans, 0, 0) if s > 0 and t > 0]
     if _eos(student) and _eos(teacher):
         pairs.append((len(s_ids), len(t_ids)))
-    return t_ids + _eos(teacher), pairs
+    return t_ids + _eos(teacher), pairs, t_ids + _eos(teacher)
 
 
 def _content_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -77,13 +79,18 @@ def _content_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str,
     return rendered, spans
 
 
-def pair_chat(messages: list[dict[str, str]], student: Any, teacher: Any) -> tuple[list[int], list[tuple[int, int]]]:
+def pair_chat(messages: list[dict[str, str]], student: Any, teacher: Any) -> tuple[list[int], list[tuple[int, int]], list[int]]:
     """A conversation rendered by each side's own chat template; each assistant content is aligned."""
     s_text, s_contents = _content_spans(student, messages)
     t_text, t_contents = _content_spans(teacher, messages)
     s_ids, s_spans = _with_offsets(student, s_text, False)
     t_ids, t_spans = _with_offsets(teacher, t_text, False)
     pairs: list[tuple[int, int]] = []
+    labels = [-100] * len(t_ids)
+    for t_start, t_end in t_contents:
+        for i, (a, b) in enumerate(t_spans):
+            if b > a and b > t_start and a < t_end:
+                labels[i] = t_ids[i]
     for (s_start, s_end), (t_start, t_end) in zip(s_contents, t_contents, strict=False):
         # A token may straddle the content's edge (a template's ": " merged into " four"): it still starts or
         # ends the content, so it is kept with its span clamped to the content.
@@ -95,7 +102,7 @@ def pair_chat(messages: list[dict[str, str]], student: Any, teacher: Any) -> tup
         local_s = [(max(s_spans[i][0], s_start) - s_start, min(s_spans[i][1], s_end) - s_start) for i in s_index]
         local_t = [(max(t_spans[i][0], t_start) - t_start, min(t_spans[i][1], t_end) - t_start) for i in t_index]
         pairs += [(s_index[s], t_index[t]) for s, t in _pairs(content, local_s, local_t, 0, 0)]
-    return t_ids, pairs
+    return t_ids, pairs, labels
 
 
 def teacher_columns(
@@ -105,15 +112,16 @@ def teacher_columns(
     import json
 
     if record["format"] == "prompt_completion":
-        teacher_ids, pairs = pair_prompt_completion(record["prompt"], record["completion"], separator, student, teacher)
+        teacher_ids, pairs, teacher_labels = pair_prompt_completion(record["prompt"], record["completion"], separator, student, teacher)
     elif record["format"] == "text":
-        teacher_ids, pairs = pair_text(record["text"], student, teacher)
+        teacher_ids, pairs, teacher_labels = pair_text(record["text"], student, teacher)
     else:
-        teacher_ids, pairs = pair_chat(json.loads(record["messages"]), student, teacher)
-    teacher_ids = teacher_ids[:max_length]
+        teacher_ids, pairs, teacher_labels = pair_chat(json.loads(record["messages"]), student, teacher)
+    teacher_ids, teacher_labels = teacher_ids[:max_length], teacher_labels[:max_length]
     kept = [(s, t) for s, t in pairs if 0 < s < len(labels) and labels[s] != -100 and 0 < t < len(teacher_ids)]
     return {
         "teacher_input_ids": teacher_ids,
+        "teacher_labels": teacher_labels,
         "align_student": [s for s, _ in kept],
         "align_teacher": [t for _, t in kept],
     }

@@ -271,8 +271,10 @@ def _pad_paired(examples: list[dict], pad_token_id: int) -> dict:
     groups = max(1, max(len(e["align_student"]) for e in examples))
     ids = [list(e["teacher_input_ids"]) + [pad_token_id] * (longest - len(e["teacher_input_ids"])) for e in examples]
     mask = [[1] * len(e["teacher_input_ids"]) + [0] * (longest - len(e["teacher_input_ids"])) for e in examples]
+    teacher_labels = [list(e["teacher_labels"]) + [IGNORE_INDEX] * (longest - len(e["teacher_labels"])) for e in examples]
     return {
         "teacher_input_ids": torch.tensor(ids, dtype=torch.long),
+        "teacher_labels": torch.tensor(teacher_labels, dtype=torch.long),
         "teacher_attention_mask": torch.tensor(mask, dtype=torch.long),
         "align_student": torch.tensor([list(e["align_student"]) + [-1] * (groups - len(e["align_student"])) for e in examples]),
         "align_teacher": torch.tensor([list(e["align_teacher"]) + [-1] * (groups - len(e["align_teacher"])) for e in examples]),

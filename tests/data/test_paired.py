@@ -31,11 +31,12 @@ def _prefix_text(tokenizer, ids, start, end):
 def test_prompt_completion_groups_start_after_the_same_text(pair):
     student, teacher = pair
     prompt, completion = "question: what is 🙂?", " naïve café — déjà vu 42"
-    teacher_ids, pairs = pair_prompt_completion(prompt, completion, "\n", student, teacher)
+    teacher_ids, pairs, teacher_labels = pair_prompt_completion(prompt, completion, "\n", student, teacher)
     s_prompt = len(student(prompt + "\n")["input_ids"])
     t_prompt = len(teacher(prompt + "\n")["input_ids"])
     s_ids = student(prompt + "\n")["input_ids"] + student(completion, add_special_tokens=False)["input_ids"] + [student.eos_token_id]
     assert teacher_ids[-1] == teacher.eos_token_id
+    assert teacher.decode([i for i in teacher_labels if i != -100], skip_special_tokens=True) == completion
     for s, t in pairs[:-1]:
         assert _prefix_text(student, s_ids, s_prompt, s) == _prefix_text(teacher, teacher_ids, t_prompt, t)
     assert pairs[0] == (s_prompt, t_prompt)  # the first completion token on both sides
@@ -44,7 +45,7 @@ def test_prompt_completion_groups_start_after_the_same_text(pair):
 
 def test_text_records_skip_the_unpredictable_first_group(pair):
     student, teacher = pair
-    teacher_ids, pairs = pair_text("the lazy dog 🙂", student, teacher)
+    teacher_ids, pairs, _ = pair_text("the lazy dog 🙂", student, teacher)
     assert all(s > 0 and t > 0 for s, t in pairs)
     assert teacher_ids[-1] == teacher.eos_token_id
 
@@ -54,7 +55,8 @@ def test_chat_uses_each_sides_own_template_and_aligns_assistant_content(pair):
     student.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
     teacher = build_tokenizer(CORPUS, vocab_size=470, chat_template="{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant]: {% endif %}")
     messages = [{"role": "user", "content": "what is two plus two?"}, {"role": "assistant", "content": "four, déjà vu 🙂"}]
-    teacher_ids, pairs = pair_chat(messages, student, teacher)
+    teacher_ids, pairs, teacher_labels = pair_chat(messages, student, teacher)
+    assert teacher.decode([i for i, label in zip(teacher_ids, teacher_labels, strict=True) if label != -100]).strip() == messages[1]["content"]
     s_text = student.apply_chat_template(messages, tokenize=False)
     s_ids = student(s_text, add_special_tokens=False)["input_ids"]
     assert pairs

@@ -68,3 +68,30 @@ def test_teacher_cache_with_cross_tokenizer_is_a_usage_error(model_dirs, pc_file
     config = config.model_copy(update={"teacher_cache": tmp_path, "teacher_model": None})
     with pytest.raises(ConfigError, match="cross_tokenizer cannot be used with teacher_cache"):
         train(config)
+
+
+def test_eval_against_a_teacher_with_another_tokenizer_reports_per_byte_figures(other_teacher, model_dirs, pc_file):
+    from nlm.data.tokenize import TokenizeSettings
+    from nlm.training.evaluate import evaluate_model
+
+    result = evaluate_model(model_dirs["student"], pc_file, teacher_path=other_teacher, batch_size=8,
+                            settings=TokenizeSettings(max_seq_length=64), device="cpu")
+    for key in ("loss", "perplexity", "bits_per_byte", "teacher_bits_per_byte", "teacher_aligned_uld", "aligned_groups"):
+        assert key in result, key
+    assert result["aligned_groups"] > 0 and result["target_bytes"] > 0
+    assert 0 < result["teacher_aligned_uld"] <= 2
+    # the student's bits per byte is its own token NLL re-expressed per byte of the same text
+    import math
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / result["target_bytes"] / math.log(2), rel=1e-6)
+
+
+def test_eval_with_itself_as_teacher_has_equal_bits_per_byte_and_zero_divergence(model_dirs, pc_file, monkeypatch):
+    """Force the cross path with identical tokenizers: both sides score the same text identically."""
+    from nlm.data.tokenize import TokenizeSettings
+    from nlm.training import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "tokenizers_equal", lambda a, b: False)
+    result = evaluate_module.evaluate_model(model_dirs["student"], pc_file, teacher_path=model_dirs["student"], batch_size=8,
+                                            settings=TokenizeSettings(max_seq_length=64), device="cpu")
+    assert result["teacher_bits_per_byte"] == pytest.approx(result["bits_per_byte"], rel=1e-5)
+    assert result["teacher_aligned_uld"] == pytest.approx(0.0, abs=1e-5)
