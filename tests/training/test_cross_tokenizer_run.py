@@ -95,3 +95,14 @@ def test_eval_with_itself_as_teacher_has_equal_bits_per_byte_and_zero_divergence
                                             settings=TokenizeSettings(max_seq_length=64), device="cpu")
     assert result["teacher_bits_per_byte"] == pytest.approx(result["bits_per_byte"], rel=1e-5)
     assert result["teacher_aligned_uld"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_with_lora_trains_only_the_adapter(other_teacher, model_dirs, pc_file, tmp_path):
+    from safetensors.torch import load_file
+
+    result = train(_config(other_teacher, model_dirs, pc_file, tmp_path / "out", "--distillation.cross_tokenizer", "uld",
+                           "--lora.enabled", "--lora.r", "4"))
+    adapter = load_file(str(result.final_dir / "adapter_model.safetensors"))
+    assert adapter and all("lora" in name for name in adapter)
+    assert any(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name)  # B starts at zero
