@@ -106,3 +106,26 @@ def test_cross_tokenizer_with_lora_trains_only_the_adapter(other_teacher, model_
     adapter = load_file(str(result.final_dir / "adapter_model.safetensors"))
     assert adapter and all("lora" in name for name in adapter)
     assert any(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name)  # B starts at zero
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_under_torchrun_two_processes(other_teacher, model_dirs, pc_file, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    out = tmp_path / "out"
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "nlm.cli", "--log_level", "WARNING", "train",
+               "--teacher_model", str(other_teacher), "--student_model", str(model_dirs["student"]),
+               "--train_file", str(pc_file), "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "no",
+               "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--device_preference", "cpu",
+               "--distillation.cross_tokenizer", "hybrid"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metadata = json.loads((out / "distill" / "final" / "training_metadata.json").read_text())
+    assert metadata["world_size"] == 2 and metadata["global_step"] == 2
+    assert metadata["teacher"]["describe"]["method"] == "hybrid"
