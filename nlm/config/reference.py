@@ -1,6 +1,7 @@
-"""Render the configuration reference (docs/CONFIGURATION.md) from the settings classes themselves.
+"""Render the training part of the configuration reference (docs/CONFIGURATION.md) from the settings classes.
 
-`python -m nlm.config.reference > docs/CONFIGURATION.md`; a test keeps the committed file in sync.
+The whole file, command options included, is written by `python -m nlm.commands.reference > docs/CONFIGURATION.md`
+(running this module does the same); a test keeps the committed file in sync.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def render_reference() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `nlm/config/settings.py` by `python -m nlm.config.reference`; do not edit by hand.",
+        "Generated from `nlm/config/settings.py` and `nlm/commands/*.py` by `python -m nlm.commands.reference`; do not edit by hand.",
         "",
         "Every option can be given as a CLI flag (`--lora.r 32`), an environment variable (`NLM_LORA__R=32`;",
         "nested options use `__`), or a key in the YAML file passed with `--config` (`lora: {r: 32}`).",
@@ -50,4 +51,7 @@ def render_reference() -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    print(render_reference(), end="")
+    # The full file also lists every command's options, which live above this layer.
+    from nlm.commands.reference import render_reference as render_full_reference
+
+    print(render_full_reference(), end="")
