@@ -8,7 +8,7 @@ divergence forward_kl at temperature 1; an on-policy step in nlm has no CE term)
 own process; runners alternate and repeat; medians are printed.
 
     .venv/bin/python -m pip install -r bench/requirements.txt     # trl==1.16.0
-    .venv/bin/python bench/on_policy_throughput.py [--steps 4] [--repeats 2] [--max_new_tokens 64]
+    .venv/bin/python bench/on_policy_throughput.py [--steps 4] [--repeats 2] [--max_new_tokens 64] [--threads 1]
 
 tokens/s = (generated tokens + trained tokens) / seconds, over the optimiser steps after the first
 (warm-up); trained tokens are the prompt + completion tokens the loss pass runs over. Peak RSS is the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -54,7 +55,7 @@ def run_nlm(root: Path, steps: int, batch: int, seed: int, max_new_tokens: int) 
 
     def counted(model, prompts, *args, **kwargs):
         completions = original_sample(model, prompts, *args, **kwargs)
-        counter.calls.append((sum(map(len, completions)), sum(len(p) + len(c) for p, c in zip(prompts, completions))))
+        counter.calls.append((sum(map(len, completions)), sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))))
         return completions
 
     policy_module.sample_completions = counted
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every runner alike (1 on a shared machine)")
     parser.add_argument("--runner", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,6 +120,9 @@ def main() -> None:
         return
 
     samples: dict[str, list[dict]] = {name: [] for name in args.runners}
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
+    if args.threads:  # oversubscribed OpenMP threads spin against other processes: on a shared machine use 1
+        env["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory(prefix="nlm-bench-onpolicy-") as scratch:
         root = Path(scratch)
         build_assets(root, examples=args.batch * args.steps + 8, seed=args.seed)
@@ -126,7 +131,7 @@ def main() -> None:
                 done = subprocess.run(
                     [sys.executable, __file__, "--runner", name, "--root", str(root), "--steps", str(args.steps),
                      "--batch", str(args.batch), "--seed", str(args.seed), "--max_new_tokens", str(args.max_new_tokens)],
-                    capture_output=True, text=True, env={**__import__("os").environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
+                    capture_output=True, text=True, env=env)
                 if done.returncode != 0:
                     raise SystemExit(f"{name} failed:\n{done.stderr[-4000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -151,7 +156,7 @@ def main() -> None:
             summary[name]["memory_vs_trl"] = round(summary[name]["peak_rss_mib"] / summary["trl_gkd"]["peak_rss_mib"], 3)
     print(json.dumps({"setup": {"teacher": "llama 8x512", "student": "llama 4x256", "vocab": 32768, "batch": args.batch,
                                 "max_new_tokens": args.max_new_tokens, "steps_timed": args.steps - 1,
-                                "repeats": args.repeats, "seed": args.seed},
+                                "repeats": args.repeats, "seed": args.seed, "threads": args.threads},
                       "results": summary}, indent=2))
 
 

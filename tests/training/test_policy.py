@@ -67,6 +67,7 @@ def test_masks_prompt_after_eos_and_padding(model_dirs, tokenizer):
     # Many of the vocabulary's ids as the model's own stop tokens, so some rows stop early and some do not.
     student.generation_config.eos_token_id = list(range(0, len(tokenizer), 2))
     batch = _batch(tokenizer, ROWS)
+    batch["source"], batch["source_name"] = torch.tensor([1, 0]), ["b", "a"]  # a mixture's per-row keys
     policy = _policy(model_dirs, tokenizer, max_new_tokens=8)
     prompts = policy._prompts(batch)
     for row, prompt in enumerate(prompts):
@@ -74,6 +75,7 @@ def test_masks_prompt_after_eos_and_padding(model_dirs, tokenizer):
         assert batch["labels"][row, len(prompt)] != IGNORE_INDEX and (batch["labels"][row, : len(prompt)] == IGNORE_INDEX).all()
     [rebuilt], source = policy.prepare([batch], step=0, student=student)
     assert source == "student"
+    assert rebuilt["source"].tolist() == [1, 0] and rebuilt["source_name"] == ["b", "a"]
     stops = set(student.generation_config.eos_token_id)
     for row, prompt in enumerate(prompts):
         ids, labels, attention = rebuilt["input_ids"][row], rebuilt["labels"][row], rebuilt["attention_mask"][row]
