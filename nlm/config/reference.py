@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from nlm.config.settings import SECRET_FIELDS
-from nlm.config.sources import known_keys
+from nlm.config.view import grouped_keys
 
 
 def _default(field: Any) -> str:
@@ -40,13 +40,18 @@ def render_reference() -> str:
         "Precedence, highest first: CLI > environment > YAML > default. Secrets (" + ", ".join(SECRET_FIELDS) + ") are",
         "accepted from the environment and the CLI only.",
         "",
-        "| option | environment | default | allowed | description |",
-        "|---|---|---|---|---|",
+        "## Training options",
+        "",
+        "Used by `nlm train`, `nlm teacher-cache` and `nlm config show`; grouped as `nlm config show` prints them.",
+        "",
     ]
-    for key, field in known_keys().items():
-        env = "NLM_" + key.upper().replace(".", "__")
-        description = (field.description or "").replace("|", "\\|")
-        lines.append(f"| `{key}` | `{env}` | `{_default(field)}` | {_allowed(field)} | {description} |")
+    for title, keys in grouped_keys().items():
+        lines += [f"### {title}", "", "| option | environment | default | allowed | description |", "|---|---|---|---|---|"]
+        for key, field in keys.items():
+            env = "NLM_" + key.upper().replace(".", "__")
+            description = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{key}` | `{env}` | `{_default(field)}` | {_allowed(field)} | {description} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -140,8 +140,8 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
     """Read and check a training YAML config: a mapping of known keys, and no secrets."""
     data = read_yaml_mapping(path)
     keys = known_keys()
-    for dotted in _flatten(data):
-        if dotted in SECRET_FIELDS:
+    for dotted, value in _flatten(data).items():
+        if dotted in SECRET_FIELDS and value is not None:  # `hf_token: null` (as config show prints) is no secret
             raise ConfigError(
                 f"config file {path}: '{dotted}' is a secret and must not be stored in a file; "
                 f"set NLM_{dotted.upper()} in the environment or pass --{dotted}"
