@@ -177,6 +177,17 @@ def _examples(
     yield from flush()
 
 
+def tokenization_key(paths: Sequence[Path], tokenizer: Any, settings: TokenizeSettings, teacher_tokenizer: Any = None) -> str:
+    """The tokenised-data cache key: the files' content, the tokenizer and the settings (runs sharing it share
+    one build); and a cross-tokenizer teacher's tokenizer when there is one."""
+    files = files_fingerprint(paths)
+    identity = {"files": sorted(files.values()), "tokenizer": tokenizer_fingerprint(tokenizer), "settings": asdict(settings),
+                "nlm": nlm.__version__, "layout": _LAYOUT}
+    if teacher_tokenizer is not None:
+        identity["teacher_tokenizer"] = tokenizer_fingerprint(teacher_tokenizer)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def tokenize_records(
     paths: Sequence[Path], tokenizer: Any, settings: TokenizeSettings, cache_root: Path | None = None,
     teacher_tokenizer: Any = None,
@@ -189,11 +200,7 @@ def tokenize_records(
     the aligned positions (`nlm.data.paired`).
     """
     files = files_fingerprint(paths)
-    identity = {"files": sorted(files.values()), "tokenizer": tokenizer_fingerprint(tokenizer), "settings": asdict(settings),
-                "nlm": nlm.__version__, "layout": _LAYOUT}
-    if teacher_tokenizer is not None:
-        identity["teacher_tokenizer"] = tokenizer_fingerprint(teacher_tokenizer)
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    key = tokenization_key(paths, tokenizer, settings, teacher_tokenizer)
     cache_dir = cache_root / key if cache_root is not None else None
     if cache_dir is not None and (cache_dir / "stats.json").is_file():
         dataset = datasets.load_from_disk(str(cache_dir / "dataset"))
