@@ -1,14 +1,12 @@
-"""Engine choices that would silently change results: DataParallel without a launcher, sharded heads."""
+"""Engine choices that would silently change results: DataParallel without a launcher."""
 
 import logging
-from types import SimpleNamespace
 
 import pytest
 from torch import nn
 from transformers import TrainingArguments
 
 from nlm.training.arguments import one_device_without_launcher
-from nlm.training.trainer import head_sharding_engine
 
 
 def test_several_gpus_without_a_launcher_train_on_one_never_under_data_parallel(tmp_path, caplog, tiny_trainer):
@@ -29,32 +27,6 @@ def test_one_gpu_or_a_launcher_is_left_alone(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         one_device_without_launcher(args)
     assert args.n_gpu == 0 and not caplog.text
-
-
-def test_sharded_heads_are_detected_for_fsdp_and_deepspeed_zero3(monkeypatch):
-    import transformers.integrations.deepspeed as hf_deepspeed
-
-    plain = SimpleNamespace(is_fsdp_enabled=False, accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)))
-    assert head_sharding_engine(plain) is None
-    assert head_sharding_engine(SimpleNamespace(is_fsdp_enabled=True)) == "FSDP"
-    zero2 = SimpleNamespace(is_fsdp_enabled=False, accelerator=SimpleNamespace(state=SimpleNamespace(
-        deepspeed_plugin=SimpleNamespace(zero_stage=2))))
-    assert head_sharding_engine(zero2) is None
-    zero3 = SimpleNamespace(is_fsdp_enabled=False, accelerator=SimpleNamespace(state=SimpleNamespace(
-        deepspeed_plugin=SimpleNamespace(zero_stage=3))))  # `accelerate launch` with a ZeRO-3 config
-    assert head_sharding_engine(zero3) == "DeepSpeed ZeRO-3"
-
-    class Zero3Config:  # what TrainingArguments(deepspeed=...) registers, through the library's own weakref
-        def is_zero3(self):
-            return True
-
-    config = Zero3Config()
-    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
-    hf_deepspeed.set_hf_deepspeed_config(config)
-    try:
-        assert head_sharding_engine(plain) == "DeepSpeed ZeRO-3"
-    finally:
-        hf_deepspeed.unset_hf_deepspeed_config()
 
 
 @pytest.fixture
