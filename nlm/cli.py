@@ -183,8 +183,9 @@ def cmd_serve(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) 
 
     from nlm.config.logging_setup import register_secret
     from nlm.inference.server import serve
-    from nlm.inference.settings import ServerSettings
+    from nlm.inference.settings import ServerSettings, parse_model_specs
 
+    specs = parse_model_specs(ns.model or ["/opt/ml/model"], ns.served_model_name)
     api_key = None
     if ns.api_key_env:
         api_key = os.environ.get(ns.api_key_env)
@@ -192,7 +193,7 @@ def cmd_serve(ns: argparse.Namespace, rest: list[str], options: dict[str, Any]) 
             raise ConfigError(f"--api_key_env {ns.api_key_env}: that environment variable is not set or empty")
         register_secret(api_key)
     serve(ServerSettings(
-        model=Path(ns.model), host=ns.host, port=ns.port, served_model_name=ns.served_model_name, api_key=api_key,
+        model=specs[0][1], models=specs, host=ns.host, port=ns.port, served_model_name=ns.served_model_name, api_key=api_key,
         max_batch_size=ns.max_batch_size, batch_window_ms=ns.batch_window_ms,
         max_concurrent_requests=ns.max_concurrent_requests, request_timeout_s=ns.request_timeout,
         max_body_bytes=ns.max_body_bytes, max_new_tokens_cap=ns.max_new_tokens_cap,
@@ -281,12 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache.set_defaults(handler=cmd_teacher_cache, takes_config_flags=True)
 
     serve = commands.add_parser("serve", help="serve a trained model over HTTP (SageMaker and OpenAI-compatible)")
-    serve.add_argument("--model", default="/opt/ml/model", help="model folder (full, merged or LoRA adapter)")
+    serve.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                       help="model folder (full, merged or LoRA adapter); repeat as NAME=PATH to serve several (default /opt/ml/model)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 exposes the server to the network")
     serve.add_argument("--port", type=flags.positive_int, default=8080)
     serve.add_argument("--api_key_env", metavar="NAME", help="require 'Authorization: Bearer $NAME' on every route but /ping")
     serve.add_argument("--served_model_name", help="model id shown by /v1/models (default: the folder name)")
-    serve.add_argument("--max_batch_size", type=flags.positive_int, default=8, help="requests sharing one generate call")
+    serve.add_argument("--max_batch_size", type=flags.positive_int, default=32, help="sequences decoded together (continuous batching)")
     serve.add_argument("--batch_window_ms", type=flags.non_negative_float, default=10.0, help="how long the batcher waits for company")
     serve.add_argument("--max_concurrent_requests", type=flags.positive_int, default=64, help="beyond this: 429 at once")
     serve.add_argument("--request_timeout", type=flags.positive_float, default=60.0, help="seconds before a 504")
