@@ -7,7 +7,7 @@ The model: a 6-layer Llama-family config (SmolLM2-135M's widths: 576 hidden, 9 h
 random model picks decodes to one word and is counted once), built into a temporary folder. Each server runs
 as a real process on loopback, CPU, one after the other; for each concurrency C, C closed-loop clients send
 `--requests` POST /v1/completions in total (greedy, `max_tokens` each), then C streaming requests measure the
-time to the first token. Completion tokens come from each answer's `usage` (or, when streaming, its words).
+time to the first token. Every server gets the same `--threads` (OMP_NUM_THREADS, default 1). Completion tokens come from each answer's `usage` (or, when streaming, its words).
 Then the memory of an `nlm serve` process with 1 and with 3 LoRA students of the same base (one base copy,
 PEFT adapters) gives the memory each extra student costs. Prints one JSON object.
 """
@@ -69,9 +69,12 @@ def build_students(base: Path, root: Path, count: int) -> list[Path]:
     return folders
 
 
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # set from --threads in main(); the same for every server
+
+
 def start(command: list[str], health: str, port: int) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **THREADS})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -185,10 +188,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least the concurrency)")
     parser.add_argument("--servers", nargs="+", default=["nlm", "transformers", "transformers_cb"])
     parser.add_argument("--skip_lora", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads of every server (OMP_NUM_THREADS); on a shared, oversubscribed CPU more "
+                             "than 1 makes each op wait for descheduled sibling threads")
     args = parser.parse_args()
+    THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     transformers_cli = str(Path(sys.executable).with_name("transformers"))
     results: dict = {"model": "llama 6x576, vocab 49152, random weights", "max_tokens": args.max_tokens,
-                     "cpu_threads": os.cpu_count(), "servers": {}}
+                     "cpu_count": os.cpu_count(), "server_threads": args.threads, "load_average": os.getloadavg()[0],
+                     "servers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         build_model(folder)
@@ -196,7 +204,7 @@ def main() -> None:
             port = free_port()
             if server == "nlm":
                 command = [sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--model", str(folder),
-                           "--port", str(port), "--device", "cpu", "--max_new_tokens_cap", "4096"]
+                           "--port", str(port), "--device", "cpu", "--max_new_tokens_cap", "4096", "--request_timeout", "3600"]
                 health = "/ping"
             else:
                 command = [transformers_cli, "serve", str(folder), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu"]

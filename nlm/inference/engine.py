@@ -195,7 +195,10 @@ class GenerationEngine:
         self.context = context_length(model.config)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # transformers 5.x renames `past_key_values` to `cache`; take whichever this model's forward names.
-        self._cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        parameters = inspect.signature(base.forward).parameters
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        # Prefill needs the logits of each prompt's last position only, not [rows, width, vocab].
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.pad_id = int(pad)
         self._queue: queue.Queue[GenerationJob | None] = queue.Queue()
@@ -358,7 +361,7 @@ class GenerationEngine:
         mask = torch.tensor([[0] * (width - len(r.job.prompt_ids)) + [1] * len(r.job.prompt_ids) for r in rows], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(rows, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
+        logits = self._forward(rows, cache, input_ids=ids, attention_mask=mask, position_ids=positions, **self._last_logits_only)
         self._advance(rows, self._choose(rows, logits))
         self._join(rows, cache, mask)
         self._retire()
