@@ -187,8 +187,10 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
         return sum(engine.queue_depth for engine in {id(e): e for e in state.engines.values()}.values())
 
     async def _disconnected(request: Request) -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.1)
+        """Returns when the client hangs up. The body is already read, so the next ASGI message can only be
+        the disconnect: waiting on it costs no polling (wake-ups would take the GIL from the worker thread)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def _generate(job: GenerationJob, served: ServedModel, request: Request | None) -> GenerationOutput:
         """Run an admitted job: 504 past the timeout; a client that hangs up cancels it and frees its place."""
@@ -316,11 +318,12 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
                 if chat:
                     yield chunk(None, None, first=True)
                 while not task.done() or not pieces.empty():
-                    try:
-                        text = await asyncio.wait_for(pieces.get(), timeout=0.05)
-                    except asyncio.TimeoutError:
-                        continue
-                    yield chunk(text, None)
+                    getter = asyncio.ensure_future(pieces.get())  # no polling: wake on a piece or on the end
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield chunk(getter.result(), None)
+                    else:
+                        getter.cancel()
                 output = await task
                 yield chunk(None if chat else "", output.finish_reasons[0])
             except ClientError as exc:
