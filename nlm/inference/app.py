@@ -14,8 +14,8 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +26,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nlm.inference.engine import GenerationEngine, GenerationJob, GenerationOutput, WorkerStopped
-from nlm.inference.jobs import ClientError, chat_prompt_ids, clean_prompt, encode_prompt, invocation_job, openai_job
+from nlm.inference.jobs import (
+    ClientError,
+    chat_prompt_ids,
+    clean_prompt,
+    encode_prompt,
+    invocation_job,
+    openai_job,
+)
 from nlm.inference.metrics import ServerMetrics
 from nlm.inference.middleware import GuardMiddleware
+from nlm.inference.registry import ServedModel, load_served_models
 from nlm.inference.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,7 +44,6 @@ from nlm.inference.schemas import (
     InvocationRequest,
     InvocationResponse,
 )
-from nlm.inference.registry import ServedModel, load_served_models
 from nlm.inference.settings import ServerSettings
 
 logger = logging.getLogger("nlm.serve")

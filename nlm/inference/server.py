@@ -23,7 +23,7 @@ def serve(settings: ServerSettings, loader: Any = None) -> None:
 
     from nlm.inference.app import create_app, default_loader
 
-    for name, path in settings.served_models:
+    for _name, path in settings.served_models:
         if not path.exists():
             raise ConfigError(f"model folder {path} not found (pass --model PATH or --model NAME=PATH; SageMaker mounts /opt/ml/model)")
     if settings.host not in ("127.0.0.1", "localhost", "::1"):

@@ -5,7 +5,14 @@ import asyncio
 import pytest
 import torch
 
-from nlm.inference.engine import GenerationEngine, GenerationJob, SamplingKey, context_length, cut_at_stop, eos_token_ids
+from nlm.inference.engine import (
+    GenerationEngine,
+    GenerationJob,
+    SamplingKey,
+    context_length,
+    cut_at_stop,
+    eos_token_ids,
+)
 from nlm.models.loading import load_tokenizer, load_trained_model
 from nlm.models.scratch import build_causal_lm
 

@@ -4,7 +4,6 @@ RoPE model with a large context and on a GPT-2 model with absolute positions and
 import json
 
 import pytest
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

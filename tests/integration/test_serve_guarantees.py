@@ -275,8 +275,8 @@ def test_concurrent_bad_requests_mixed_with_good_ones_never_5xx(server):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(call, calls))
-    assert all(r.status_code < 500 for r in responses), [(c, r.status_code, r.text) for c, r in zip(calls, responses) if r.status_code >= 500]
-    good = [r for (path, body), r in zip(calls, responses) if isinstance(body, dict) and "hello " in str(body.get("prompt"))]
+    assert all(r.status_code < 500 for r in responses), [(c, r.status_code, r.text) for c, r in zip(calls, responses, strict=True) if r.status_code >= 500]
+    good = [r for (path, body), r in zip(calls, responses, strict=True) if isinstance(body, dict) and "hello " in str(body.get("prompt"))]
     assert all(r.status_code == 200 for r in good)
     assert all(r.status_code in (400, 404, 413, 422) for r in responses[8:8 + len(BAD_BODIES) + len(BAD_CHATS)])
 
