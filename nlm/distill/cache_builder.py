@@ -91,6 +91,7 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     """Write (or finish) the cache for `config`'s teacher and training data; returns the manifest."""
     if not config.teacher_model:
         raise ConfigError("teacher-cache needs the teacher: pass --teacher MODEL (or --teacher_model)")
+    train_files = resolve_train_files(config.train_file)  # a missing data file fails before the teacher loads
     output = safe_output_dir(output)
     hub = {"revision": config.teacher_revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
     tokenizer = load_tokenizer(config.teacher_model, **hub)
@@ -118,7 +119,7 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     precision = resolve_precision(config.precision, device)
     teacher = freeze(load_causal_lm(config.teacher_model, dtype=teacher_dtype(config.teacher_precision, precision, device), **hub))
     teacher.to(device)
-    data = tokenize_records(resolve_train_files(config.train_file), tokenizer, tokenize_settings(config), cache_root=None)
+    data = tokenize_records(train_files, tokenizer, tokenize_settings(config), cache_root=None)
     dataset = data.dataset
     sample = torch.tensor([dataset[0]["input_ids"]], device=device)
     if not head_reproduces_logits(teacher, sample):

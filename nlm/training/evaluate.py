@@ -38,8 +38,10 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Token-level metrics of `model_path` on `data_file` (targets as in training: completion tokens)."""
     settings = settings or TokenizeSettings()
+    tokenizer = load_tokenizer(str(model_path), trust_remote_code=trust_remote_code)  # a wrong path fails first
+    # Data before models: a file the tokenizer cannot encode (chat records, no template) fails in a second.
+    data = tokenize_records([Path(data_file)], tokenizer, settings, cache_root=None)
     target = select_device(forced=device) if device else select_device()
-    tokenizer = load_tokenizer(str(model_path), trust_remote_code=trust_remote_code)
     model = load_trained_model(model_path, device=target, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     teacher = None
     width = len(tokenizer)
@@ -48,7 +50,6 @@ def evaluate_model(
                                            allow_pickle=allow_pickle)
         width = shared_vocab_width(load_tokenizer(str(teacher_path)), tokenizer, teacher_model, model)
         teacher = LiveTeacher(teacher_model, target, width)
-    data = tokenize_records([Path(data_file)], tokenizer, settings, cache_root=None)
     loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=PaddingCollator(tokenizer.pad_token_id or 0))
     sample = torch.tensor([data.dataset[0]["input_ids"][:8]], device=target)
     # Chunked scoring (no full logits) unless a model post-processes its logits after the head.
