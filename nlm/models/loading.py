@@ -60,6 +60,11 @@ def _require_local_folder(name: str, accepted: tuple[str, ...] = MODEL_FILES) ->
     raise ModelPathError(f"{name} is not a model folder: it holds no {' or '.join(accepted)} (found: {found})")
 
 
+def check_model_path(name: str | Path) -> None:
+    """Fail early (ModelPathError, exit 2) when a local path given as a model is not a model folder."""
+    _require_local_folder(str(name))
+
+
 def _hub_kwargs(revision: str | None, token: Any, trust_remote_code: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision:

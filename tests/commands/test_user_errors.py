@@ -74,6 +74,8 @@ def test_wrong_model_folder_kinds_are_usage_errors(tmp_path, capsys, model_dirs,
     assert main(["train", "--student_model", str(pc_file), "--distillation.alpha", "0", "--train_file", str(pc_file),
                  "--output_dir", str(tmp_path / "o")]) == 2
     assert "is a file; expected a model folder" in _one_error_line(capsys)
+    assert main(["serve", "--model", str(run)]) == 2
+    assert f"is a training run folder; its model is {run / 'final'}" in _one_error_line(capsys)
 
 
 def _without_chat_template(source, target):

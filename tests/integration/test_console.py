@@ -1,9 +1,12 @@
 """What a user sees on a terminal during a default LoRA run: a progress bar, our log lines, no library noise."""
 
+import fcntl
 import os
 import pty
+import struct
 import subprocess
 import sys
+import termios
 
 import pytest
 
@@ -19,6 +22,8 @@ def _train_args(model_dirs, pc_file, out):
 def _run_on_a_terminal(args):
     """Run `nlm ARGS` with stdout and stderr on a pseudo-terminal (isatty() is true, as in a shell)."""
     master, slave = pty.openpty()
+    # A real terminal's size: tqdm's dynamic width reads it, and draws nothing on a 0-column terminal.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
     process = subprocess.Popen([sys.executable, "-m", "nlm.cli", *args], stdout=slave, stderr=slave, env=env)
     os.close(slave)
