@@ -29,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "demo": "nlm.commands.demo",
     "config show": "nlm.commands.config_show",
     "data inspect": "nlm.commands.data_inspect",
+    "data mix": "nlm.commands.data_mix",
+    "pipeline run": "nlm.commands.pipeline_run",
 }
 
 GLOBAL_FLAGS = {"--debug": 0, "--log_format": 1, "--log_level": 1}

@@ -82,6 +82,46 @@ class DistillationConfig(BaseModel):
     generation_top_k: int = Field(0, ge=0, description="Top-k sampling of generated completions (0: off).")
 
 
+# --- Data mixing and curriculum (issue 14) ---------------------------------------------------------------
+class MixtureSource(BaseModel):
+    """One source of a training mixture: its files, its sampling weight, its name in logs and metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(
+        None, description="A JSONL file, a folder of *.jsonl or a glob; default: every *.jsonl in $SM_CHANNEL_<NAME>."
+    )
+    weight: float = Field(1.0, gt=0, description="Sampling weight; weights are normalised to probabilities.")
+    name: str | None = Field(None, min_length=1, max_length=64, description="Source name (default: the file's stem).")
+
+    @model_validator(mode="after")
+    def _path_or_channel(self) -> MixtureSource:
+        if self.path is None and self.name is None:
+            raise ValueError("give a path (or a name whose $SM_CHANNEL_<NAME> holds the files)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(str(self.path).rstrip("/")).stem.replace("*", "") or "source"
+
+
+class CurriculumConfig(BaseModel):
+    """Easy examples first: only the easiest `start_fraction` is sampled at first, all of it from `full_at`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    by: str | None = Field(
+        None,
+        min_length=1,
+        description="Difficulty: length (target tokens), teacher_loss, student_loss, or a numeric FIELD of the "
+        "records; unset: no curriculum.",
+    )
+    order: Literal["easy_first", "hard_first"] = Field("easy_first", description="easy_first or hard_first.")
+    pacing: Literal["linear", "step", "root"] = Field("linear", description="How the pool grows: linear, step or root.")
+    start_fraction: float = Field(0.2, gt=0, le=1, description="Fraction of the data sampled at the start.")
+    full_at: float = Field(0.5, gt=0, le=1, description="Fraction of training after which all the data is sampled.")
+
+
 class TrainingConfig(BaseSettings):
     """Everything `nlm train` needs. Precedence: CLI flags > NLM_… environment > YAML (--config) > defaults."""
 
@@ -112,6 +152,17 @@ class TrainingConfig(BaseSettings):
     completion_only_loss: bool = Field(True, description="Train only on completion/assistant tokens.")
     prompt_separator: str = Field("\n", description="Text between prompt and completion.")
     max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="JSONL lines longer than this are skipped.")
+    # Mixing and curriculum (issue 14): which examples the student sees when (nlm.data.sampler).
+    train_mixture: list[MixtureSource] | None = Field(
+        None, description="Several training sources with weights: [{path, weight, name}, ...] (instead of train_file)."
+    )
+    mixture_stopping: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted",
+        description="An epoch of a mixture ends when the first source runs out, or when all have been seen (oversampling).",
+    )
+    mixture_size: int | None = Field(None, ge=1, description="Examples per epoch of a mixture (overrides mixture_stopping).")
+    log_per_source: bool = Field(False, description="Log the task loss of each mixture source.")
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
 
     # Output
     output_dir: Path = Field(Path("outputs"), description="Runs are written under output_dir/run_name.")
@@ -204,6 +255,17 @@ class TrainingConfig(BaseSettings):
                              "samples; it cannot be used with teacher_cache")
         if self.teacher_cache is not None and self.distillation.seq_kd:
             raise ValueError("distillation.seq_kd needs a live teacher to generate; it cannot be used with teacher_cache")
+        if self.train_mixture is not None:
+            if self.train_file is not None:
+                raise ValueError("give train_file or train_mixture, not both")
+            if not self.train_mixture:
+                raise ValueError("train_mixture needs at least one source")
+            if self.teacher_cache is not None:
+                raise ValueError("train_mixture with teacher_cache is not supported yet: the cache covers train_file only")
+            labels = [source.label for source in self.train_mixture]
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            if repeated:
+                raise ValueError(f"train_mixture: source name {repeated[0]!r} is used twice; give each source a distinct name")
         return self
 
     @property

@@ -228,7 +228,10 @@ def _describe_validation_error(
         shown = "**********" if key in SECRET_FIELDS else repr(value)
         message = str(error["msg"]).removeprefix("Value error, ")
         if loc:
-            problems.append(f"{key} = {shown} ({_describe_source(key, source, config_path)}): {message}")
+            # Inside a list of models (train_mixture), name the item and its field: train_mixture[1].weight.
+            where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][len(loc):])
+            where = where if where.startswith("[") and "." in where else ""
+            problems.append(f"{key}{where} = {shown} ({_describe_source(key, source, config_path)}): {message}")
         else:
             problems.append(message)
     return "; ".join(dict.fromkeys(problems))

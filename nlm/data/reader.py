@@ -112,9 +112,17 @@ def iter_records(
 
     Raises DataError for a missing, unreadable or empty file, or a file in which no line is usable.
     """
+    for _, _, record in iter_numbered_records(paths, stats, max_line_bytes, prompts_only):
+        yield record
+
+
+def iter_numbered_records(
+    paths: Sequence[Path], stats: ReadStats, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, prompts_only: bool = False
+) -> Iterator[tuple[int, int, dict[str, str]]]:
+    """`iter_records` with each record's place: (index of its file in `paths`, 1-based line number)."""
     for path in paths:
         _check_readable(path)
-    for path in paths:
+    for file_index, path in enumerate(paths):
         valid_before, warned = stats.valid, 0
         with path.open("rb") as handle:
             for number, raw in enumerate(handle, start=1):
@@ -137,7 +145,7 @@ def iter_records(
                 stats.formats[record["format"]] += 1
                 if _has_empty_field(record, prompts_only):
                     stats.empty_fields += 1
-                yield record
+                yield file_index, number, record
         if stats.valid == valid_before:
             raise DataError(f"data file {path}: none of its lines is a usable record ({_reasons(stats)})")
     if stats.skipped:

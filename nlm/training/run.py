@@ -17,6 +17,7 @@ from nlm.config.paths import path_inside, safe_output_dir
 from nlm.config.settings import TrainingConfig
 from nlm.data.files import resolve_eval_files, resolve_train_files
 from nlm.data.prepare import PreparedData, prepare_datasets
+from nlm.data.sampler import OrderPlan, OrderSampler
 from nlm.data.tokenize import PaddingCollator
 from nlm.distill.cache import CacheMismatchError, TeacherCache, compare_fingerprints
 from nlm.distill.cache_builder import cache_fingerprint
@@ -37,6 +38,7 @@ from nlm.models.vocab import shared_vocab_width
 from nlm.training.arguments import training_arguments
 from nlm.training.callbacks import install_callbacks
 from nlm.training.metadata import redacted_config, write_metadata
+from nlm.training.order import build_order, global_batch, model_scorer
 from nlm.training.policy import StepPolicy
 from nlm.training.trainer import DistillationTrainer
 
@@ -127,6 +129,10 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     with args.main_process_first(local=False, desc="tokenisation"):
         data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
                                 with_index=isinstance(teacher, CachedTeacher))
+    plan = build_order(config, data, args.world_size, model_scorer(
+        {"student": student, "teacher": teacher.model if isinstance(teacher, LiveTeacher) else None},
+        {"student": config.student_model, "teacher": config.teacher_model}, vocab_width,
+        tokenizer.pad_token_id or 0, config.per_device_eval_batch_size, path_inside(config.output_dir, ".cache/tokenized")))
     loss_impl = choose_loss_impl(config.loss_impl, student, teacher, data.train[0]["input_ids"])
     if config.lora.enabled:
         student = apply_lora(student, config.lora)
@@ -151,6 +157,8 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         step_policy=StepPolicy.from_config(
             config.distillation, seed=config.seed, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             tokenizer=tokenizer, teacher=teacher, base_settings=LossSettings.from_config(config.distillation)),
+        train_sampler=OrderSampler(plan) if plan is not None else None,
+        source_names=list(plan.names) if plan is not None and config.log_per_source else None,
     )
     install_callbacks(trainer)
     output = trainer.train(resume_from_checkpoint=checkpoint)
@@ -169,7 +177,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
                  "revision": model_revision(teacher.model) if isinstance(teacher, LiveTeacher) else None},
         loss_impl=trainer.loss_impl,
         student={"model": config.student_model, "revision": model_revision(trainer.model)},
-        data=data_summary(data),
+        data=data_summary(data, plan, trainer.state.global_step * global_batch(config, args.world_size)),
         device=str(device),
         teacher_device=str(teacher.device) if isinstance(teacher, LiveTeacher) else None,
         precision=precision.name,
@@ -242,8 +250,15 @@ def _final_eval(trainer: DistillationTrainer) -> dict[str, Any]:
     return trainer.evaluate()
 
 
-def data_summary(data: PreparedData) -> dict[str, Any]:
-    return json.loads(json.dumps(data.summary(), default=str))
+def data_summary(data: PreparedData, plan: OrderPlan | None = None, draws: int = 0) -> dict[str, Any]:
+    summary = data.summary()
+    if plan is not None:  # each source's hash and weight are in summary["sources"]; add what was drawn
+        drawn = plan.drawn_counts(draws)
+        for source in summary["sources"]:
+            source["drawn"] = drawn[source["name"]]
+        summary["order"] = {"epoch_length": plan.epoch_length(), "stopping": plan.stopping, "size": plan.size,
+                            "seed": plan.seed, "curriculum": plan.ranking is not None}
+    return json.loads(json.dumps(summary, default=str))
 
 
 def save_final(trainer: DistillationTrainer, tokenizer: Any, run_dir: Path, config: TrainingConfig) -> Path:

@@ -36,9 +36,15 @@ class DistillationTrainer(Trainer):
         loss_impl: str = "fused",
         chunk_tokens: int | None = None,
         step_policy: StepPolicy | None = None,
+        train_sampler: Any | None = None,
+        source_names: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # The data order (mixture / curriculum, nlm.data.sampler) replaces the library's shuffling; with
+        # `source_names` the task loss of each source is logged too (nlm.training.per_source).
+        self.train_sampler = train_sampler
+        self.source_names = source_names
         if teacher is None and distillation.alpha > 0:
             raise ValueError("a teacher is required when distillation.alpha > 0")
         self.teacher = teacher
@@ -65,7 +71,13 @@ class DistillationTrainer(Trainer):
     @staticmethod
     def _new_window() -> dict[str, float]:
         """Sums since the last logged step (means and rates are taken over them)."""
-        return {"task": 0.0, "distill": 0.0, "batches": 0, "samples": 0, "tokens": 0, "start": time.perf_counter()}
+        return {"task": 0.0, "distill": 0.0, "batches": 0, "samples": 0, "tokens": 0, "start": time.perf_counter(),
+                "source_ce": None, "source_tokens": None}
+
+    def _get_train_sampler(self, train_dataset: Any | None = None) -> Any:
+        if self.train_sampler is not None and (train_dataset is None or train_dataset is self.train_dataset):
+            return self.train_sampler
+        return super()._get_train_sampler(train_dataset)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         """The micro-batches of one optimiser step; the step policy may replace their completions (once per step,
@@ -105,6 +117,7 @@ class DistillationTrainer(Trainer):
                 linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
             )
             reference = rows
+            source_logits = lambda start, end: head(rows[start:end].detach())[..., : self.vocab_width]  # noqa: E731
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
             student = outputs.logits[:, :-1, : self.vocab_width][mask]  # [n, V]
@@ -112,11 +125,14 @@ class DistillationTrainer(Trainer):
             task_sum, distill_sum = summed_parts(student.float(), teacher, targets, self.loss_settings)
             parts = combine(task_sum, distill_sum, targets.numel(), self.loss_settings, normalizer)
             reference = student
+            source_logits = lambda start, end: student[start:end].detach()  # noqa: E731
         loss = parts.total
         if self.args.average_tokens_across_devices and normalizer is not None and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # gradients are averaged over processes afterwards
         loss = self._guard_finite(loss, reference)
         self._record(parts, normalizer, inputs)
+        if self.source_names and "source" in inputs:
+            self._record_sources(source_logits, targets, inputs["source"].unsqueeze(1).expand_as(mask)[mask])
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
@@ -163,7 +179,25 @@ class DistillationTrainer(Trainer):
         mask = inputs.get("attention_mask")
         self._window["tokens"] += int(mask.sum().item()) if mask is not None else inputs["input_ids"].numel()
 
+    def _record_sources(self, logits: Any, targets: torch.Tensor, token_source: torch.Tensor) -> None:
+        from nlm.training.per_source import per_source_sums
+
+        sums, counts = per_source_sums(logits, targets, token_source.to(targets.device), len(self.source_names or []),
+                                       chunk=self.chunk_tokens or 1024)
+        if self._window["source_ce"] is None:
+            self._window["source_ce"], self._window["source_tokens"] = sums, counts
+        else:
+            self._window["source_ce"] += sums
+            self._window["source_tokens"] += counts
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._window["source_ce"] is not None:
+            sums, counts = self._window["source_ce"], self._window["source_tokens"]
+            if self.accelerator.num_processes > 1:
+                sums, counts = self.accelerator.reduce(sums, "sum"), self.accelerator.reduce(counts, "sum")
+            for name, ce, n in zip(self.source_names or [], sums.tolist(), counts.tolist(), strict=True):
+                if n:
+                    logs[f"task_loss/{name}"] = round(ce / n, 6)
         if "loss" in logs and self._window["batches"]:
             elapsed = max(time.perf_counter() - self._window["start"], 1e-9)
             logs["task_loss"] = round(self._window["task"] / self._window["batches"], 6)
