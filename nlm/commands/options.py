@@ -190,6 +190,8 @@ def build_parser(command: str, options_cls: type[BaseModel], description: str | 
         kwargs: dict[str, Any] = {"help": _help_line(spec), "dest": spec.name}
         if spec.choices:
             kwargs["metavar"] = "{" + ",".join(str(c) for c in spec.choices) + "}"
+        elif spec.name == "config":
+            kwargs["metavar"] = "FILE"
         if spec.positional:
             kwargs.pop("dest")
             kwargs["nargs"] = "?"
