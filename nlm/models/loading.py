@@ -47,7 +47,7 @@ def _require_local_folder(name: str, accepted: tuple[str, ...] = MODEL_FILES) ->
         return
     if not path.is_dir():
         raise ModelPathError(f"{name} is a file; expected a model folder (config.json and weights) or a hub id")
-    if any((path / file).is_file() for file in accepted):
+    if any((path / file).is_file() for file in accepted) or gguf_file_in(path):
         return
     if (path / "final").is_dir():
         raise ModelPathError(f"{name} is a training run folder; its model is {path / 'final'}")
@@ -72,6 +72,16 @@ def _hub_kwargs(revision: str | None, token: Any, trust_remote_code: bool) -> di
     if token is not None:
         kwargs["token"] = token.get_secret_value() if hasattr(token, "get_secret_value") else token
     return kwargs
+
+
+def gguf_file_in(name: str | Path) -> str | None:
+    """The one *.gguf file of a local folder without config.json (what `nlm export --format gguf` writes):
+    transformers reads it with `gguf_file=`, dequantized. None for every other name."""
+    folder = Path(name)
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return None
+    files = sorted(folder.glob("*.gguf"))
+    return files[0].name if len(files) == 1 else None
 
 
 def _short_error(exc: Exception) -> str:
@@ -107,7 +117,10 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     kwargs = _hub_kwargs(revision, token, trust_remote_code)
-    if not allow_pickle:
+    gguf_file = gguf_file_in(name)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file  # GGUF holds tensors only (no code): no pickle concern
+    elif not allow_pickle:
         kwargs["use_safetensors"] = True
     _require_local_folder(str(name))
     try:
@@ -167,7 +180,8 @@ def load_trained_model(
     if not path.exists():
         raise ModelPathError(f"model folder {path} not found")
     _require_local_folder(str(path))
-    if not allow_pickle and not is_adapter_dir(path) and path.is_dir() and not any(path.glob("*.safetensors")):
+    if not allow_pickle and not is_adapter_dir(path) and path.is_dir() and not any(path.glob("*.safetensors")) \
+            and not gguf_file_in(path):
         raise ModelLoadError(
             f"{path} holds no *.safetensors weights; pickle weights (.bin) run code when loaded, "
             "so they are refused unless --allow_pickle"

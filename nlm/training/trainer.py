@@ -3,6 +3,7 @@ accumulation, mixed precision, checkpointing and distribution are the library's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -12,9 +13,11 @@ import torch
 from transformers import Trainer
 
 from nlm.config.settings import DistillationConfig
+from nlm.distill.cross_loss import cross_tokenizer_loss
 from nlm.distill.fused import fused_distillation_loss
 from nlm.distill.loss import LossSettings, combine, summed_parts
 from nlm.distill.metrics import EvalSums, score_batch
+from nlm.distill.sharded_head import gathered_head, prepare_teacher
 from nlm.distill.teacher import LiveTeacher
 from nlm.errors import TrainingDivergedError
 from nlm.models.heads import capture_hidden, output_head
@@ -51,11 +54,12 @@ class DistillationTrainer(Trainer):
         self.distillation = distillation
         self.loss_settings = LossSettings.from_config(distillation)
         self.loss_impl = loss_impl
-        if loss_impl == "fused" and self.is_fsdp_enabled:
-            # FSDP gathers a sharded head in the module's __call__ hooks; the fused loss calls the head's forward
-            # chunk by chunk outside them, so it would see a shard.
-            logger.warning("FSDP is enabled: using loss_impl=simple (the fused loss needs an unsharded output head)")
+        if loss_impl == "fused" and self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+            # FSDP1 has no unsharding API usable inside a step (FSDP2 and ZeRO-3 do: nlm.distill.sharded_head).
+            logger.warning("FSDP version 1: using loss_impl=simple (the fused loss needs FSDP2; see configs/accelerate/fsdp2.yaml)")
             self.loss_impl = "simple"
+        if isinstance(teacher, LiveTeacher):
+            teacher.model = prepare_teacher(teacher.model, self.accelerator)  # DeepSpeed: its own engine
         self.chunk_tokens = chunk_tokens
         self.step_policy = step_policy  # None: every step trains on the dataset (see nlm/training/policy.py)
         self.vocab_width = vocab_width
@@ -102,20 +106,23 @@ class DistillationTrainer(Trainer):
         if normalizer is not None and torch.is_tensor(normalizer):
             normalizer = normalizer.to(targets.device)
         use_teacher = self.teacher is not None and self.distillation.alpha > 0
-        if self.loss_impl == "fused":
+        if use_teacher and getattr(self.teacher, "paired_tokenizer", None) is not None:
+            parts, outputs, reference = self._cross_tokenizer_loss(model, inputs, normalizer)
+        elif self.loss_impl == "fused":
             unwrapped = self.accelerator.unwrap_model(model)
             head_module = output_head(unwrapped)
             with capture_hidden(unwrapped) as (store, head):
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
             rows = store["hidden"][:, :-1][mask]  # [n, H]
             teacher_rows = self.teacher.row_source(inputs, mask, rows.device) if use_teacher else (lambda start, end: None)
-            parts = fused_distillation_loss(
-                rows, head, targets, teacher_rows, vocab_width=self.vocab_width, settings=self.loss_settings,
-                normalizer=normalizer, head_parameters=[p for p in head_module.parameters() if p.requires_grad],
-                chunk_size=self.chunk_tokens,
-                # A plain Linear head gets hand-written gradients (no head-sized copy per chunk).
-                linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
-            )
+            with gathered_head(unwrapped, head_module), self._gathered_teacher_head():  # sharded heads, whole
+                parts = fused_distillation_loss(
+                    rows, head, targets, teacher_rows, vocab_width=self.vocab_width, settings=self.loss_settings,
+                    normalizer=normalizer, head_parameters=[p for p in head_module.parameters() if p.requires_grad],
+                    chunk_size=self.chunk_tokens,
+                    # A plain Linear head gets hand-written gradients (no head-sized copy per chunk).
+                    linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
+                )
             reference = rows
             source_logits = lambda start, end: head(rows[start:end].detach())[..., : self.vocab_width]  # noqa: E731
         else:
@@ -134,6 +141,27 @@ class DistillationTrainer(Trainer):
         if self.source_names and "source" in inputs:
             self._record_sources(source_logits, targets, inputs["source"].unsqueeze(1).expand_as(mask)[mask])
         return (loss, outputs) if return_outputs else loss
+
+    def _gathered_teacher_head(self) -> Any:
+        """A live teacher sharded by DeepSpeed ZeRO-3 needs its head whole for the chunk loop too."""
+        if not isinstance(self.teacher, LiveTeacher):
+            return contextlib.nullcontext()
+        return gathered_head(self.teacher.model, output_head(self.teacher.model))
+
+    def _cross_tokenizer_loss(self, model: Any, inputs: dict[str, torch.Tensor], normalizer: Any) -> tuple[Any, Any, torch.Tensor]:
+        """A teacher with its own tokenizer: CE (fused) + ULD/hybrid at the aligned group starts."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        head_module = output_head(unwrapped)
+        with capture_hidden(unwrapped) as (store, head):
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        hidden = store["hidden"]
+        parts = cross_tokenizer_loss(
+            hidden, head, inputs, self.teacher.group_logits(inputs, hidden.device), self.loss_settings,
+            self.teacher.cross, self.teacher.vocab_map, vocab_width=self.vocab_width, normalizer=normalizer,
+            head_parameters=[p for p in head_module.parameters() if p.requires_grad], chunk_size=self.chunk_tokens,
+            linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
+        )
+        return parts, outputs, hidden
 
     @torch.no_grad()
     def _eval_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool) -> Any:
