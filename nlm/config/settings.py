@@ -58,6 +58,22 @@ class DistillationConfig(BaseModel):
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="Mixture weight of the generalised Jensen-Shannon divergence.")
     skew_lambda: float = Field(0.1, ge=0, lt=1, description="Skew of skew_kl: KL(p || λp + (1-λ)q).")
 
+    # On-policy (GKD) and sequence-level distillation (issue 11); TRL's names. See nlm/training/policy.py.
+    lmbda: float = Field(
+        0.0, ge=0, le=1,
+        description="Share of optimiser steps trained on the student's own samples, scored by the teacher "
+        "(on-policy distillation, GKD); 0 is plain off-policy distillation.",
+    )
+    seq_kd: bool = Field(
+        False, description="Train off-policy steps on completions the teacher generates on the fly (sequence-level KD)."
+    )
+    max_new_tokens: int = Field(128, ge=1, le=65_536, description="Longest generated completion (lmbda > 0 or seq_kd).")
+    generation_temperature: float = Field(
+        1.0, ge=0, le=100, description="Sampling temperature of generated completions; 0 is greedy."
+    )
+    generation_top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of generated completions (1: off).")
+    generation_top_k: int = Field(0, ge=0, description="Top-k sampling of generated completions (0: off).")
+
 
 # --- Data mixing and curriculum (issue 14) ---------------------------------------------------------------
 class MixtureSource(BaseModel):
@@ -123,7 +139,7 @@ class TrainingConfig(BaseSettings):
 
     # Data
     train_file: Path | None = Field(None, description="Training JSONL; else every *.jsonl in $SM_CHANNEL_TRAIN.")
-    eval_file: Path | None = Field(None, description="Evaluation JSONL; else $SM_CHANNEL_EVAL / $SM_CHANNEL_VALIDATION.")
+    eval_file: Path | None = Field(None, description="Evaluation JSONL; else $SM_CHANNEL_EVAL / $SM_CHANNEL_VALIDATION / $SM_CHANNEL_TEST.")
     eval_split: float = Field(0.0, ge=0, lt=1, description="Fraction of the training data held out for eval.")
     max_seq_length: int = Field(512, ge=8, le=1_048_576, description="Longer sequences are truncated.")
     completion_only_loss: bool = Field(True, description="Train only on completion/assistant tokens.")
@@ -240,6 +256,12 @@ class TrainingConfig(BaseSettings):
             repeated = sorted({label for label in labels if labels.count(label) > 1})
             if repeated:
                 raise ValueError(f"train_mixture: source name {repeated[0]!r} is used twice; give each source a distinct name")
+        # A cache holds the teacher's view of the dataset's text only; it cannot score generated text.
+        if self.teacher_cache is not None and self.distillation.lmbda > 0:
+            raise ValueError("distillation.lmbda > 0 (on-policy) needs a live teacher to score the student's "
+                             "samples; it cannot be used with teacher_cache")
+        if self.teacher_cache is not None and self.distillation.seq_kd:
+            raise ValueError("distillation.seq_kd needs a live teacher to generate; it cannot be used with teacher_cache")
         return self
 
     @property

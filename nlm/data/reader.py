@@ -52,8 +52,9 @@ class _Skip(Exception):
         self.reason = reason
 
 
-def normalise_record(obj: Any) -> dict[str, str]:
-    """Check one parsed JSON value and return it as a flat record of strings (the dataset's row schema)."""
+def normalise_record(obj: Any, prompts_only: bool = False) -> dict[str, str]:
+    """Check one parsed JSON value and return it as a flat record of strings (the dataset's row schema).
+    With `prompts_only` (inputs to generation), {"prompt": str} alone is a record with an empty completion."""
     if not isinstance(obj, dict):
         raise _Skip("not_object", f"expected a JSON object, found {type(obj).__name__}")
     if "messages" in obj:
@@ -70,7 +71,7 @@ def normalise_record(obj: Any) -> dict[str, str]:
         clean = [{"role": m["role"], "content": m["content"]} for m in messages]
         return {"format": "chat", "prompt": "", "completion": "", "text": "", "messages": json.dumps(clean)}
     if "prompt" in obj or "completion" in obj:
-        prompt, completion = obj.get("prompt"), obj.get("completion")
+        prompt, completion = obj.get("prompt"), obj.get("completion", "" if prompts_only else None)
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise _Skip("wrong_type", "'prompt' and 'completion' must both be strings")
         return {"format": "prompt_completion", "prompt": prompt, "completion": completion, "text": "", "messages": ""}
@@ -81,9 +82,9 @@ def normalise_record(obj: Any) -> dict[str, str]:
     raise _Skip("unknown_format", "expected keys prompt+completion, text, or messages")
 
 
-def _has_empty_field(record: dict[str, str]) -> bool:
+def _has_empty_field(record: dict[str, str], prompts_only: bool = False) -> bool:
     if record["format"] == "prompt_completion":
-        return not record["prompt"].strip() or not record["completion"].strip()
+        return not record["prompt"].strip() or (not prompts_only and not record["completion"].strip())
     if record["format"] == "text":
         return not record["text"].strip()
     return any(not m["content"].strip() for m in json.loads(record["messages"]))
@@ -105,18 +106,18 @@ def _check_readable(path: Path) -> None:
 
 
 def iter_records(
-    paths: Sequence[Path], stats: ReadStats, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    paths: Sequence[Path], stats: ReadStats, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, prompts_only: bool = False
 ) -> Iterator[dict[str, str]]:
     """Yield normalised records from JSONL files, skipping and counting bad lines.
 
     Raises DataError for a missing, unreadable or empty file, or a file in which no line is usable.
     """
-    for _, _, record in iter_numbered_records(paths, stats, max_line_bytes):
+    for _, _, record in iter_numbered_records(paths, stats, max_line_bytes, prompts_only):
         yield record
 
 
 def iter_numbered_records(
-    paths: Sequence[Path], stats: ReadStats, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    paths: Sequence[Path], stats: ReadStats, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, prompts_only: bool = False
 ) -> Iterator[tuple[int, int, dict[str, str]]]:
     """`iter_records` with each record's place: (index of its file in `paths`, 1-based line number)."""
     for path in paths:
@@ -131,7 +132,7 @@ def iter_numbered_records(
                     continue  # blank lines (and a trailing newline) are not records
                 stats.lines += 1
                 try:
-                    record = _parse_line(raw, max_line_bytes)
+                    record = _parse_line(raw, max_line_bytes, prompts_only)
                 except _Skip as skip:
                     stats.skipped[skip.reason] += 1
                     level = logging.WARNING if warned < MAX_SKIP_WARNINGS else logging.DEBUG
@@ -142,7 +143,7 @@ def iter_numbered_records(
                     continue
                 stats.valid += 1
                 stats.formats[record["format"]] += 1
-                if _has_empty_field(record):
+                if _has_empty_field(record, prompts_only):
                     stats.empty_fields += 1
                 yield file_index, number, record
         if stats.valid == valid_before:
@@ -157,7 +158,7 @@ def _reasons(stats: ReadStats) -> str:
     return ", ".join(f"{reason}: {count}" for reason, count in sorted(stats.skipped.items())) or "no lines"
 
 
-def _parse_line(raw: bytes, max_line_bytes: int) -> dict[str, str]:
+def _parse_line(raw: bytes, max_line_bytes: int, prompts_only: bool = False) -> dict[str, str]:
     if len(raw) > max_line_bytes:
         raise _Skip("too_large", f"{len(raw)} bytes, more than the {max_line_bytes}-byte cap")
     try:
@@ -168,7 +169,7 @@ def _parse_line(raw: bytes, max_line_bytes: int) -> dict[str, str]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _Skip("invalid_json", f"{exc.msg} at column {exc.colno}") from None
-    return normalise_record(obj)
+    return normalise_record(obj, prompts_only)
 
 
 def load_records(paths: Sequence[Path], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[list[dict], ReadStats]:

@@ -21,6 +21,7 @@ from nlm.data.sampler import OrderPlan, OrderSampler
 from nlm.data.tokenize import PaddingCollator
 from nlm.distill.cache import CacheMismatchError, TeacherCache, compare_fingerprints
 from nlm.distill.cache_builder import cache_fingerprint
+from nlm.distill.loss import LossSettings
 from nlm.distill.teacher import CachedTeacher, LiveTeacher
 from nlm.errors import ConfigError, RunExistsError
 from nlm.models.device import PrecisionPlan, resolve_precision, select_device, teacher_dtype
@@ -38,6 +39,7 @@ from nlm.training.arguments import training_arguments
 from nlm.training.callbacks import install_callbacks
 from nlm.training.metadata import redacted_config, write_metadata
 from nlm.training.order import build_order, global_batch, model_scorer
+from nlm.training.policy import StepPolicy
 from nlm.training.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,12 @@ def _check_required(config: TrainingConfig) -> None:
         raise ConfigError(f"eval_strategy={config.eval_strategy} needs evaluation data: set eval_file or eval_split")
     if not config.student_model:
         raise ConfigError("student_model is required: pass --student_model ID_OR_FOLDER or set it in the config file")
+    if not config.teacher_model and (config.distillation.lmbda > 0 or config.distillation.seq_kd):
+        option = "distillation.lmbda > 0" if config.distillation.lmbda > 0 else "distillation.seq_kd"
+        raise ConfigError(f"{option} needs a live teacher: pass --teacher_model")
+    if config.distillation.lmbda > 0 and config.distillation.alpha == 0:
+        raise ConfigError("distillation.lmbda > 0 trains on the teacher's scores of the student's samples: "
+                          "set distillation.alpha > 0")
     if not config.teacher_model and not config.teacher_cache and config.distillation.alpha > 0:
         raise ConfigError(
             "teacher_model is required when distillation.alpha > 0: pass --teacher_model (or --teacher_cache DIR), "
@@ -145,6 +153,9 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         chunk_tokens=config.loss_chunk_tokens,
         train_sampler=OrderSampler(plan) if plan is not None else None,
         source_names=list(plan.names) if plan is not None and config.log_per_source else None,
+        step_policy=StepPolicy.from_config(
+            config.distillation, seed=config.seed, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            tokenizer=tokenizer, teacher=teacher, base_settings=LossSettings.from_config(config.distillation)),
     )
     install_callbacks(trainer)
     output = trainer.train(resume_from_checkpoint=checkpoint)

@@ -18,6 +18,7 @@ from nlm.distill.metrics import EvalSums, score_batch
 from nlm.distill.teacher import LiveTeacher
 from nlm.errors import TrainingDivergedError
 from nlm.models.heads import capture_hidden, output_head
+from nlm.training.policy import StepPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class DistillationTrainer(Trainer):
         chunk_tokens: int | None = None,
         train_sampler: Any | None = None,
         source_names: list[str] | None = None,
+        step_policy: StepPolicy | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -55,6 +57,7 @@ class DistillationTrainer(Trainer):
             logger.warning("FSDP is enabled: using loss_impl=simple (the fused loss needs an unsharded output head)")
             self.loss_impl = "simple"
         self.chunk_tokens = chunk_tokens
+        self.step_policy = step_policy  # None: every step trains on the dataset (see nlm/training/policy.py)
         self.vocab_width = vocab_width
         self.max_bad_steps = max_bad_steps
         self._bad_steps = 0
@@ -75,6 +78,17 @@ class DistillationTrainer(Trainer):
         if self.train_sampler is not None and (train_dataset is None or train_dataset is self.train_dataset):
             return self.train_sampler
         return super()._get_train_sampler(train_dataset)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """The micro-batches of one optimiser step; the step policy may replace their completions (once per step,
+        before the target tokens that normalise the loss are counted)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.step_policy is None or not batches:
+            return batches, num_items
+        student = self.accelerator.unwrap_model(self.model)
+        batches, source = self.step_policy.prepare(batches, self.state.global_step, student, self.args.process_index)
+        self.loss_settings = self.step_policy.loss_settings(source)
+        return batches, self._get_num_items_in_batch(batches, device)
 
     def compute_loss(
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -191,6 +205,8 @@ class DistillationTrainer(Trainer):
             processes = max(self.accelerator.num_processes, 1)
             logs["tokens_per_second"] = round(self._window["tokens"] * processes / elapsed, 2)
             logs["samples_per_second"] = round(self._window["samples"] * processes / elapsed, 2)
+            if self.step_policy is not None:
+                logs.update(self.step_policy.figures(elapsed))
             self._window = self._new_window()
         super().log(logs, start_time)
 

@@ -1,0 +1,1 @@
+"""One module per `nlm` command (see the command contract in docs/ARCHITECTURE.md)."""
