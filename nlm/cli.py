@@ -115,6 +115,13 @@ def cmd_data_inspect(ns: argparse.Namespace, rest: list[str], options: dict[str,
         from nlm.models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(ns.tokenizer, trust_remote_code=ns.trust_remote_code)
+    if ns.config or not ns.file:  # per-source counts of the config's train_mixture (or train_file)
+        from nlm.data.inspect import format_sources, inspect_sources
+        from nlm.data.mixture import source_specs
+
+        sources = inspect_sources(source_specs(_load(ns.config, rest).config), tokenizer, TokenizeSettings(max_seq_length=ns.max_seq_length))
+        print(json.dumps(sources) if ns.json else format_sources(sources))
+        return 0
     report = inspect_file(Path(ns.file), tokenizer, TokenizeSettings(max_seq_length=ns.max_seq_length))
     print(json.dumps(report) if ns.json else format_report(Path(ns.file), report))
     return 0
@@ -235,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="look at data files")
     data_commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", parser_class=_Parser)
     inspect = data_commands.add_parser("inspect", help="count records, formats, skipped lines and token lengths")
-    inspect.add_argument("file", help="a JSONL file")
+    inspect.add_argument("file", nargs="?", help="a JSONL file (or --config for per-source counts of a mixture)")
+    inspect.add_argument("--config", help="a training config: counts per source of its train_mixture")
     inspect.add_argument("--tokenizer", help="tokenizer (hub id or folder) for token-length statistics")
     inspect.add_argument("--max_seq_length", type=flags.positive_int, default=512)
     inspect.add_argument("--json", action="store_true", help="print one JSON object")

@@ -44,6 +44,7 @@ def test_select_keeps_exactly_count_records_from_the_pool_verbatim(tmp_path, mod
                     output=str(out), fraction=0.5))
 
 
+@pytest.mark.slow
 def test_prompt_only_pool_is_scored_on_the_students_greedy_answer(tmp_path, model_dirs):
     pool = _pool(tmp_path, with_completion=False)
     out, scores = tmp_path / "selected.jsonl", tmp_path / "scores.jsonl"
