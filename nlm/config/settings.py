@@ -17,6 +17,13 @@ Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"]
 DeviceName = Literal["cuda", "mps", "cpu"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
+# transformers' SchedulerType values, listed here so validating a config never imports transformers (start-up
+# time of `nlm config show` and of usage errors); tests/config/test_settings.py keeps the list in sync.
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+)
+
 # Secret fields: accepted from the environment and the command line only, never from a file.
 SECRET_FIELDS = ("hf_token",)
 
@@ -230,11 +237,8 @@ class TrainingConfig(BaseSettings):
     @field_validator("lr_scheduler_type")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
-        from transformers.trainer_utils import SchedulerType
-
-        allowed = [s.value for s in SchedulerType]
-        if value not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}")
+        if value not in LR_SCHEDULERS:
+            raise ValueError(f"expected one of {', '.join(LR_SCHEDULERS)}")
         return value
 
     @model_validator(mode="after")
@@ -245,6 +249,12 @@ class TrainingConfig(BaseSettings):
             raise ValueError("give eval_file or eval_split, not both")
         if self.load_best_model_at_end and self.eval_strategy == "no":
             raise ValueError("load_best_model_at_end needs eval_strategy 'steps' or 'epoch'")
+        # A cache holds the teacher's view of the dataset's text only; it cannot score generated text.
+        if self.teacher_cache is not None and self.distillation.lmbda > 0:
+            raise ValueError("distillation.lmbda > 0 (on-policy) needs a live teacher to score the student's "
+                             "samples; it cannot be used with teacher_cache")
+        if self.teacher_cache is not None and self.distillation.seq_kd:
+            raise ValueError("distillation.seq_kd needs a live teacher to generate; it cannot be used with teacher_cache")
         if self.train_mixture is not None:
             if self.train_file is not None:
                 raise ValueError("give train_file or train_mixture, not both")
@@ -256,12 +266,6 @@ class TrainingConfig(BaseSettings):
             repeated = sorted({label for label in labels if labels.count(label) > 1})
             if repeated:
                 raise ValueError(f"train_mixture: source name {repeated[0]!r} is used twice; give each source a distinct name")
-        # A cache holds the teacher's view of the dataset's text only; it cannot score generated text.
-        if self.teacher_cache is not None and self.distillation.lmbda > 0:
-            raise ValueError("distillation.lmbda > 0 (on-policy) needs a live teacher to score the student's "
-                             "samples; it cannot be used with teacher_cache")
-        if self.teacher_cache is not None and self.distillation.seq_kd:
-            raise ValueError("distillation.seq_kd needs a live teacher to generate; it cannot be used with teacher_cache")
         return self
 
     @property

@@ -169,6 +169,19 @@ def _examples(
     yield from flush()
 
 
+def tokenization_key(paths: Sequence[Path], tokenizer: Any, settings: TokenizeSettings) -> str:
+    """The tokenised-data cache key: the files' content, the tokenizer and the settings (runs sharing it share
+    one build)."""
+    files = files_fingerprint(paths)
+    return hashlib.sha256(
+        json.dumps(
+            {"files": sorted(files.values()), "tokenizer": tokenizer_fingerprint(tokenizer), "settings": asdict(settings), "nlm": nlm.__version__,
+             "layout": _LAYOUT},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:32]
+
+
 def tokenize_records(
     paths: Sequence[Path], tokenizer: Any, settings: TokenizeSettings, cache_root: Path | None = None
 ) -> TokenizedData:
@@ -178,13 +191,7 @@ def tokenize_records(
     Records stream through an Arrow writer: memory stays bounded whatever the file size.
     """
     files = files_fingerprint(paths)
-    key = hashlib.sha256(
-        json.dumps(
-            {"files": sorted(files.values()), "tokenizer": tokenizer_fingerprint(tokenizer), "settings": asdict(settings), "nlm": nlm.__version__,
-             "layout": _LAYOUT},
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:32]
+    key = tokenization_key(paths, tokenizer, settings)
     cache_dir = cache_root / key if cache_root is not None else None
     if cache_dir is not None and (cache_dir / "stats.json").is_file():
         dataset = datasets.load_from_disk(str(cache_dir / "dataset"))

@@ -151,11 +151,11 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         max_bad_steps=config.max_bad_steps,
         loss_impl=loss_impl,
         chunk_tokens=config.loss_chunk_tokens,
-        train_sampler=OrderSampler(plan) if plan is not None else None,
-        source_names=list(plan.names) if plan is not None and config.log_per_source else None,
         step_policy=StepPolicy.from_config(
             config.distillation, seed=config.seed, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             tokenizer=tokenizer, teacher=teacher, base_settings=LossSettings.from_config(config.distillation)),
+        train_sampler=OrderSampler(plan) if plan is not None else None,
+        source_names=list(plan.names) if plan is not None and config.log_per_source else None,
     )
     install_callbacks(trainer)
     output = trainer.train(resume_from_checkpoint=checkpoint)

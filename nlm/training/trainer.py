@@ -35,9 +35,9 @@ class DistillationTrainer(Trainer):
         max_bad_steps: int = 3,
         loss_impl: str = "fused",
         chunk_tokens: int | None = None,
+        step_policy: StepPolicy | None = None,
         train_sampler: Any | None = None,
         source_names: list[str] | None = None,
-        step_policy: StepPolicy | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)

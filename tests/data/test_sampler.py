@@ -77,7 +77,7 @@ def test_pacing_starts_at_start_fraction_and_is_full_at_full_at(pacing):
     assert pacing_fraction(0.0, pacing, 0.2, 0.5) == pytest.approx(0.2)
     assert pacing_fraction(0.5, pacing, 0.2, 0.5) == 1.0
     values = [pacing_fraction(t, pacing, 0.2, 0.5) for t in np.linspace(0, 1, 50)]
-    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert all(b >= a for a, b in zip(values, values[1:], strict=False))
 
 
 def test_curriculum_orders_easy_to_hard_and_grows_on_schedule():
