@@ -84,3 +84,15 @@ def test_selection_sizes_and_diversity():
     assert top_indices(np.array([3.0, 2.0, 1.0]), 2) == [0, 1]
     assert top_indices(np.array([3.0, 2.0, 1.0]), 2, texts) == [0, 2]  # the near-duplicate is passed over
     assert top_indices(np.array([3.0, 2.0, 1.0]), 3, texts) == [0, 2, 1]  # ... and taken last when needed
+
+
+def test_cli_needs_exactly_one_of_fraction_or_count(tmp_path, capsys):
+    from nlm.cli import main
+
+    base = ["data", "select", "--teacher", "t", "--student", "s", "--data", str(_pool(tmp_path)), "--output", str(tmp_path / "o")]
+    assert main(base) == 2
+    assert main([*base, "--count", "3", "--fraction", "0.5"]) == 2
+    assert "exactly one of --fraction or --count" in capsys.readouterr().err
+    assert main([*base, "--count", "3", "--by", "loudness"]) == 2
+    assert "--by" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
