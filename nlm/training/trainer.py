@@ -12,6 +12,7 @@ import torch
 from transformers import Trainer
 
 from nlm.config.settings import DistillationConfig
+from nlm.distill.cross_loss import cross_tokenizer_loss
 from nlm.distill.fused import fused_distillation_loss
 from nlm.distill.loss import LossSettings, combine, summed_parts
 from nlm.distill.metrics import EvalSums, score_batch
@@ -102,7 +103,9 @@ class DistillationTrainer(Trainer):
         if normalizer is not None and torch.is_tensor(normalizer):
             normalizer = normalizer.to(targets.device)
         use_teacher = self.teacher is not None and self.distillation.alpha > 0
-        if self.loss_impl == "fused":
+        if use_teacher and getattr(self.teacher, "paired_tokenizer", None) is not None:
+            parts, outputs, reference = self._cross_tokenizer_loss(model, inputs, normalizer)
+        elif self.loss_impl == "fused":
             unwrapped = self.accelerator.unwrap_model(model)
             head_module = output_head(unwrapped)
             with capture_hidden(unwrapped) as (store, head):
@@ -134,6 +137,21 @@ class DistillationTrainer(Trainer):
         if self.source_names and "source" in inputs:
             self._record_sources(source_logits, targets, inputs["source"].unsqueeze(1).expand_as(mask)[mask])
         return (loss, outputs) if return_outputs else loss
+
+    def _cross_tokenizer_loss(self, model: Any, inputs: dict[str, torch.Tensor], normalizer: Any) -> tuple[Any, Any, torch.Tensor]:
+        """A teacher with its own tokenizer: CE (fused) + ULD/hybrid at the aligned group starts."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        head_module = output_head(unwrapped)
+        with capture_hidden(unwrapped) as (store, head):
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        hidden = store["hidden"]
+        parts = cross_tokenizer_loss(
+            hidden, head, inputs, self.teacher.group_logits(inputs, hidden.device), self.loss_settings,
+            self.teacher.cross, self.teacher.vocab_map, vocab_width=self.vocab_width, normalizer=normalizer,
+            head_parameters=[p for p in head_module.parameters() if p.requires_grad], chunk_size=self.chunk_tokens,
+            linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
+        )
+        return parts, outputs, hidden
 
     @torch.no_grad()
     def _eval_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool) -> Any:
