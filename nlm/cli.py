@@ -31,6 +31,9 @@ COMMANDS: dict[str, str] = {
     "data mix": "nlm.commands.data_mix",
     "data select": "nlm.commands.data_select",
     "pipeline run": "nlm.commands.pipeline_run",
+    "export": "nlm.commands.export",
+    "publish": "nlm.commands.publish",
+    "report": "nlm.commands.report",
 }
 
 GLOBAL_FLAGS = {"--debug": 0, "--log_format": 1, "--log_level": 1}
