@@ -122,8 +122,9 @@ class DistillationTrainer(Trainer):
                     chunk_size=self.chunk_tokens,
                     # A plain Linear head gets hand-written gradients (no head-sized copy per chunk).
                     linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
+                    # The chunks' head products run in the run's precision, as the model's forward does.
+                    autocast=self.accelerator.autocast,
                 )
-            reference = rows
             source_logits = lambda start, end: head(rows[start:end].detach())[..., : self.vocab_width]  # noqa: E731
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
@@ -131,12 +132,11 @@ class DistillationTrainer(Trainer):
             teacher = self.teacher.dense_rows(inputs, mask, student.device) if use_teacher else None
             task_sum, distill_sum = summed_parts(student.float(), teacher, targets, self.loss_settings)
             parts = combine(task_sum, distill_sum, targets.numel(), self.loss_settings, normalizer)
-            reference = student
             source_logits = lambda start, end: student[start:end].detach()  # noqa: E731
         loss = parts.total
         if self.args.average_tokens_across_devices and normalizer is not None and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # gradients are averaged over processes afterwards
-        loss = self._guard_finite(loss, reference)
+        loss = self._guard_finite(loss, model)
         self._record(parts, normalizer, inputs)
         if self.source_names and "source" in inputs:
             self._record_sources(source_logits, targets, inputs["source"].unsqueeze(1).expand_as(mask)[mask])
@@ -176,14 +176,26 @@ class DistillationTrainer(Trainer):
             teacher=self.teacher if isinstance(self.teacher, LiveTeacher) else None,
             chunked=self.loss_impl == "fused", chunk_tokens=self.chunk_tokens,
             model_for_head=self.accelerator.unwrap_model(model),
+            # Every process's per-example sums (repeats that even out the last batch dropped): the figures
+            # and the best-model choice cover the whole eval set, not one process's shard.
+            gather=self.accelerator.gather_for_metrics, autocast=self.accelerator.autocast,
         )
         ce, count = self._eval_sums.ce - before[0], self._eval_sums.tokens - before[1]
         task = torch.tensor(ce / max(count, 1), device=inputs["input_ids"].device)
         return (task, outputs) if return_outputs else task
 
-    def _guard_finite(self, loss: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """Skip the update of a NaN/inf micro-batch; stop after `max_bad_steps` in a row."""
-        if torch.isfinite(loss).item():
+    def _guard_finite(self, loss: torch.Tensor, model: Any) -> torch.Tensor:
+        """Skip the update of a NaN/inf micro-batch; stop after `max_bad_steps` in a row.
+
+        Under DDP every process takes the same decision (one non-finite loss anywhere skips the micro-batch
+        everywhere), and the zero loss that replaces it stays connected to every trainable parameter, so
+        each process's backward runs the same gradient all-reduce and none waits for the others forever.
+        """
+        bad = not bool(torch.isfinite(loss).item())
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([1.0 if bad else 0.0], device=loss.device)
+            bad = bool(self.accelerator.gather(flag).max().item())
+        if not bad:
             self._bad_steps = 0
             return loss
         self._bad_steps += 1
@@ -194,8 +206,10 @@ class DistillationTrainer(Trainer):
                 "stopped, keeping the last saved checkpoint. Lower learning_rate, use fp32/bf16 instead of fp16, "
                 "or check the data"
             )
-        # A zero loss with a graph but no parameter in it: backward runs and leaves every gradient unchanged.
-        return reference.new_zeros((), requires_grad=True)
+        # Zero through the parameters, not through the NaN activations (0·NaN is NaN): every trainable
+        # parameter gets an exact zero gradient, so this micro-batch adds nothing.
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return sum((p.reshape(-1)[:1].sum() for p in trainable), loss.new_zeros(())) * 0.0
 
     def _record(self, parts: Any, normalizer: Any, inputs: dict[str, torch.Tensor]) -> None:
         # Parts are normalised per optimiser step; rescale to a per-token mean of this micro-batch for logging.
