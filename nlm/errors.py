@@ -45,5 +45,9 @@ class RunExistsError(NlmError):
     exit_code = 2
 
 
+class FolderNotOwnedError(RunExistsError):
+    """A non-empty folder nlm would write or overwrite was not created by nlm (it has no marker)."""
+
+
 class TrainingDivergedError(NlmError):
     """The loss became NaN or infinite for too many steps."""

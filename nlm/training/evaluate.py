@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +58,22 @@ def evaluate_model(
             return result
         width = shared_vocab_width(teacher_tokenizer, tokenizer, teacher_model, model)
         teacher = LiveTeacher(teacher_model, target, width)
-    data = tokenize_records([Path(data_file)], tokenizer, settings, cache_root=None)
-    loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=PaddingCollator(tokenizer.pad_token_id or 0))
-    sample = torch.tensor([data.dataset[0]["input_ids"][:8]], device=target)
-    # Chunked scoring (no full logits) unless a model post-processes its logits after the head.
-    chunked = head_reproduces_logits(model, sample) and (teacher is None or head_reproduces_logits(teacher.model, sample))
-    sums = EvalSums()
-    for batch in loader:
-        score_batch(sums, model, {k: v.to(target) for k, v in batch.items()}, width, teacher=teacher, chunked=chunked)
+    # Tokenised on disk and memory-mapped (as in training), in a scratch folder removed afterwards: memory
+    # does not grow with the size of the eval file.
+    with tempfile.TemporaryDirectory(prefix="nlm-eval-") as scratch:
+        data = tokenize_records([Path(data_file)], tokenizer, settings, cache_root=Path(scratch))
+        loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=PaddingCollator(tokenizer.pad_token_id or 0))
+        sample = torch.tensor([data.dataset[0]["input_ids"][:8]], device=target)
+        # Chunked scoring (no full logits) unless a model post-processes its logits after the head.
+        chunked = head_reproduces_logits(model, sample) and (teacher is None or head_reproduces_logits(teacher.model, sample))
+        sums = EvalSums()
+        for batch in loader:
+            score_batch(sums, model, {k: v.to(target) for k, v in batch.items()}, width, teacher=teacher, chunked=chunked)
+        examples = len(data.dataset)
     result = sums.metrics()
     if exact_match:
         result["exact_match"] = exact_match_accuracy(model, tokenizer, Path(data_file), settings, batch_size, max_new_tokens)
-    result.update({"model": str(model_path), "data": str(data_file), "examples": len(data.dataset)})
+    result.update({"model": str(model_path), "data": str(data_file), "examples": examples})
     if teacher_path is not None:
         result["teacher"] = str(teacher_path)
     return result
