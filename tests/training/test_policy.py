@@ -207,8 +207,9 @@ def test_on_policy_needs_a_live_teacher(model_dirs, pc_file, tmp_path):
 @pytest.mark.slow
 def test_resumed_on_policy_run_matches_an_uninterrupted_one(model_dirs, pc_file, tmp_path, monkeypatch):
     """Samples are seeded by (seed, step, rank) and the schedule by the step: a resume continues both exactly."""
-    import nlm.training.run as run_module
     from transformers import TrainerCallback
+
+    import nlm.training.run as run_module
 
     extra = ("--distillation.lmbda", "0.5", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")
     straight = train(_config(model_dirs, pc_file, tmp_path / "a", *extra))
