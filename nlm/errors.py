@@ -28,7 +28,9 @@ class ModelLoadError(NlmError):
 
 
 class VocabularyMismatchError(NlmError):
-    """Teacher and student do not share a tokenizer."""
+    """Teacher and student do not share a tokenizer (and no cross-tokenizer method was chosen)."""
+
+    exit_code = 2
 
 
 class DeviceError(NlmError):
@@ -41,6 +43,10 @@ class RunExistsError(NlmError):
     """A finished or started run would be overwritten."""
 
     exit_code = 2
+
+
+class FolderNotOwnedError(RunExistsError):
+    """A non-empty folder nlm would write or overwrite was not created by nlm (it has no marker)."""
 
 
 class TrainingDivergedError(NlmError):

@@ -64,6 +64,12 @@ class DistillationConfig(BaseModel):
     divergence: Divergence = Field("forward_kl", description="forward_kl, reverse_kl, jsd, tvd or skew_kl.")
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="Mixture weight of the generalised Jensen-Shannon divergence.")
     skew_lambda: float = Field(0.1, ge=0, lt=1, description="Skew of skew_kl: KL(p || λp + (1-λ)q).")
+    # Cross-tokenizer distillation (a teacher whose tokenizer differs from the student's)
+    cross_tokenizer: Literal["uld", "hybrid"] | None = Field(
+        None, description="Teacher with another tokenizer: uld (sorted-probability distance) or hybrid (exact KL over "
+        "tokens both vocabularies spell alike, ULD for the rest). Ignored when the tokenizers are equal.")
+    hybrid_matched_weight: float = Field(1.0, ge=0, description="hybrid: weight of the exact KL over matched tokens.")
+    hybrid_unmatched_weight: float = Field(1.0, ge=0, description="hybrid: weight of the ULD term over unmatched tokens.")
 
     # On-policy (GKD) and sequence-level distillation (issue 11); TRL's names. See nlm/training/policy.py.
     lmbda: float = Field(
@@ -167,7 +173,7 @@ class TrainingConfig(BaseSettings):
     # Output
     output_dir: Path = Field(Path("outputs"), description="Runs are written under output_dir/run_name.")
     run_name: str = Field("distill", min_length=1, max_length=128, description="Name of this run's folder.")
-    overwrite: bool = Field(False, description="Replace an existing run folder.")
+    overwrite: bool = Field(False, description="Replace an earlier run in the run folder: only what nlm wrote there is removed.")
     resume: bool = Field(False, description="Continue from the latest checkpoint of an existing run.")
     merge_lora: bool = Field(False, description="Also write the LoRA adapter merged into the student.")
 
@@ -234,6 +240,14 @@ class TrainingConfig(BaseSettings):
             return []
         return value
 
+    # issue 15: an unknown, uninstalled or credential-less tracker is a config error naming the fix.
+    @field_validator("report_to")
+    @classmethod
+    def _report_to_usable(cls, value: list[str]) -> list[str]:
+        from nlm.config.trackers import check_trackers
+
+        return check_trackers(value)
+
     @field_validator("lr_scheduler_type")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
@@ -266,6 +280,31 @@ class TrainingConfig(BaseSettings):
             repeated = sorted({label for label in labels if labels.count(label) > 1})
             if repeated:
                 raise ValueError(f"train_mixture: source name {repeated[0]!r} is used twice; give each source a distinct name")
+        return self
+
+    # --- issue 9 (trust): output paths are checked when the configuration is parsed, so a system directory
+    # or a symlink out of output_dir fails (exit 2) before any model is loaded.
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_is_safe(cls, value: Path) -> Path:
+        from nlm.config.paths import safe_output_dir
+        from nlm.errors import UnsafePathError
+
+        try:
+            safe_output_dir(value)
+        except UnsafePathError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _run_dir_stays_inside(self) -> TrainingConfig:
+        from nlm.config.paths import path_inside
+        from nlm.errors import UnsafePathError
+
+        try:
+            path_inside(self.output_dir, self.run_name)
+        except UnsafePathError as exc:
+            raise ValueError(f"run_name {self.run_name!r}: {exc}") from None
         return self
 
     @property

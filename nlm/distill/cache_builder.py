@@ -8,8 +8,8 @@ full [batch, seq, vocab] tensor.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import nlm
-from nlm.config.paths import safe_output_dir
+from nlm.config.paths import claim_folder, mark_folder, require_owned, safe_output_dir
 from nlm.config.settings import TrainingConfig
 from nlm.data.files import files_fingerprint, resolve_train_files
 from nlm.data.prepare import tokenize_settings
@@ -35,17 +35,22 @@ from nlm.distill.cache import (
     write_manifest,
 )
 from nlm.distill.fused import chunk_rows
-from nlm.distill.loss import tail_logp
 from nlm.errors import ConfigError, RunExistsError
 from nlm.models.device import resolve_precision, select_device, teacher_dtype
-from nlm.models.heads import capture_hidden, head_reproduces_logits
+from nlm.models.heads import capture_hidden, head_reproduces_logits, sliced_head
 from nlm.models.loading import freeze, load_causal_lm, load_tokenizer, model_revision
 
 logger = logging.getLogger(__name__)
 
+# What `nlm teacher-cache` writes in its folder; `--overwrite` removes only these.
+CACHE_ENTRIES = ("manifest.json", "manifest.json.partial", "shard-*.safetensors", "shard-*.partial", "tokenized")
+
 
 def cache_fingerprint(config: TrainingConfig, tokenizer: Any, top_k: int) -> dict[str, Any]:
-    """Everything the cached numbers depend on that a training run can check without the teacher."""
+    """Everything the cached numbers depend on: the data files in their order (the example indices follow
+    it), every tokenisation setting (max_line_bytes included: it decides which lines are skipped), the
+    tokenizer and its chat template, the temperature, top-k, and — when the run names the teacher — its
+    weights (a hub id and revision, or the SHA-256 of the local weight files)."""
     settings = tokenize_settings(config)
     fingerprint = {
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -54,34 +59,54 @@ def cache_fingerprint(config: TrainingConfig, tokenizer: Any, top_k: int) -> dic
         "max_seq_length": settings.max_seq_length,
         "completion_only_loss": settings.completion_only_loss,
         "prompt_separator": settings.prompt_separator,
-        "data_files": sorted(files_fingerprint(resolve_train_files(config.train_file)).values()),
+        "tokenize_settings": asdict(settings),
+        "data_files": list(files_fingerprint(resolve_train_files(config.train_file)).values()),  # in order
         "top_k": top_k,
         "nlm_version": nlm.__version__,
     }
     if config.teacher_model:
         fingerprint["teacher_model"] = config.teacher_model
+        fingerprint["teacher_weights"] = weights_fingerprint(config.teacher_model, config.teacher_revision)
     return fingerprint
+
+
+def rounded_targets(top_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k log-probabilities [n, k] as stored (float16) and the tail bucket (float32), so that the k+1
+    stored probabilities sum to one *after* the fp16 rounding.
+
+    Each value is rounded down (never up), so the stored top-k mass never exceeds the teacher's; the tail
+    is then exactly what the stored values leave (computed in float64), instead of the teacher's own tail,
+    which rounding would no longer complement (peaked rows could even round past one).
+    """
+    stored = top_logp.to(torch.float16)
+    rounded_up = stored.float() > top_logp
+    stored = torch.where(rounded_up, torch.nextafter(stored, torch.full_like(stored, float("-inf"))), stored)
+    left = 1 - stored.double().exp().sum(-1)
+    tail = torch.log(left.clamp(min=1e-30)).float()
+    return stored, tail
 
 
 @torch.no_grad()
 def _shard_rows(teacher: Any, batches: list[dict], width: int, temperature: float, top_k: int, dtype: torch.dtype,
                 device: torch.device) -> ShardRows:
     ids, logp, tail, offsets = [], [], [], [0]
-    rows_per_chunk = chunk_rows(width)
+    rows_per_chunk = chunk_rows(width, device)
     for batch in batches:
         input_ids = batch["input_ids"].to(device)
         mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [b, s-1]: the positions the loss trains on
-        with capture_hidden(teacher) as (store, head):
+        with capture_hidden(teacher) as (store, _):
             teacher(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False)
         hidden = store["hidden"][:, :-1]
+        head = sliced_head(teacher, width)  # weight[:V] only: a padded head's extra rows are never multiplied
         for row in range(input_ids.shape[0]):
             selected = hidden[row][mask[row].to(device)]  # [t, H]
             for start in range(0, selected.shape[0], rows_per_chunk):
-                logits = head(selected[start:start + rows_per_chunk])[..., :width].float()
+                logits = head(selected[start:start + rows_per_chunk]).float()
                 top = F.log_softmax(logits / temperature, dim=-1).topk(top_k, dim=-1)
                 ids.append(top.indices.to("cpu", dtype))
-                logp.append(top.values.to("cpu", torch.float16))
-                tail.append(tail_logp(top.values).cpu())
+                stored, rest = rounded_targets(top.values)
+                logp.append(stored.cpu())
+                tail.append(rest.cpu())
             offsets.append(offsets[-1] + int(mask[row].sum()))
     return ShardRows(torch.cat(ids), torch.cat(logp), torch.cat(tail), torch.tensor(offsets, dtype=torch.int64))
 
@@ -99,8 +124,8 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         raise ConfigError(f"top_k = {top_k}: expected 1 <= top_k < vocabulary size {width}")
     fingerprint = cache_fingerprint(config, tokenizer, top_k)
     existing = read_manifest(output)
-    if existing is not None and overwrite:
-        shutil.rmtree(output)
+    if overwrite and output.is_dir() and any(output.iterdir()):
+        claim_folder(output, created_by="nlm teacher-cache", owns=CACHE_ENTRIES, overwrite=True, exists_message="")
         existing = None
     if existing is not None:
         try:
@@ -110,23 +135,34 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         if existing.get("complete"):
             logger.info("teacher cache %s is already complete (%d tokens)", output, existing["tokens"])
             return existing
-    elif output.exists() and any(output.iterdir()):
-        raise RunExistsError(f"{output} is not empty and holds no teacher cache; choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
+    elif output.is_dir() and any(output.iterdir()):
+        require_owned(output)  # a marked folder without a manifest: an earlier build stopped before its first shard
+    mark_folder(output, "nlm teacher-cache", CACHE_ENTRIES)
 
     device = select_device(config.device_preference, config.device)
     precision = resolve_precision(config.precision, device)
+    if config.teacher_device:  # the teacher's own device, as in training (a clear error when it does not exist)
+        device = select_device(forced=config.teacher_device)
     teacher = freeze(load_causal_lm(config.teacher_model, dtype=teacher_dtype(config.teacher_precision, precision, device), **hub))
     teacher.to(device)
-    data = tokenize_records(resolve_train_files(config.train_file), tokenizer, tokenize_settings(config), cache_root=None)
+    teacher_weights = model_revision(teacher) or fingerprint["teacher_weights"]
+    if existing is not None and existing.get("teacher_weights") != teacher_weights:
+        raise RunExistsError(
+            f"teacher cache {output} was started from other teacher weights ({existing.get('teacher_weights')}, now "
+            f"{teacher_weights}); its shards cannot be mixed with this teacher's: pass --overwrite to rebuild it"
+        )
+    # Tokenised data stay on disk (memory-mapped Arrow) in the cache folder, as in training: memory does not
+    # grow with the corpus.
+    tokenized_root = output / "tokenized"
+    data = tokenize_records(resolve_train_files(config.train_file), tokenizer, tokenize_settings(config),
+                            cache_root=tokenized_root)
     dataset = data.dataset
     sample = torch.tensor([dataset[0]["input_ids"]], device=device)
     if not head_reproduces_logits(teacher, sample):
         raise ConfigError(f"{config.teacher_model} post-processes its logits (soft-capping or scaling); the cache cannot be built from its head")
 
     manifest = existing or {
-        "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "teacher_weights":
-        model_revision(teacher) or weights_fingerprint(config.teacher_model, config.teacher_revision),
+        "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "teacher_weights": teacher_weights,
         "top_k": top_k, "temperature": config.distillation.temperature, "vocab_size": width,
         "id_dtype": str(id_dtype(width)).removeprefix("torch."), "bytes_per_token": bytes_per_token(top_k, width),
         "examples": len(dataset), "tokens": 0, "shards": [], "complete": False,

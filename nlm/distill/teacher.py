@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from nlm.distill.cache import TeacherCache
+from nlm.distill.cache import CacheMismatchError, TeacherCache
 from nlm.distill.fused import TeacherRows, dense_teacher_rows, sparse_teacher_rows
 from nlm.distill.loss import SparseTargets
-from nlm.models.heads import capture_hidden
+from nlm.models.heads import capture_hidden, sliced_head
 from nlm.models.loading import freeze
 
 
@@ -39,11 +39,12 @@ class LiveTeacher:
     @torch.no_grad()
     def row_source(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device) -> TeacherRows:
         attention = inputs.get("attention_mask")
-        with capture_hidden(self.model) as (store, head):
+        with capture_hidden(self.model) as (store, _):
             self.model(input_ids=inputs["input_ids"].to(self.device), use_cache=False,
                        attention_mask=attention.to(self.device) if attention is not None else None)
         hidden = store["hidden"][:, :-1][mask.to(self.device)]  # [n, H_teacher]
-        return dense_teacher_rows(hidden, head, self.vocab_width, device)
+        # weight[:V] only: a padded head's extra rows are never multiplied
+        return dense_teacher_rows(hidden, sliced_head(self.model, self.vocab_width), self.vocab_width, device)
 
 
 class CachedTeacher:
@@ -54,12 +55,15 @@ class CachedTeacher:
         self.vocab_width = cache.vocab_size
 
     def dense_rows(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device) -> SparseTargets:
-        targets = self.cache.targets(inputs["index"].tolist(), device)
-        expected = int(mask.sum())
-        if targets.ids.shape[0] != expected:
-            raise ValueError(f"teacher cache rows ({targets.ids.shape[0]}) do not match the batch's target tokens "
-                             f"({expected}); the cache was built from other data")
-        return targets
+        indices = inputs["index"].tolist()
+        # Example by example, every batch: equal totals could still hide rows shifted between examples.
+        expected, found = mask.sum(1).tolist(), self.cache.example_counts(indices)
+        for index, want, have in zip(indices, expected, found, strict=True):
+            if want != have:
+                raise CacheMismatchError(
+                    f"teacher cache {self.cache.directory}: example {index} has {have} cached target tokens but "
+                    f"{want} in this run's data; the cache was built from other data or settings: rebuild it")
+        return self.cache.targets(indices, device)
 
     def row_source(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device) -> TeacherRows:
         return sparse_teacher_rows(self.dense_rows(inputs, mask, device))

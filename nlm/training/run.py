@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from nlm.config.paths import path_inside, safe_output_dir
+from nlm.config.paths import claim_folder, mark_folder, path_inside, safe_output_dir
 from nlm.config.settings import TrainingConfig
 from nlm.data.files import resolve_eval_files
 from nlm.data.prepare import PreparedData, prepare_datasets
@@ -21,6 +21,8 @@ from nlm.data.sampler import OrderPlan, OrderSampler
 from nlm.data.tokenize import PaddingCollator
 from nlm.distill.cache import CacheMismatchError, TeacherCache, compare_fingerprints
 from nlm.distill.cache_builder import cache_fingerprint
+from nlm.distill.cross_loss import AlignedTeacher, CrossSettings
+from nlm.distill.cross_vocab import build_vocab_map
 from nlm.distill.loss import LossSettings
 from nlm.distill.teacher import CachedTeacher, LiveTeacher
 from nlm.errors import ConfigError, RunExistsError
@@ -34,12 +36,13 @@ from nlm.models.loading import (
     model_revision,
 )
 from nlm.models.lora import apply_lora
-from nlm.models.vocab import shared_vocab_width
+from nlm.models.vocab import own_vocab_width, shared_vocab_width, tokenizers_equal
 from nlm.training.arguments import training_arguments
-from nlm.training.callbacks import install_callbacks
+from nlm.training.callbacks import add_hardware_metrics, install_callbacks
 from nlm.training.metadata import redacted_config, write_metadata
 from nlm.training.order import build_order, global_batch, model_scorer
 from nlm.training.policy import StepPolicy
+from nlm.training.trackers import direct_tracker_output, prepare_trackers
 from nlm.training.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -55,11 +58,19 @@ class TrainResult:
     seconds: float = 0.0
 
 
+# What nlm train writes directly inside a run folder (the Trainer's checkpoints and logs, our final/):
+# `--overwrite` removes only these; anything else a user put there is kept.
+RUN_FOLDER_ENTRIES = ("checkpoint-*", "tmp-checkpoint-*", "final", "runs", "*.partial")
+
+
 def prepare_run_dir(config: TrainingConfig) -> tuple[Path, str | None]:
-    """The run folder, created; and the checkpoint to resume from. Never overwrites without being asked."""
+    """The run folder, created and marked as nlm's; and the checkpoint to resume from.
+
+    Never overwrites without being asked, and with --overwrite removes only what an earlier nlm run wrote.
+    """
     output_dir = safe_output_dir(config.output_dir)
     run_dir = path_inside(output_dir, config.run_name)
-    existing = run_dir.exists() and any(run_dir.iterdir())
+    existing = run_dir.is_dir() and any(run_dir.iterdir())
     if existing and config.resume:
         checkpoint = get_last_checkpoint(str(run_dir))
         if checkpoint is None:
@@ -69,17 +80,12 @@ def prepare_run_dir(config: TrainingConfig) -> tuple[Path, str | None]:
     if config.resume:
         raise RunExistsError(f"--resume: {run_dir} does not exist or is empty; there is nothing to resume")
     if existing:
-        if not config.overwrite:
-            finished = (run_dir / "final" / METADATA_FILE).exists()
-            state = "a finished run" if finished else "an unfinished run"
-            raise RunExistsError(
-                f"{run_dir} already holds {state}; pass --resume to continue it, --overwrite to replace it, "
-                "or choose another --run_name"
-            )
-        logger.warning("--overwrite: removing the previous run in %s", run_dir)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, None
+        finished = (run_dir / "final" / METADATA_FILE).exists()
+        state = "a finished run" if finished else "an unfinished run"
+        claim_folder(run_dir, created_by="nlm train", owns=RUN_FOLDER_ENTRIES, overwrite=config.overwrite,
+                     exists_message=f"{run_dir} already holds {state}; pass --resume to continue it, --overwrite to "
+                                    "replace it, or choose another --run_name")
+    return mark_folder(run_dir, "nlm train", RUN_FOLDER_ENTRIES), None
 
 
 def _check_required(config: TrainingConfig) -> None:
@@ -87,6 +93,11 @@ def _check_required(config: TrainingConfig) -> None:
         raise ConfigError(f"eval_strategy={config.eval_strategy} needs evaluation data: set eval_file or eval_split")
     if not config.student_model:
         raise ConfigError("student_model is required: pass --student_model ID_OR_FOLDER or set it in the config file")
+    if config.teacher_cache and config.distillation.cross_tokenizer:
+        raise ConfigError(
+            "distillation.cross_tokenizer cannot be used with teacher_cache: the cache holds targets over the "
+            "student's vocabulary; pass --teacher_model instead"
+        )
     if not config.teacher_model and (config.distillation.lmbda > 0 or config.distillation.seq_kd):
         option = "distillation.lmbda > 0" if config.distillation.lmbda > 0 else "distillation.seq_kd"
         raise ConfigError(f"{option} needs a live teacher: pass --teacher_model")
@@ -117,21 +128,29 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     logger.info("precision: %s on %s", precision.name, device)
     run_dir = path_inside(safe_output_dir(config.output_dir), config.run_name)
     args = training_arguments(config, run_dir, device.type, precision, log_format)
-    # Under torchrun/accelerate every process runs this; the main one prepares folders and caches first.
+    # Under torchrun/accelerate every process runs this; only the main one checks, clears and marks the run
+    # folder (the others would see its marker as an earlier run), then the others find its checkpoint.
     with args.main_process_first(local=False, desc="run folder"):
-        run_dir, checkpoint = prepare_run_dir(config)
+        if args.process_index == 0:
+            run_dir, checkpoint = prepare_run_dir(config)
+        else:
+            checkpoint = get_last_checkpoint(str(run_dir)) if config.resume else None
+    prepare_trackers(config.report_to, config.output_dir, run_dir)
 
     tokenizer = load_tokenizer(config.student_model, **_hub(config, config.student_revision))
+    set_seed(config.seed)  # weights a checkpoint lacks are initialised randomly: same seed, same weights
     student, teacher, vocab_width = load_models(config, tokenizer, device, precision)
     with args.main_process_first(local=False, desc="tokenisation"):
         data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
-                                with_index=isinstance(teacher, CachedTeacher))
+                                with_index=isinstance(teacher, CachedTeacher),
+                                teacher_tokenizer=getattr(teacher, "paired_tokenizer", None))
     plan = build_order(config, data, args.world_size, model_scorer(
         {"student": student, "teacher": teacher.model if isinstance(teacher, LiveTeacher) else None},
         {"student": config.student_model, "teacher": config.teacher_model}, vocab_width,
         tokenizer.pad_token_id or 0, config.per_device_eval_batch_size, path_inside(config.output_dir, ".cache/tokenized")))
     loss_impl = choose_loss_impl(config.loss_impl, student, teacher, data.train[0]["input_ids"])
     if config.lora.enabled:
+        set_seed(config.seed)  # LoRA's A matrices are random: seeded here, since the Trainer seeds only later
         student = apply_lora(student, config.lora)
         if config.gradient_checkpointing:
             student.enable_input_require_grads()
@@ -143,7 +162,8 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        data_collator=PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                                      teacher_pad_token_id=_pad_id(getattr(teacher, "paired_tokenizer", None))),
         processing_class=tokenizer,
         teacher=teacher,
         distillation=config.distillation,
@@ -158,6 +178,8 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         source_names=list(plan.names) if plan is not None and config.log_per_source else None,
     )
     install_callbacks(trainer)
+    direct_tracker_output(trainer, run_dir)
+    add_hardware_metrics(trainer)
     output = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(output.metrics)
     if data.eval is not None:
@@ -171,12 +193,13 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         final_dir / METADATA_FILE,
         config=redacted_config(config),
         teacher={"model": config.teacher_model, "teacher_cache": str(config.teacher_cache) if config.teacher_cache else None,
-                 "revision": model_revision(teacher.model) if isinstance(teacher, LiveTeacher) else None},
+                 "revision": model_revision(teacher.model) if hasattr(teacher, "model") else None,
+                 "describe": teacher.describe() if hasattr(teacher, "describe") else None},
         loss_impl=trainer.loss_impl,
         student={"model": config.student_model, "revision": model_revision(trainer.model)},
         data=data_summary(data, plan, trainer.state.global_step * global_batch(config, args.world_size)),
         device=str(device),
-        teacher_device=str(teacher.device) if isinstance(teacher, LiveTeacher) else None,
+        teacher_device=str(teacher.device) if hasattr(teacher, "model") else None,
         precision=precision.name,
         world_size=args.world_size,
         parameters={"total": total, "trainable": trainable},
@@ -208,8 +231,34 @@ def load_models(config: TrainingConfig, tokenizer: Any, device: torch.device, pr
         **_hub(config, config.teacher_revision),
     )
     teacher_tokenizer = load_tokenizer(config.teacher_model, **_hub(config, config.teacher_revision))
+    method = config.distillation.cross_tokenizer
+    if method and not tokenizers_equal(teacher_tokenizer, tokenizer):
+        return student, cross_tokenizer_teacher(config, teacher_model, teacher_tokenizer, tokenizer, student, teacher_device), len(tokenizer)
+    if method:
+        logger.info("distillation.cross_tokenizer=%s ignored: teacher and student share a tokenizer", method)
     vocab_width = shared_vocab_width(teacher_tokenizer, tokenizer, teacher_model, student)
     return student, LiveTeacher(teacher_model, teacher_device, vocab_width), vocab_width
+
+
+def cross_tokenizer_teacher(config: TrainingConfig, teacher_model: Any, teacher_tokenizer: Any, tokenizer: Any,
+                            student: Any, device: torch.device) -> AlignedTeacher:
+    """A teacher that reads its own tokenisation; tokens are compared through text alignment (docs/CROSS_TOKENIZER.md)."""
+    distillation = config.distillation
+    teacher_width = own_vocab_width(teacher_tokenizer, teacher_model, "teacher")
+    student_width = own_vocab_width(tokenizer, student, "student")
+    vocab_map = build_vocab_map(teacher_tokenizer, tokenizer, teacher_width, student_width)
+    for side in (teacher_tokenizer, tokenizer):
+        if not getattr(side, "is_fast", False):
+            raise ConfigError(f"distillation.cross_tokenizer needs fast tokenizers (offset mappings); "
+                              f"{type(side).__name__} is not one")
+    logger.info("cross-tokenizer distillation (%s): teacher vocabulary %d, student %d, %d tokens spelled alike",
+                distillation.cross_tokenizer, teacher_width, student_width, vocab_map.matched)
+    cross = CrossSettings(distillation.cross_tokenizer, distillation.hybrid_matched_weight, distillation.hybrid_unmatched_weight)
+    return AlignedTeacher(teacher_model, device, teacher_width, teacher_tokenizer, cross, vocab_map)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
 
 def open_teacher_cache(config: TrainingConfig, tokenizer: Any) -> CachedTeacher:
@@ -231,7 +280,7 @@ def choose_loss_impl(requested: str, student: Any, teacher: Any, sample_ids: lis
     if requested != "fused":
         return requested
     ids = torch.tensor([sample_ids[:8]])  # a few tokens: the check runs before the student reaches its device
-    checks = [("student", student)] + ([("teacher", teacher.model)] if isinstance(teacher, LiveTeacher) else [])
+    checks = [("student", student)] + ([("teacher", teacher.model)] if hasattr(teacher, "model") else [])
     for role, model in checks:
         if not head_reproduces_logits(model, ids.to(next(model.parameters()).device)):
             logger.warning("the %s post-processes its logits (e.g. soft-capping): using loss_impl=simple", role)

@@ -3,6 +3,7 @@ accumulation, mixed precision, checkpointing and distribution are the library's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -12,9 +13,11 @@ import torch
 from transformers import Trainer
 
 from nlm.config.settings import DistillationConfig
+from nlm.distill.cross_loss import cross_tokenizer_loss
 from nlm.distill.fused import fused_distillation_loss
 from nlm.distill.loss import LossSettings, combine, summed_parts
 from nlm.distill.metrics import EvalSums, score_batch
+from nlm.distill.sharded_head import gathered_head, prepare_teacher
 from nlm.distill.teacher import LiveTeacher
 from nlm.errors import TrainingDivergedError
 from nlm.models.heads import capture_hidden, output_head
@@ -51,11 +54,12 @@ class DistillationTrainer(Trainer):
         self.distillation = distillation
         self.loss_settings = LossSettings.from_config(distillation)
         self.loss_impl = loss_impl
-        if loss_impl == "fused" and self.is_fsdp_enabled:
-            # FSDP gathers a sharded head in the module's __call__ hooks; the fused loss calls the head's forward
-            # chunk by chunk outside them, so it would see a shard.
-            logger.warning("FSDP is enabled: using loss_impl=simple (the fused loss needs an unsharded output head)")
+        if loss_impl == "fused" and self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+            # FSDP1 has no unsharding API usable inside a step (FSDP2 and ZeRO-3 do: nlm.distill.sharded_head).
+            logger.warning("FSDP version 1: using loss_impl=simple (the fused loss needs FSDP2; see configs/accelerate/fsdp2.yaml)")
             self.loss_impl = "simple"
+        if isinstance(teacher, LiveTeacher):
+            teacher.model = prepare_teacher(teacher.model, self.accelerator)  # DeepSpeed: its own engine
         self.chunk_tokens = chunk_tokens
         self.step_policy = step_policy  # None: every step trains on the dataset (see nlm/training/policy.py)
         self.vocab_width = vocab_width
@@ -102,21 +106,25 @@ class DistillationTrainer(Trainer):
         if normalizer is not None and torch.is_tensor(normalizer):
             normalizer = normalizer.to(targets.device)
         use_teacher = self.teacher is not None and self.distillation.alpha > 0
-        if self.loss_impl == "fused":
+        if use_teacher and getattr(self.teacher, "paired_tokenizer", None) is not None:
+            parts, outputs, reference = self._cross_tokenizer_loss(model, inputs, normalizer)
+        elif self.loss_impl == "fused":
             unwrapped = self.accelerator.unwrap_model(model)
             head_module = output_head(unwrapped)
             with capture_hidden(unwrapped) as (store, head):
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
             rows = store["hidden"][:, :-1][mask]  # [n, H]
             teacher_rows = self.teacher.row_source(inputs, mask, rows.device) if use_teacher else (lambda start, end: None)
-            parts = fused_distillation_loss(
-                rows, head, targets, teacher_rows, vocab_width=self.vocab_width, settings=self.loss_settings,
-                normalizer=normalizer, head_parameters=[p for p in head_module.parameters() if p.requires_grad],
-                chunk_size=self.chunk_tokens,
-                # A plain Linear head gets hand-written gradients (no head-sized copy per chunk).
-                linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
-            )
-            reference = rows
+            with gathered_head(unwrapped, head_module), self._gathered_teacher_head():  # sharded heads, whole
+                parts = fused_distillation_loss(
+                    rows, head, targets, teacher_rows, vocab_width=self.vocab_width, settings=self.loss_settings,
+                    normalizer=normalizer, head_parameters=[p for p in head_module.parameters() if p.requires_grad],
+                    chunk_size=self.chunk_tokens,
+                    # A plain Linear head gets hand-written gradients (no head-sized copy per chunk).
+                    linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
+                    # The chunks' head products run in the run's precision, as the model's forward does.
+                    autocast=self.accelerator.autocast,
+                )
             source_logits = lambda start, end: head(rows[start:end].detach())[..., : self.vocab_width]  # noqa: E731
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
@@ -124,16 +132,36 @@ class DistillationTrainer(Trainer):
             teacher = self.teacher.dense_rows(inputs, mask, student.device) if use_teacher else None
             task_sum, distill_sum = summed_parts(student.float(), teacher, targets, self.loss_settings)
             parts = combine(task_sum, distill_sum, targets.numel(), self.loss_settings, normalizer)
-            reference = student
             source_logits = lambda start, end: student[start:end].detach()  # noqa: E731
         loss = parts.total
         if self.args.average_tokens_across_devices and normalizer is not None and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # gradients are averaged over processes afterwards
-        loss = self._guard_finite(loss, reference)
+        loss = self._guard_finite(loss, model)
         self._record(parts, normalizer, inputs)
         if self.source_names and "source" in inputs:
             self._record_sources(source_logits, targets, inputs["source"].unsqueeze(1).expand_as(mask)[mask])
         return (loss, outputs) if return_outputs else loss
+
+    def _gathered_teacher_head(self) -> Any:
+        """A live teacher sharded by DeepSpeed ZeRO-3 needs its head whole for the chunk loop too."""
+        if not isinstance(self.teacher, LiveTeacher):
+            return contextlib.nullcontext()
+        return gathered_head(self.teacher.model, output_head(self.teacher.model))
+
+    def _cross_tokenizer_loss(self, model: Any, inputs: dict[str, torch.Tensor], normalizer: Any) -> tuple[Any, Any, torch.Tensor]:
+        """A teacher with its own tokenizer: CE (fused) + ULD/hybrid at the aligned group starts."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        head_module = output_head(unwrapped)
+        with capture_hidden(unwrapped) as (store, head):
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        hidden = store["hidden"]
+        parts = cross_tokenizer_loss(
+            hidden, head, inputs, self.teacher.group_logits(inputs, hidden.device), self.loss_settings,
+            self.teacher.cross, self.teacher.vocab_map, vocab_width=self.vocab_width, normalizer=normalizer,
+            head_parameters=[p for p in head_module.parameters() if p.requires_grad], chunk_size=self.chunk_tokens,
+            linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
+        )
+        return parts, outputs, hidden
 
     @torch.no_grad()
     def _eval_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool) -> Any:
@@ -148,14 +176,26 @@ class DistillationTrainer(Trainer):
             teacher=self.teacher if isinstance(self.teacher, LiveTeacher) else None,
             chunked=self.loss_impl == "fused", chunk_tokens=self.chunk_tokens,
             model_for_head=self.accelerator.unwrap_model(model),
+            # Every process's per-example sums (repeats that even out the last batch dropped): the figures
+            # and the best-model choice cover the whole eval set, not one process's shard.
+            gather=self.accelerator.gather_for_metrics, autocast=self.accelerator.autocast,
         )
         ce, count = self._eval_sums.ce - before[0], self._eval_sums.tokens - before[1]
         task = torch.tensor(ce / max(count, 1), device=inputs["input_ids"].device)
         return (task, outputs) if return_outputs else task
 
-    def _guard_finite(self, loss: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """Skip the update of a NaN/inf micro-batch; stop after `max_bad_steps` in a row."""
-        if torch.isfinite(loss).item():
+    def _guard_finite(self, loss: torch.Tensor, model: Any) -> torch.Tensor:
+        """Skip the update of a NaN/inf micro-batch; stop after `max_bad_steps` in a row.
+
+        Under DDP every process takes the same decision (one non-finite loss anywhere skips the micro-batch
+        everywhere), and the zero loss that replaces it stays connected to every trainable parameter, so
+        each process's backward runs the same gradient all-reduce and none waits for the others forever.
+        """
+        bad = not bool(torch.isfinite(loss).item())
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([1.0 if bad else 0.0], device=loss.device)
+            bad = bool(self.accelerator.gather(flag).max().item())
+        if not bad:
             self._bad_steps = 0
             return loss
         self._bad_steps += 1
@@ -166,8 +206,10 @@ class DistillationTrainer(Trainer):
                 "stopped, keeping the last saved checkpoint. Lower learning_rate, use fp32/bf16 instead of fp16, "
                 "or check the data"
             )
-        # A zero loss with a graph but no parameter in it: backward runs and leaves every gradient unchanged.
-        return reference.new_zeros((), requires_grad=True)
+        # Zero through the parameters, not through the NaN activations (0·NaN is NaN): every trainable
+        # parameter gets an exact zero gradient, so this micro-batch adds nothing.
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return sum((p.reshape(-1)[:1].sum() for p in trainable), loss.new_zeros(())) * 0.0
 
     def _record(self, parts: Any, normalizer: Any, inputs: dict[str, torch.Tensor]) -> None:
         # Parts are normalised per optimiser step; rescale to a per-token mean of this micro-batch for logging.

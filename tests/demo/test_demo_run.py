@@ -70,3 +70,21 @@ def test_quick_reverse_demo_reports_on_policy_next_to_off_policy(tmp_path):
         assert on_policy["config"][key] == off_policy["config"][key]  # the same budget
     assert "on-policy student (lmbda=" in result.stdout and "on-policy minus off-policy" in result.stdout
     assert "on-policy student" in (out / "report.md").read_text()
+
+
+def test_demo_never_deletes_a_users_folder_or_files(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("four years of work")
+    for extra in ([], ["--overwrite"]):
+        assert main(["demo", "--data-only", "--output_dir", str(mine), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "was not created by nlm (it holds thesis.txt)" in err and len(err.strip().splitlines()) == 1
+    assert (mine / "thesis.txt").read_text() == "four years of work"
+
+    demo = tmp_path / "demo"
+    assert main(["demo", "--data-only", "--output_dir", str(demo)]) == 0
+    (demo / "thesis.txt").write_text("saved next to the demo")
+    assert main(["demo", "--data-only", "--output_dir", str(demo), "--overwrite"]) == 0
+    assert (demo / "thesis.txt").read_text() == "saved next to the demo"
+    assert (demo / "data" / "heldout.jsonl").is_file()
