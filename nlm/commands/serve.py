@@ -66,5 +66,10 @@ def run(options: Options) -> int:  # type: ignore[valid-type]
         if not api_key:
             raise ConfigError(f"--api_key_env {key_variable}: that environment variable is not set or empty")
         register_secret(api_key)
-    serve(ServerSettings(**values, api_key=api_key))
+    settings = ServerSettings(**values, api_key=api_key)
+    if settings.model.exists():  # a run folder, a cache or a file: say so before the server starts
+        from nlm.models.loading import check_model_path
+
+        check_model_path(settings.model)
+    serve(settings)
     return 0

@@ -116,6 +116,7 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     """Write (or finish) the cache for `config`'s teacher and training data; returns the manifest."""
     if not config.teacher_model:
         raise ConfigError("teacher-cache needs the teacher: pass --teacher MODEL (or --teacher_model)")
+    train_files = resolve_train_files(config.train_file)  # a missing data file fails before the teacher loads
     output = safe_output_dir(output)
     hub = {"revision": config.teacher_revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
     tokenizer = load_tokenizer(config.teacher_model, **hub)
@@ -154,7 +155,7 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     # Tokenised data stay on disk (memory-mapped Arrow) in the cache folder, as in training: memory does not
     # grow with the corpus.
     tokenized_root = output / "tokenized"
-    data = tokenize_records(resolve_train_files(config.train_file), tokenizer, tokenize_settings(config),
+    data = tokenize_records(train_files, tokenizer, tokenize_settings(config),
                             cache_root=tokenized_root)
     dataset = data.dataset
     sample = torch.tensor([dataset[0]["input_ids"]], device=device)

@@ -22,8 +22,14 @@ def test_torchrun_two_processes(model_dirs, pc_file, tmp_path, extra):
                "--train_file", str(pc_file), "--output_dir", str(out), "--max_steps", "3", "--save_steps", "2",
                "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--device_preference", "cpu", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if not extra:  # default log level: only the main process logs INFO and prints the result
+        command.remove("--log_level")
+        command.remove("WARNING")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("final model: ") == 1
+    if not extra:
+        assert result.stderr.count("INFO nlm.training.run: precision: ") == 1, result.stderr[-4000:]
     final = out / "distill" / "final"
     metadata = json.loads((final / "training_metadata.json").read_text())
     assert metadata["world_size"] == 2 and metadata["global_step"] == 3
