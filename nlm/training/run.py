@@ -15,7 +15,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from nlm.config.paths import claim_folder, mark_folder, path_inside, safe_output_dir
 from nlm.config.settings import TrainingConfig
-from nlm.data.files import resolve_eval_files, resolve_train_files
+from nlm.data.files import resolve_eval_files
+from nlm.data.mixture import source_specs
 from nlm.data.prepare import PreparedData, prepare_datasets
 from nlm.data.sampler import OrderPlan, OrderSampler
 from nlm.data.tokenize import PaddingCollator
@@ -109,8 +110,9 @@ def _check_required(config: TrainingConfig) -> None:
             "teacher_model is required when distillation.alpha > 0: pass --teacher_model (or --teacher_cache DIR), "
             "or --distillation.alpha 0 for plain fine-tuning"
         )
-    # A missing, unreadable or directory data file is a usage error named by its option (exit 2), before models.
-    resolve_train_files(config.train_file)
+    # A missing, unreadable or directory data file is a usage error named by its option (exit 2), before models;
+    # with a train_mixture every source is resolved (train_file is then unset).
+    source_specs(config)
     resolve_eval_files(config.eval_file)
 
 
