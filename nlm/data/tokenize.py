@@ -43,6 +43,8 @@ class TokenizeSettings:
     completion_only_loss: bool = True
     prompt_separator: str = "\n"
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    # Teacher names for route mode: each example gets a `teacher` column, its record's teacher's position.
+    route_teachers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -70,6 +72,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
     digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def features(settings: TokenizeSettings) -> datasets.Features:
+    if not settings.route_teachers:
+        return FEATURES
+    return datasets.Features({**FEATURES, "teacher": datasets.Value("int32")})
+
+
+def _route(record: dict[str, str], settings: TokenizeSettings, paths: Sequence[Path]) -> int:
+    name = record.get("teacher")
+    if name not in settings.route_teachers:
+        found = f"teacher {name!r}" if name is not None else "no 'teacher' field"
+        raise DataError(f"{', '.join(map(str, paths))}: a record has {found}; with distillation.teacher_mixture=route "
+                        f"every record needs 'teacher' set to one of {', '.join(settings.route_teachers)}")
+    return settings.route_teachers.index(name)
 
 
 def _finish(input_ids: list[int], labels: list[int], settings: TokenizeSettings, stats: TokenizeStats) -> dict | None:
@@ -135,15 +152,16 @@ def _examples(
     def flush() -> Iterator[dict]:
         pcs = [r for r in pending if r["format"] == "prompt_completion"]
         texts = [r for r in pending if r["format"] == "text"]
+        chats = [r for r in pending if r["format"] == "chat"]
         encoded = encode_prompt_completions(tokenizer, [r["prompt"] for r in pcs], [r["completion"] for r in pcs], settings) if pcs else []
         encoded += encode_texts(tokenizer, [r["text"] for r in texts]) if texts else []
-        for record in pending:
-            if record["format"] == "chat":
-                encoded.append(encode_chat(tokenizer, json.loads(record["messages"]), settings))
+        encoded += [encode_chat(tokenizer, json.loads(r["messages"]), settings) for r in chats]
         pending.clear()
-        for input_ids, labels in encoded:
+        for record, (input_ids, labels) in zip(pcs + texts + chats, encoded, strict=True):
             example = _finish(input_ids, labels, settings, stats)
             if example is not None:
+                if settings.route_teachers:
+                    example["teacher"] = _route(record, settings, paths)
                 yield example
 
     for record in iter_records(paths, read_stats, settings.max_line_bytes):
@@ -169,7 +187,7 @@ def tokenize_records(
     files = files_fingerprint(paths)
     key = hashlib.sha256(
         json.dumps(
-            {"files": sorted(files.values()), "tokenizer": tokenizer_fingerprint(tokenizer), "settings": asdict(settings), "nlm": nlm.__version__},
+            {"files": sorted(files.values()), "tokenizer": tokenizer_fingerprint(tokenizer), "settings": {k: v for k, v in asdict(settings).items() if k != "route_teachers" or v}, "nlm": nlm.__version__},
             sort_keys=True,
         ).encode()
     ).hexdigest()[:32]
@@ -185,7 +203,7 @@ def tokenize_records(
         dataset = _generate(
             _examples,
             gen_kwargs={"paths": list(paths), "tokenizer": tokenizer, "settings": settings, "read_stats": read_stats, "stats": stats},
-            features=FEATURES,
+            features=features(settings),
             cache_dir=scratch,
             # A fresh fingerprint each build: our own cache key decides reuse, not datasets' hashing of the generator.
             fingerprint=hashlib.sha256(f"{key}{id(stats)}".encode()).hexdigest(),
@@ -202,7 +220,7 @@ def tokenize_records(
             partial.rename(cache_dir)
             dataset = datasets.load_from_disk(str(cache_dir / "dataset"))
         else:
-            dataset = datasets.Dataset.from_dict(dataset.to_dict(), features=FEATURES)
+            dataset = datasets.Dataset.from_dict(dataset.to_dict(), features=features(settings))
     if stats.truncated:
         logger.warning("%d examples were longer than max_seq_length=%d and were truncated", stats.truncated, settings.max_seq_length)
     if stats.dropped_no_target:
@@ -249,4 +267,6 @@ class PaddingCollator:
         tensors = {name: torch.tensor(rows, dtype=torch.long) for name, rows in batch.items()}
         if "index" in examples[0]:  # the example's position in the training data, for the teacher cache
             tensors["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+        if "teacher" in examples[0]:  # the teacher scoring each example (teacher_mixture: route)
+            tensors["teacher"] = torch.tensor([e["teacher"] for e in examples], dtype=torch.long)
         return tensors

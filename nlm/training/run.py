@@ -18,11 +18,10 @@ from nlm.config.settings import TrainingConfig
 from nlm.data.files import resolve_eval_files
 from nlm.data.prepare import PreparedData, prepare_datasets
 from nlm.data.tokenize import PaddingCollator
-from nlm.distill.cache import CacheMismatchError, TeacherCache, compare_fingerprints
-from nlm.distill.cache_builder import cache_fingerprint
-from nlm.distill.teacher import CachedTeacher, LiveTeacher
+from nlm.distill.teacher import Teacher
+from nlm.distill.teacher_loading import load_teacher, teacher_specs
 from nlm.errors import ConfigError, RunExistsError
-from nlm.models.device import PrecisionPlan, resolve_precision, select_device, teacher_dtype
+from nlm.models.device import PrecisionPlan, resolve_precision, select_device
 from nlm.models.heads import head_reproduces_logits
 from nlm.models.loading import (
     check_model_exists,
@@ -32,7 +31,6 @@ from nlm.models.loading import (
     model_revision,
 )
 from nlm.models.lora import apply_lora
-from nlm.models.vocab import shared_vocab_width
 from nlm.training.arguments import training_arguments
 from nlm.training.callbacks import install_callbacks
 from nlm.training.metadata import redacted_config, write_metadata
@@ -83,7 +81,7 @@ def _check_required(config: TrainingConfig) -> None:
         raise ConfigError(f"eval_strategy={config.eval_strategy} needs evaluation data: set eval_file or eval_split")
     if not config.student_model:
         raise ConfigError("student_model is required: pass --student_model ID_OR_FOLDER or set it in the config file")
-    if not config.teacher_model and not config.teacher_cache and config.distillation.alpha > 0:
+    if not config.teacher_model and not config.teachers and not config.teacher_cache and config.distillation.alpha > 0:
         raise ConfigError(
             "teacher_model is required when distillation.alpha > 0: pass --teacher_model (or --teacher_cache DIR), "
             "or --distillation.alpha 0 for plain fine-tuning"
@@ -100,8 +98,9 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     _check_required(config)
     # Fail on a missing model before any data work or folder creation.
     check_model_exists(config.student_model, **_hub(config, config.student_revision))
-    if config.teacher_model:
-        check_model_exists(config.teacher_model, **_hub(config, config.teacher_revision))
+    if not config.teacher_cache:
+        for spec in teacher_specs(config):
+            check_model_exists(spec.model, **_hub(config, spec.revision))
     device = select_device(config.device_preference, config.device)
     precision = resolve_precision(config.precision, device)
     logger.info("precision: %s on %s", precision.name, device)
@@ -115,7 +114,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     student, teacher, vocab_width = load_models(config, tokenizer, device, precision)
     with args.main_process_first(local=False, desc="tokenisation"):
         data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
-                                with_index=isinstance(teacher, CachedTeacher))
+                                with_index=teacher is not None and "index" in teacher.batch_columns)
     loss_impl = choose_loss_impl(config.loss_impl, student, teacher, data.train[0]["input_ids"])
     if config.lora.enabled:
         student = apply_lora(student, config.lora)
@@ -152,12 +151,13 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         final_dir / METADATA_FILE,
         config=redacted_config(config),
         teacher={"model": config.teacher_model, "teacher_cache": str(config.teacher_cache) if config.teacher_cache else None,
-                 "revision": model_revision(teacher.model) if isinstance(teacher, LiveTeacher) else None},
+                 "revision": (teacher.describe().get("revision") if teacher is not None else None),
+                 **(teacher.describe() if teacher is not None else {})},
         loss_impl=trainer.loss_impl,
         student={"model": config.student_model, "revision": model_revision(trainer.model)},
         data=data_summary(data),
         device=str(device),
-        teacher_device=str(teacher.device) if isinstance(teacher, LiveTeacher) else None,
+        teacher_device=teacher.describe().get("device") if teacher is not None else None,
         precision=precision.name,
         world_size=args.world_size,
         parameters={"total": total, "trainable": trainable},
@@ -173,38 +173,12 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
 
 
 def load_models(config: TrainingConfig, tokenizer: Any, device: torch.device, precision: PrecisionPlan
-                ) -> tuple[Any, LiveTeacher | CachedTeacher | None, int]:
-    """The student (fp32 master weights; mixed precision autocasts), the teacher or its cache, and the
-    vocabulary width both are compared over."""
+                ) -> tuple[Any, Teacher | None, int]:
+    """The student (fp32 master weights; mixed precision autocasts), the teacher (live, cached or several),
+    and the vocabulary width both are compared over."""
     student = load_causal_lm(config.student_model, dtype=torch.float32, **_hub(config, config.student_revision))
-    if config.teacher_cache:
-        return student, open_teacher_cache(config, tokenizer), len(tokenizer)
-    if not config.teacher_model:
-        return student, None, len(tokenizer)
-    teacher_device = torch.device(config.teacher_device) if config.teacher_device else device
-    if config.teacher_device:
-        select_device(forced=config.teacher_device)  # a clear error when that device does not exist
-    teacher_model = load_causal_lm(
-        config.teacher_model, dtype=teacher_dtype(config.teacher_precision, precision, teacher_device),
-        **_hub(config, config.teacher_revision),
-    )
-    teacher_tokenizer = load_tokenizer(config.teacher_model, **_hub(config, config.teacher_revision))
-    vocab_width = shared_vocab_width(teacher_tokenizer, tokenizer, teacher_model, student)
-    return student, LiveTeacher(teacher_model, teacher_device, vocab_width), vocab_width
-
-
-def open_teacher_cache(config: TrainingConfig, tokenizer: Any) -> CachedTeacher:
-    """The cache named by `teacher_cache`, checked against this run's data, tokenizer and settings."""
-    try:
-        cache = TeacherCache(config.teacher_cache)
-        compare_fingerprints(cache_fingerprint(config, tokenizer, cache.top_k), cache.fingerprint, cache.directory)
-    except (FileNotFoundError, CacheMismatchError) as exc:
-        raise ConfigError(str(exc)) from None
-    if cache.vocab_size != len(tokenizer):
-        raise ConfigError(f"teacher cache vocabulary {cache.vocab_size} differs from the student tokenizer's {len(tokenizer)}")
-    logger.info("teacher targets from cache %s (top-%d, %d tokens); the teacher model is not loaded",
-                cache.directory, cache.top_k, cache.manifest["tokens"])
-    return CachedTeacher(cache)
+    teacher = load_teacher(config, tokenizer, student, device, precision)
+    return student, teacher, teacher.vocab_width if teacher is not None else len(tokenizer)
 
 
 def choose_loss_impl(requested: str, student: Any, teacher: Any, sample_ids: list[int]) -> str:
@@ -212,7 +186,7 @@ def choose_loss_impl(requested: str, student: Any, teacher: Any, sample_ids: lis
     if requested != "fused":
         return requested
     ids = torch.tensor([sample_ids[:8]])  # a few tokens: the check runs before the student reaches its device
-    checks = [("student", student)] + ([("teacher", teacher.model)] if isinstance(teacher, LiveTeacher) else [])
+    checks = [("student", student)] + ([("teacher", model) for model in teacher.models()] if teacher is not None else [])
     for role, model in checks:
         if not head_reproduces_logits(model, ids.to(next(model.parameters()).device)):
             logger.warning("the %s post-processes its logits (e.g. soft-capping): using loss_impl=simple", role)

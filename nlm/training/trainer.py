@@ -13,9 +13,10 @@ from transformers import Trainer
 
 from nlm.config.settings import DistillationConfig
 from nlm.distill.fused import fused_distillation_loss
-from nlm.distill.loss import LossSettings, combine, summed_parts
+from nlm.distill.loss import LossParts, LossSettings, combine_terms
 from nlm.distill.metrics import EvalSums, score_batch
-from nlm.distill.teacher import LiveTeacher
+from nlm.distill.objective import Objective, objective_from_config
+from nlm.distill.teacher import Teacher
 from nlm.errors import TrainingDivergedError
 from nlm.models.heads import capture_hidden, output_head
 
@@ -23,13 +24,15 @@ logger = logging.getLogger(__name__)
 
 
 class DistillationTrainer(Trainer):
-    """Trains the student on (1-α)·CE + α·τ²·D(teacher ‖ student); evaluates CE, perplexity and teacher agreement."""
+    """Trains the student on an objective (default (1-α)·CE + α·τ²·D(teacher ‖ student)) with targets from any
+    `Teacher`; evaluates CE, perplexity and teacher agreement."""
 
     def __init__(
         self,
         *args: Any,
-        teacher: Any | None,
+        teacher: Teacher | None,
         distillation: DistillationConfig,
+        objective: Objective | None = None,
         vocab_width: int,
         max_bad_steps: int = 3,
         loss_impl: str = "fused",
@@ -37,11 +40,15 @@ class DistillationTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if teacher is None and distillation.alpha > 0:
+        self.objective = objective if objective is not None else objective_from_config(distillation)
+        if teacher is None and "teacher" in self.objective.needs:
             raise ValueError("a teacher is required when distillation.alpha > 0")
         self.teacher = teacher
         self.distillation = distillation
         self.loss_settings = LossSettings.from_config(distillation)
+        if loss_impl == "fused" and not self.objective.fused_supported:
+            logger.warning("the objective has a term the fused loss cannot chunk: using loss_impl=simple")
+            loss_impl = "simple"
         self.loss_impl = loss_impl
         if loss_impl == "fused" and self.is_fsdp_enabled:
             # FSDP gathers a sharded head in the module's __call__ hooks; the fused loss calls the head's forward
@@ -75,16 +82,17 @@ class DistillationTrainer(Trainer):
         normalizer = num_items_in_batch
         if normalizer is not None and torch.is_tensor(normalizer):
             normalizer = normalizer.to(targets.device)
-        use_teacher = self.teacher is not None and self.distillation.alpha > 0
+        use_teacher = self.teacher is not None and "teacher" in self.objective.needs
         if self.loss_impl == "fused":
             unwrapped = self.accelerator.unwrap_model(model)
             head_module = output_head(unwrapped)
             with capture_hidden(unwrapped) as (store, head):
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
             rows = store["hidden"][:, :-1][mask]  # [n, H]
-            teacher_rows = self.teacher.row_source(inputs, mask, rows.device) if use_teacher else (lambda start, end: None)
+            signal = self.teacher.signal(inputs, mask, rows.device) if use_teacher else None
             parts = fused_distillation_loss(
-                rows, head, targets, teacher_rows, vocab_width=self.vocab_width, settings=self.loss_settings,
+                rows, head, targets, signal.rows if signal is not None else (lambda start, end: None),
+                vocab_width=self.vocab_width, objective=self.objective,
                 normalizer=normalizer, head_parameters=[p for p in head_module.parameters() if p.requires_grad],
                 chunk_size=self.chunk_tokens,
                 # A plain Linear head gets hand-written gradients (no head-sized copy per chunk).
@@ -94,9 +102,9 @@ class DistillationTrainer(Trainer):
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
             student = outputs.logits[:, :-1, : self.vocab_width][mask]  # [n, V]
-            teacher = self.teacher.dense_rows(inputs, mask, student.device) if use_teacher else None
-            task_sum, distill_sum = summed_parts(student.float(), teacher, targets, self.loss_settings)
-            parts = combine(task_sum, distill_sum, targets.numel(), self.loss_settings, normalizer)
+            teacher = self.teacher.signal(inputs, mask, student.device, full_logits=True).all_rows() if use_teacher else None
+            sums = self.objective.row_sums(student.float(), teacher, targets)
+            parts = combine_terms(self.objective, sums, targets.numel(), normalizer)
             reference = student
         loss = parts.total
         if self.args.average_tokens_across_devices and normalizer is not None and self.accelerator.num_processes > 1:
@@ -115,7 +123,7 @@ class DistillationTrainer(Trainer):
         before = (self._eval_sums.ce, self._eval_sums.tokens)
         outputs = score_batch(
             self._eval_sums, model, inputs, self.vocab_width,
-            teacher=self.teacher if isinstance(self.teacher, LiveTeacher) else None,
+            teacher=self.teacher if self.teacher is not None and self.teacher.full_distribution else None,
             chunked=self.loss_impl == "fused", chunk_tokens=self.chunk_tokens,
             model_for_head=self.accelerator.unwrap_model(model),
         )
@@ -139,7 +147,7 @@ class DistillationTrainer(Trainer):
         # A zero loss with a graph but no parameter in it: backward runs and leaves every gradient unchanged.
         return reference.new_zeros((), requires_grad=True)
 
-    def _record(self, parts: Any, normalizer: Any, inputs: dict[str, torch.Tensor]) -> None:
+    def _record(self, parts: LossParts, normalizer: Any, inputs: dict[str, torch.Tensor]) -> None:
         # Parts are normalised per optimiser step; rescale to a per-token mean of this micro-batch for logging.
         scale = float(normalizer) / max(parts.tokens, 1) if normalizer is not None else 1.0
         self._window["task"] += parts.task.item() * scale
@@ -157,6 +165,7 @@ class DistillationTrainer(Trainer):
             processes = max(self.accelerator.num_processes, 1)
             logs["tokens_per_second"] = round(self._window["tokens"] * processes / elapsed, 2)
             logs["samples_per_second"] = round(self._window["samples"] * processes / elapsed, 2)
+            logs.update({key: round(value, 6) for key, value in self.objective.pop_stats().items()})
             self._window = self._new_window()
         super().log(logs, start_time)
 
