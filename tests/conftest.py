@@ -27,8 +27,9 @@ CORPUS = [
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch):
-    for name in ("SM_CHANNEL_TRAIN", "SM_CHANNEL_EVAL", "SM_CHANNEL_VALIDATION"):
-        monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.startswith("SM_"):
+            monkeypatch.delenv(name, raising=False)
     for name in list(os.environ):
         if name.startswith("NLM_"):
             monkeypatch.delenv(name, raising=False)

@@ -6,12 +6,16 @@ in every record that reaches the handler, including formatted exceptions and thi
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import json
 import logging
 import sys
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from types import ModuleType
+from typing import Any
 
 REDACTED = "**********"
 _secrets: set[str] = set()
@@ -83,22 +87,72 @@ def setup_logging(level: str = "INFO", log_format: str = "text", secrets: Iterab
     root.setLevel(level)
     for noisy in ("urllib3", "filelock", "fsspec", "httpx", "httpcore", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    _state["log_format"] = log_format
+    # transformers and datasets are configured when (and only if) a command imports them, so `nlm --help`,
+    # `nlm config show` and usage errors start without loading them.
+    when_imported("datasets", _configure_datasets)
+    when_imported("transformers", _configure_transformers)
+
+
+_state: dict[str, str] = {"log_format": "text"}
+
+
+def current_log_format() -> str:
+    """The `--log_format` the process was started with: 'text' or 'json'."""
+    return _state["log_format"]
+
+
+def _quiet_bars() -> bool:
     # Library progress bars (weight loading, dataset generation) are noise in logs and pipes.
-    quiet_bars = log_format == "json" or not sys.stderr.isatty()
-    try:
-        import datasets
+    return _state["log_format"] == "json" or not sys.stderr.isatty()
 
-        if quiet_bars:
-            datasets.disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import transformers
 
-        if quiet_bars:
-            transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_default_handler()
-        transformers.utils.logging.enable_propagation()
-        transformers.utils.logging.set_verbosity(max(logging.WARNING, root.level))
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        pass
+def _configure_datasets(datasets: ModuleType) -> None:
+    if _quiet_bars():
+        datasets.disable_progress_bars()
+
+
+def _configure_transformers(transformers: ModuleType) -> None:
+    from transformers.utils import logging as hf_logging
+
+    if _quiet_bars():
+        hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.set_verbosity(max(logging.WARNING, logging.getLogger().level))
+
+
+_pending: dict[str, Callable[[ModuleType], None]] = {}
+
+
+def when_imported(name: str, hook: Callable[[ModuleType], None]) -> None:
+    """Call `hook(module)` now if `name` is imported, else right after its first import.
+
+    Written by hand because the standard library has no post-import hook (PEP 369 was withdrawn); this is
+    the usual meta-path finder that wraps the module's loader once.
+    """
+    if name in sys.modules:
+        hook(sys.modules[name])
+        return
+    _pending[name] = hook
+    if not any(isinstance(finder, _PostImportFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder())
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in _pending:
+            return None
+        hook = _pending.pop(fullname)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_then_hook(module: ModuleType) -> None:
+            exec_module(module)
+            hook(module)
+
+        loader.exec_module = exec_then_hook  # type: ignore[method-assign]
+        return spec

@@ -1,6 +1,7 @@
-"""Render the configuration reference (docs/CONFIGURATION.md) from the settings classes themselves.
+"""Render the training part of the configuration reference (docs/CONFIGURATION.md) from the settings classes.
 
-`python -m nlm.config.reference > docs/CONFIGURATION.md`; a test keeps the committed file in sync.
+The whole file, command options included, is written by `python -m nlm.commands.reference > docs/CONFIGURATION.md`
+(running this module does the same); a test keeps the committed file in sync.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from nlm.config.settings import SECRET_FIELDS
-from nlm.config.sources import known_keys
+from nlm.config.view import grouped_keys
 
 
 def _default(field: Any) -> str:
@@ -32,22 +33,30 @@ def render_reference() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `nlm/config/settings.py` by `python -m nlm.config.reference`; do not edit by hand.",
+        "Generated from `nlm/config/settings.py` and `nlm/commands/*.py` by `python -m nlm.commands.reference`; do not edit by hand.",
         "",
         "Every option can be given as a CLI flag (`--lora.r 32`), an environment variable (`NLM_LORA__R=32`;",
         "nested options use `__`), or a key in the YAML file passed with `--config` (`lora: {r: 32}`).",
         "Precedence, highest first: CLI > environment > YAML > default. Secrets (" + ", ".join(SECRET_FIELDS) + ") are",
         "accepted from the environment and the CLI only.",
         "",
-        "| option | environment | default | allowed | description |",
-        "|---|---|---|---|---|",
+        "## Training options",
+        "",
+        "Used by `nlm train`, `nlm teacher-cache` and `nlm config show`; grouped as `nlm config show` prints them.",
+        "",
     ]
-    for key, field in known_keys().items():
-        env = "NLM_" + key.upper().replace(".", "__")
-        description = (field.description or "").replace("|", "\\|")
-        lines.append(f"| `{key}` | `{env}` | `{_default(field)}` | {_allowed(field)} | {description} |")
+    for title, keys in grouped_keys().items():
+        lines += [f"### {title}", "", "| option | environment | default | allowed | description |", "|---|---|---|---|---|"]
+        for key, field in keys.items():
+            env = "NLM_" + key.upper().replace(".", "__")
+            description = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{key}` | `{env}` | `{_default(field)}` | {_allowed(field)} | {description} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":  # pragma: no cover
-    print(render_reference(), end="")
+    # The full file also lists every command's options, which live above this layer.
+    from nlm.commands.reference import render_reference as render_full_reference
+
+    print(render_full_reference(), end="")

@@ -17,6 +17,13 @@ Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"]
 DeviceName = Literal["cuda", "mps", "cpu"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
+# transformers' SchedulerType values, listed here so validating a config never imports transformers (start-up
+# time of `nlm config show` and of usage errors); tests/config/test_settings.py keeps the list in sync.
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+)
+
 # Secret fields: accepted from the environment and the command line only, never from a file.
 SECRET_FIELDS = ("hf_token",)
 
@@ -106,6 +113,62 @@ class DistillationConfig(BaseModel):
             raise ValueError("temperature_mode=learned starts at temperature, which must lie between temperature_min and temperature_max")
         return self
 
+    # On-policy (GKD) and sequence-level distillation (issue 11); TRL's names. See nlm/training/policy.py.
+    lmbda: float = Field(
+        0.0, ge=0, le=1,
+        description="Share of optimiser steps trained on the student's own samples, scored by the teacher "
+        "(on-policy distillation, GKD); 0 is plain off-policy distillation.",
+    )
+    seq_kd: bool = Field(
+        False, description="Train off-policy steps on completions the teacher generates on the fly (sequence-level KD)."
+    )
+    max_new_tokens: int = Field(128, ge=1, le=65_536, description="Longest generated completion (lmbda > 0 or seq_kd).")
+    generation_temperature: float = Field(
+        1.0, ge=0, le=100, description="Sampling temperature of generated completions; 0 is greedy."
+    )
+    generation_top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of generated completions (1: off).")
+    generation_top_k: int = Field(0, ge=0, description="Top-k sampling of generated completions (0: off).")
+
+
+# --- Data mixing and curriculum (issue 14) ---------------------------------------------------------------
+class MixtureSource(BaseModel):
+    """One source of a training mixture: its files, its sampling weight, its name in logs and metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(
+        None, description="A JSONL file, a folder of *.jsonl or a glob; default: every *.jsonl in $SM_CHANNEL_<NAME>."
+    )
+    weight: float = Field(1.0, gt=0, description="Sampling weight; weights are normalised to probabilities.")
+    name: str | None = Field(None, min_length=1, max_length=64, description="Source name (default: the file's stem).")
+
+    @model_validator(mode="after")
+    def _path_or_channel(self) -> MixtureSource:
+        if self.path is None and self.name is None:
+            raise ValueError("give a path (or a name whose $SM_CHANNEL_<NAME> holds the files)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(str(self.path).rstrip("/")).stem.replace("*", "") or "source"
+
+
+class CurriculumConfig(BaseModel):
+    """Easy examples first: only the easiest `start_fraction` is sampled at first, all of it from `full_at`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    by: str | None = Field(
+        None,
+        min_length=1,
+        description="Difficulty: length (target tokens), teacher_loss, student_loss, or a numeric FIELD of the "
+        "records; unset: no curriculum.",
+    )
+    order: Literal["easy_first", "hard_first"] = Field("easy_first", description="easy_first or hard_first.")
+    pacing: Literal["linear", "step", "root"] = Field("linear", description="How the pool grows: linear, step or root.")
+    start_fraction: float = Field(0.2, gt=0, le=1, description="Fraction of the data sampled at the start.")
+    full_at: float = Field(0.5, gt=0, le=1, description="Fraction of training after which all the data is sampled.")
+
 
 class TrainingConfig(BaseSettings):
     """Everything `nlm train` needs. Precedence: CLI flags > NLM_… environment > YAML (--config) > defaults."""
@@ -134,12 +197,23 @@ class TrainingConfig(BaseSettings):
 
     # Data
     train_file: Path | None = Field(None, description="Training JSONL; else every *.jsonl in $SM_CHANNEL_TRAIN.")
-    eval_file: Path | None = Field(None, description="Evaluation JSONL; else $SM_CHANNEL_EVAL / $SM_CHANNEL_VALIDATION.")
+    eval_file: Path | None = Field(None, description="Evaluation JSONL; else $SM_CHANNEL_EVAL / $SM_CHANNEL_VALIDATION / $SM_CHANNEL_TEST.")
     eval_split: float = Field(0.0, ge=0, lt=1, description="Fraction of the training data held out for eval.")
     max_seq_length: int = Field(512, ge=8, le=1_048_576, description="Longer sequences are truncated.")
     completion_only_loss: bool = Field(True, description="Train only on completion/assistant tokens.")
     prompt_separator: str = Field("\n", description="Text between prompt and completion.")
     max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="JSONL lines longer than this are skipped.")
+    # Mixing and curriculum (issue 14): which examples the student sees when (nlm.data.sampler).
+    train_mixture: list[MixtureSource] | None = Field(
+        None, description="Several training sources with weights: [{path, weight, name}, ...] (instead of train_file)."
+    )
+    mixture_stopping: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted",
+        description="An epoch of a mixture ends when the first source runs out, or when all have been seen (oversampling).",
+    )
+    mixture_size: int | None = Field(None, ge=1, description="Examples per epoch of a mixture (overrides mixture_stopping).")
+    log_per_source: bool = Field(False, description="Log the task loss of each mixture source.")
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
 
     # Output
     output_dir: Path = Field(Path("outputs"), description="Runs are written under output_dir/run_name.")
@@ -214,11 +288,8 @@ class TrainingConfig(BaseSettings):
     @field_validator("lr_scheduler_type")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
-        from transformers.trainer_utils import SchedulerType
-
-        allowed = [s.value for s in SchedulerType]
-        if value not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}")
+        if value not in LR_SCHEDULERS:
+            raise ValueError(f"expected one of {', '.join(LR_SCHEDULERS)}")
         return value
 
     @model_validator(mode="after")
@@ -233,6 +304,23 @@ class TrainingConfig(BaseSettings):
             raise ValueError("teacher_cache replaces the teachers: give one or the other (build the cache from `teachers`)")
         if self.load_best_model_at_end and self.eval_strategy == "no":
             raise ValueError("load_best_model_at_end needs eval_strategy 'steps' or 'epoch'")
+        # A cache holds the teacher's view of the dataset's text only; it cannot score generated text.
+        if self.teacher_cache is not None and self.distillation.lmbda > 0:
+            raise ValueError("distillation.lmbda > 0 (on-policy) needs a live teacher to score the student's "
+                             "samples; it cannot be used with teacher_cache")
+        if self.teacher_cache is not None and self.distillation.seq_kd:
+            raise ValueError("distillation.seq_kd needs a live teacher to generate; it cannot be used with teacher_cache")
+        if self.train_mixture is not None:
+            if self.train_file is not None:
+                raise ValueError("give train_file or train_mixture, not both")
+            if not self.train_mixture:
+                raise ValueError("train_mixture needs at least one source")
+            if self.teacher_cache is not None:
+                raise ValueError("train_mixture with teacher_cache is not supported yet: the cache covers train_file only")
+            labels = [source.label for source in self.train_mixture]
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            if repeated:
+                raise ValueError(f"train_mixture: source name {repeated[0]!r} is used twice; give each source a distinct name")
         return self
 
     @property

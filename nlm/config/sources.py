@@ -114,23 +114,34 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def read_yaml_config(path: Path) -> dict[str, Any]:
-    """Read and check a YAML config: a mapping of known keys, and no secrets."""
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a non-empty mapping of option: value (any command's `--config`)."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"config file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: cannot be read ({exc})") from None
+    if data is None:
+        raise ConfigError(f"config file {path} is empty (or only comments): expected a mapping of option: value")
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of option: value, found {type(data).__name__}")
+        found = "a list" if isinstance(data, list) else type(data).__name__
+        raise ConfigError(f"config file {path}: expected a mapping of option: value, found {found}")
+    return data
+
+
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    """Read and check a training YAML config: a mapping of known keys, and no secrets."""
+    data = read_yaml_mapping(path)
     keys = known_keys()
-    for dotted in _flatten(data):
-        if dotted in SECRET_FIELDS:
+    for dotted, value in _flatten(data).items():
+        if dotted in SECRET_FIELDS and value is not None:  # `hf_token: null` (as config show prints) is no secret
             raise ConfigError(
                 f"config file {path}: '{dotted}' is a secret and must not be stored in a file; "
                 f"set NLM_{dotted.upper()} in the environment or pass --{dotted}"
@@ -176,6 +187,10 @@ def load_config(cli_args: Sequence[str] = (), config_file: Path | str | None = N
         raise ConfigError(f"configuration: {exc}") from None
     finally:
         _yaml_file.reset(token)
+    if built.hf_token is not None:  # every command that loads a config keeps its token out of the logs
+        from nlm.config.logging_setup import register_secret
+
+        register_secret(built.hf_token.get_secret_value())
     sources = {key: _source_of(key, layers) for key in known_keys()}
     return LoadedConfig(config=built, sources=sources)
 
@@ -213,7 +228,10 @@ def _describe_validation_error(
         shown = "**********" if key in SECRET_FIELDS else repr(value)
         message = str(error["msg"]).removeprefix("Value error, ")
         if loc:
-            problems.append(f"{key} = {shown} ({_describe_source(key, source, config_path)}): {message}")
+            # Inside a list of models (train_mixture), name the item and its field: train_mixture[1].weight.
+            where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][len(loc):])
+            where = where if where.startswith("[") and "." in where else ""
+            problems.append(f"{key}{where} = {shown} ({_describe_source(key, source, config_path)}): {message}")
         else:
             problems.append(message)
     return "; ".join(dict.fromkeys(problems))

@@ -11,7 +11,7 @@ from pathlib import Path
 from nlm.errors import DataError
 
 TRAIN_CHANNELS = ("SM_CHANNEL_TRAIN",)
-EVAL_CHANNELS = ("SM_CHANNEL_EVAL", "SM_CHANNEL_VALIDATION")
+EVAL_CHANNELS = ("SM_CHANNEL_EVAL", "SM_CHANNEL_VALIDATION", "SM_CHANNEL_TEST")
 
 
 def _channel_files(variable: str, directory: str) -> list[Path]:
@@ -43,7 +43,7 @@ def resolve_train_files(train_file: Path | None, environ: Mapping[str, str] | No
 
 
 def resolve_eval_files(eval_file: Path | None, environ: Mapping[str, str] | None = None) -> list[Path]:
-    """`eval_file` if given, else $SM_CHANNEL_EVAL or $SM_CHANNEL_VALIDATION, else none (empty list)."""
+    """`eval_file` if given, else $SM_CHANNEL_EVAL, $SM_CHANNEL_VALIDATION or $SM_CHANNEL_TEST, else none (empty list)."""
     return _from_channels(eval_file, EVAL_CHANNELS, environ)
 
 

@@ -57,10 +57,11 @@ class _Skip(Exception):
 ROUTE_FIELDS = ("teacher", "_source")
 
 
-def normalise_record(obj: Any) -> dict[str, str]:
+def normalise_record(obj: Any, prompts_only: bool = False) -> dict[str, str]:
     """Check one parsed JSON value and return it as a flat record of strings (the dataset's row schema);
-    a routing field (`teacher`) is kept when present."""
-    record = _normalise(obj)
+    a routing field (`teacher`) is kept when present.
+    With `prompts_only` (inputs to generation), {"prompt": str} alone is a record with an empty completion."""
+    record = _normalise(obj, prompts_only)
     for name in ROUTE_FIELDS:
         if isinstance(obj.get(name), str):
             record["teacher"] = obj[name]
@@ -68,7 +69,7 @@ def normalise_record(obj: Any) -> dict[str, str]:
     return record
 
 
-def _normalise(obj: Any) -> dict[str, str]:
+def _normalise(obj: Any, prompts_only: bool) -> dict[str, str]:
     if not isinstance(obj, dict):
         raise _Skip("not_object", f"expected a JSON object, found {type(obj).__name__}")
     if "messages" in obj:
@@ -85,7 +86,7 @@ def _normalise(obj: Any) -> dict[str, str]:
         clean = [{"role": m["role"], "content": m["content"]} for m in messages]
         return {"format": "chat", "prompt": "", "completion": "", "text": "", "messages": json.dumps(clean)}
     if "prompt" in obj or "completion" in obj:
-        prompt, completion = obj.get("prompt"), obj.get("completion")
+        prompt, completion = obj.get("prompt"), obj.get("completion", "" if prompts_only else None)
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise _Skip("wrong_type", "'prompt' and 'completion' must both be strings")
         return {"format": "prompt_completion", "prompt": prompt, "completion": completion, "text": "", "messages": ""}
@@ -96,9 +97,9 @@ def _normalise(obj: Any) -> dict[str, str]:
     raise _Skip("unknown_format", "expected keys prompt+completion, text, or messages")
 
 
-def _has_empty_field(record: dict[str, str]) -> bool:
+def _has_empty_field(record: dict[str, str], prompts_only: bool = False) -> bool:
     if record["format"] == "prompt_completion":
-        return not record["prompt"].strip() or not record["completion"].strip()
+        return not record["prompt"].strip() or (not prompts_only and not record["completion"].strip())
     if record["format"] == "text":
         return not record["text"].strip()
     return any(not m["content"].strip() for m in json.loads(record["messages"]))
@@ -120,15 +121,23 @@ def _check_readable(path: Path) -> None:
 
 
 def iter_records(
-    paths: Sequence[Path], stats: ReadStats, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    paths: Sequence[Path], stats: ReadStats, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, prompts_only: bool = False
 ) -> Iterator[dict[str, str]]:
     """Yield normalised records from JSONL files, skipping and counting bad lines.
 
     Raises DataError for a missing, unreadable or empty file, or a file in which no line is usable.
     """
+    for _, _, record in iter_numbered_records(paths, stats, max_line_bytes, prompts_only):
+        yield record
+
+
+def iter_numbered_records(
+    paths: Sequence[Path], stats: ReadStats, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, prompts_only: bool = False
+) -> Iterator[tuple[int, int, dict[str, str]]]:
+    """`iter_records` with each record's place: (index of its file in `paths`, 1-based line number)."""
     for path in paths:
         _check_readable(path)
-    for path in paths:
+    for file_index, path in enumerate(paths):
         valid_before, warned = stats.valid, 0
         with path.open("rb") as handle:
             for number, raw in enumerate(handle, start=1):
@@ -138,7 +147,7 @@ def iter_records(
                     continue  # blank lines (and a trailing newline) are not records
                 stats.lines += 1
                 try:
-                    record = _parse_line(raw, max_line_bytes)
+                    record = _parse_line(raw, max_line_bytes, prompts_only)
                 except _Skip as skip:
                     stats.skipped[skip.reason] += 1
                     level = logging.WARNING if warned < MAX_SKIP_WARNINGS else logging.DEBUG
@@ -149,9 +158,9 @@ def iter_records(
                     continue
                 stats.valid += 1
                 stats.formats[record["format"]] += 1
-                if _has_empty_field(record):
+                if _has_empty_field(record, prompts_only):
                     stats.empty_fields += 1
-                yield record
+                yield file_index, number, record
         if stats.valid == valid_before:
             raise DataError(f"data file {path}: none of its lines is a usable record ({_reasons(stats)})")
     if stats.skipped:
@@ -164,7 +173,7 @@ def _reasons(stats: ReadStats) -> str:
     return ", ".join(f"{reason}: {count}" for reason, count in sorted(stats.skipped.items())) or "no lines"
 
 
-def _parse_line(raw: bytes, max_line_bytes: int) -> dict[str, str]:
+def _parse_line(raw: bytes, max_line_bytes: int, prompts_only: bool = False) -> dict[str, str]:
     if len(raw) > max_line_bytes:
         raise _Skip("too_large", f"{len(raw)} bytes, more than the {max_line_bytes}-byte cap")
     try:
@@ -175,7 +184,7 @@ def _parse_line(raw: bytes, max_line_bytes: int) -> dict[str, str]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _Skip("invalid_json", f"{exc.msg} at column {exc.colno}") from None
-    return normalise_record(obj)
+    return normalise_record(obj, prompts_only)
 
 
 def load_records(paths: Sequence[Path], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[list[dict], ReadStats]:

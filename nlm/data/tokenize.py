@@ -24,7 +24,7 @@ import datasets
 
 import nlm
 from nlm.data.files import files_fingerprint
-from nlm.data.reader import DEFAULT_MAX_LINE_BYTES, ReadStats, iter_records
+from nlm.data.reader import DEFAULT_MAX_LINE_BYTES, ReadStats, iter_numbered_records
 from nlm.errors import DataError, NlmError
 
 logger = logging.getLogger(__name__)
@@ -32,9 +32,13 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 _BATCH = 512  # records tokenised per tokenizer call: fast tokenizers amortise well from a few hundred
 
+# `file` (index into the tokenised paths) and `line` (1-based) give each example a stable key that survives
+# skipped lines, re-weighting and re-ordering: curricula read fields by it, `nlm data mix` prints records by it.
 FEATURES = datasets.Features(
-    {"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32"))}
+    {"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
+     "file": datasets.Value("int32"), "line": datasets.Value("int32")}
 )
+_LAYOUT = 2  # bump when FEATURES change, so older cached datasets are rebuilt
 
 
 @dataclass(frozen=True)
@@ -80,16 +84,17 @@ def features(settings: TokenizeSettings) -> datasets.Features:
     return datasets.Features({**FEATURES, "teacher": datasets.Value("int32")})
 
 
-def _route(record: dict[str, str], settings: TokenizeSettings, paths: Sequence[Path]) -> int:
+def _route(record: dict[str, str], settings: TokenizeSettings, where: str) -> int:
     name = record.get("teacher")
     if name not in settings.route_teachers:
         found = f"teacher {name!r}" if name is not None else "no 'teacher' field"
-        raise DataError(f"{', '.join(map(str, paths))}: a record has {found}; with distillation.teacher_mixture=route "
-                        f"every record needs 'teacher' set to one of {', '.join(settings.route_teachers)}")
+        raise DataError(f"{where}: the record has {found}; with distillation.teacher_mixture=route every record needs "
+                        f"'teacher' set to one of {', '.join(settings.route_teachers)}")
     return settings.route_teachers.index(name)
 
 
-def _finish(input_ids: list[int], labels: list[int], settings: TokenizeSettings, stats: TokenizeStats) -> dict | None:
+def _finish(input_ids: list[int], labels: list[int], settings: TokenizeSettings, stats: TokenizeStats,
+            place: tuple[int, int] = (0, 0)) -> dict | None:
     if len(input_ids) > settings.max_seq_length:
         input_ids, labels = input_ids[: settings.max_seq_length], labels[: settings.max_seq_length]
         stats.truncated += 1
@@ -99,7 +104,7 @@ def _finish(input_ids: list[int], labels: list[int], settings: TokenizeSettings,
         return None
     stats.examples += 1
     stats.target_tokens += targets
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels, "file": place[0], "line": place[1]}
 
 
 def _eos(tokenizer: Any) -> list[int]:
@@ -147,33 +152,54 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], settings: Tokeni
 def _examples(
     paths: Sequence[Path], tokenizer: Any, settings: TokenizeSettings, read_stats: ReadStats, stats: TokenizeStats
 ) -> Iterator[dict]:
-    pending: list[dict[str, str]] = []
+    pending: list[tuple[int, int, dict[str, str]]] = []
 
     def flush() -> Iterator[dict]:
-        pcs = [r for r in pending if r["format"] == "prompt_completion"]
-        texts = [r for r in pending if r["format"] == "text"]
-        chats = [r for r in pending if r["format"] == "chat"]
-        encoded = encode_prompt_completions(tokenizer, [r["prompt"] for r in pcs], [r["completion"] for r in pcs], settings) if pcs else []
-        encoded += encode_texts(tokenizer, [r["text"] for r in texts]) if texts else []
-        encoded += [encode_chat(tokenizer, json.loads(r["messages"]), settings) for r in chats]
+        # Formats are tokenised in groups (one batched call each), then put back in file order.
+        pcs = [(i, r) for i, (_, _, r) in enumerate(pending) if r["format"] == "prompt_completion"]
+        texts = [(i, r) for i, (_, _, r) in enumerate(pending) if r["format"] == "text"]
+        encoded: dict[int, tuple[list[int], list[int]]] = {}
+        if pcs:
+            rows = encode_prompt_completions(tokenizer, [r["prompt"] for _, r in pcs], [r["completion"] for _, r in pcs], settings)
+            encoded.update(zip((i for i, _ in pcs), rows, strict=True))
+        if texts:
+            encoded.update(zip((i for i, _ in texts), encode_texts(tokenizer, [r["text"] for _, r in texts]), strict=True))
+        for i, (_, _, record) in enumerate(pending):
+            if record["format"] == "chat":
+                encoded[i] = encode_chat(tokenizer, json.loads(record["messages"]), settings)
+        places = [(file_index, line) for file_index, line, _ in pending]
+        records = [record for _, _, record in pending]
         pending.clear()
-        for record, (input_ids, labels) in zip(pcs + texts + chats, encoded, strict=True):
-            example = _finish(input_ids, labels, settings, stats)
+        for i in range(len(places)):
+            example = _finish(*encoded[i], settings, stats, places[i])
             if example is not None:
                 if settings.route_teachers:
-                    example["teacher"] = _route(record, settings, paths)
+                    example["teacher"] = _route(records[i], settings, f"{paths[places[i][0]]} line {places[i][1]}")
                 yield example
 
-    for record in iter_records(paths, read_stats, settings.max_line_bytes):
+    for file_index, line, record in iter_numbered_records(paths, read_stats, settings.max_line_bytes):
         if record["format"] == "chat" and not getattr(tokenizer, "chat_template", None):
             raise DataError(
                 f"{', '.join(map(str, paths))}: records with 'messages' need a tokenizer with a chat template, "
                 "and this tokenizer has none; set tokenizer.chat_template or convert them to prompt/completion"
             )
-        pending.append(record)
+        pending.append((file_index, line, record))
         if len(pending) >= _BATCH:
             yield from flush()
     yield from flush()
+
+
+def tokenization_key(paths: Sequence[Path], tokenizer: Any, settings: TokenizeSettings) -> str:
+    """The tokenised-data cache key: the files' content, the tokenizer and the settings (runs sharing it share
+    one build)."""
+    files = files_fingerprint(paths)
+    return hashlib.sha256(
+        json.dumps(
+            {"files": sorted(files.values()), "tokenizer": tokenizer_fingerprint(tokenizer), "settings": asdict(settings), "nlm": nlm.__version__,
+             "layout": _LAYOUT},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:32]
 
 
 def tokenize_records(
@@ -185,12 +211,7 @@ def tokenize_records(
     Records stream through an Arrow writer: memory stays bounded whatever the file size.
     """
     files = files_fingerprint(paths)
-    key = hashlib.sha256(
-        json.dumps(
-            {"files": sorted(files.values()), "tokenizer": tokenizer_fingerprint(tokenizer), "settings": {k: v for k, v in asdict(settings).items() if k != "route_teachers" or v}, "nlm": nlm.__version__},
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:32]
+    key = tokenization_key(paths, tokenizer, settings)
     cache_dir = cache_root / key if cache_root is not None else None
     if cache_dir is not None and (cache_dir / "stats.json").is_file():
         dataset = datasets.load_from_disk(str(cache_dir / "dataset"))
@@ -264,9 +285,12 @@ class PaddingCollator:
             batch["input_ids"].append(ids + [self.pad_token_id] * pad)
             batch["attention_mask"].append([1] * len(ids) + [0] * pad)
             batch["labels"].append(labels + [IGNORE_INDEX] * pad)
-        tensors = {name: torch.tensor(rows, dtype=torch.long) for name, rows in batch.items()}
+        tensors: dict[str, Any] = {name: torch.tensor(rows, dtype=torch.long) for name, rows in batch.items()}
         if "index" in examples[0]:  # the example's position in the training data, for the teacher cache
             tensors["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
         if "teacher" in examples[0]:  # the teacher scoring each example (teacher_mixture: route)
             tensors["teacher"] = torch.tensor([e["teacher"] for e in examples], dtype=torch.long)
+        if "source" in examples[0]:  # the example's mixture source: per-source loss, multi-teacher routing
+            tensors["source"] = torch.tensor([e["source"] for e in examples], dtype=torch.long)
+            tensors["source_name"] = [e["source_name"] for e in examples]
         return tensors

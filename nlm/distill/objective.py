@@ -160,6 +160,19 @@ class Objective:
     def parameters(self) -> list[torch.Tensor]:
         return [p for t in self.terms for p in t.term.parameters()]
 
+    def with_alpha(self, alpha: float, temperature: float) -> Objective:
+        """The same terms (shared state) with the shorthand's weights for another α: ce 1-α, kd α·τ² (α with
+        an adaptive temperature); other terms keep theirs."""
+        terms = []
+        for t in self.terms:
+            weight = t.weight
+            if t.term.name == "ce":
+                weight = 1 - alpha
+            elif isinstance(t.term, DistillationTerm):
+                weight = alpha * temperature**2 if t.term.temperature.fixed else alpha
+            terms.append(WeightedTerm(t.term, weight))
+        return Objective(terms)
+
     def modules(self) -> dict[str, torch.nn.Module]:
         """The learnable parts (temperature, projections), keyed for saving apart from the student."""
         return {f"{t.term.name}.{key}": module for t in self.terms for key, module in t.term.modules().items()}

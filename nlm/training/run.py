@@ -17,7 +17,9 @@ from nlm.config.paths import path_inside, safe_output_dir
 from nlm.config.settings import TrainingConfig
 from nlm.data.files import resolve_eval_files
 from nlm.data.prepare import PreparedData, prepare_datasets
+from nlm.data.sampler import OrderPlan, OrderSampler
 from nlm.data.tokenize import PaddingCollator
+from nlm.distill.loss import LossSettings
 from nlm.distill.teacher import Teacher
 from nlm.distill.teacher_loading import load_teacher, teacher_specs
 from nlm.errors import ConfigError, RunExistsError
@@ -34,6 +36,8 @@ from nlm.models.lora import apply_lora
 from nlm.training.arguments import training_arguments
 from nlm.training.callbacks import install_callbacks
 from nlm.training.metadata import redacted_config, write_metadata
+from nlm.training.order import build_order, global_batch, model_scorer
+from nlm.training.policy import StepPolicy
 from nlm.training.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -81,6 +85,12 @@ def _check_required(config: TrainingConfig) -> None:
         raise ConfigError(f"eval_strategy={config.eval_strategy} needs evaluation data: set eval_file or eval_split")
     if not config.student_model:
         raise ConfigError("student_model is required: pass --student_model ID_OR_FOLDER or set it in the config file")
+    if not config.teacher_model and (config.distillation.lmbda > 0 or config.distillation.seq_kd):
+        option = "distillation.lmbda > 0" if config.distillation.lmbda > 0 else "distillation.seq_kd"
+        raise ConfigError(f"{option} needs a live teacher: pass --teacher_model")
+    if config.distillation.lmbda > 0 and config.distillation.alpha == 0:
+        raise ConfigError("distillation.lmbda > 0 trains on the teacher's scores of the student's samples: "
+                          "set distillation.alpha > 0")
     if not config.teacher_model and not config.teachers and not config.teacher_cache and config.distillation.alpha > 0:
         raise ConfigError(
             "teacher_model is required when distillation.alpha > 0: pass --teacher_model (or --teacher_cache DIR), "
@@ -115,6 +125,11 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     with args.main_process_first(local=False, desc="tokenisation"):
         data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
                                 with_index=teacher is not None and "index" in teacher.batch_columns)
+    teacher_models = teacher.models() if teacher is not None else []
+    plan = build_order(config, data, args.world_size, model_scorer(
+        {"student": student, "teacher": teacher_models[0] if len(teacher_models) == 1 else None},
+        {"student": config.student_model, "teacher": config.teacher_model}, vocab_width,
+        tokenizer.pad_token_id or 0, config.per_device_eval_batch_size, path_inside(config.output_dir, ".cache/tokenized")))
     loss_impl = choose_loss_impl(config.loss_impl, student, teacher, data.train[0]["input_ids"])
     if config.lora.enabled:
         student = apply_lora(student, config.lora)
@@ -136,6 +151,11 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         max_bad_steps=config.max_bad_steps,
         loss_impl=loss_impl,
         chunk_tokens=config.loss_chunk_tokens,
+        step_policy=StepPolicy.from_config(
+            config.distillation, seed=config.seed, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            tokenizer=tokenizer, teacher=teacher, base_settings=LossSettings.from_config(config.distillation)),
+        train_sampler=OrderSampler(plan) if plan is not None else None,
+        source_names=list(plan.names) if plan is not None and config.log_per_source else None,
     )
     install_callbacks(trainer)
     output = trainer.train(resume_from_checkpoint=checkpoint)
@@ -155,7 +175,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
                  **(teacher.describe() if teacher is not None else {})},
         loss_impl=trainer.loss_impl,
         student={"model": config.student_model, "revision": model_revision(trainer.model)},
-        data=data_summary(data),
+        data=data_summary(data, plan, trainer.state.global_step * global_batch(config, args.world_size)),
         device=str(device),
         teacher_device=teacher.describe().get("device") if teacher is not None else None,
         precision=precision.name,
@@ -202,8 +222,15 @@ def _final_eval(trainer: DistillationTrainer) -> dict[str, Any]:
     return trainer.evaluate()
 
 
-def data_summary(data: PreparedData) -> dict[str, Any]:
-    return json.loads(json.dumps(data.summary(), default=str))
+def data_summary(data: PreparedData, plan: OrderPlan | None = None, draws: int = 0) -> dict[str, Any]:
+    summary = data.summary()
+    if plan is not None:  # each source's hash and weight are in summary["sources"]; add what was drawn
+        drawn = plan.drawn_counts(draws)
+        for source in summary["sources"]:
+            source["drawn"] = drawn[source["name"]]
+        summary["order"] = {"epoch_length": plan.epoch_length(), "stopping": plan.stopping, "size": plan.size,
+                            "seed": plan.seed, "curriculum": plan.ranking is not None}
+    return json.loads(json.dumps(summary, default=str))
 
 
 def save_final(trainer: DistillationTrainer, tokenizer: Any, run_dir: Path, config: TrainingConfig) -> Path:

@@ -19,6 +19,7 @@ from nlm.distill.objective import Objective, objective_from_config
 from nlm.distill.teacher import Teacher
 from nlm.errors import TrainingDivergedError
 from nlm.models.heads import capture_hidden, output_head
+from nlm.training.policy import StepPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,18 @@ class DistillationTrainer(Trainer):
         max_bad_steps: int = 3,
         loss_impl: str = "fused",
         chunk_tokens: int | None = None,
+        step_policy: StepPolicy | None = None,
+        train_sampler: Any | None = None,
+        source_names: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # The data order (mixture / curriculum, nlm.data.sampler) replaces the library's shuffling; with
+        # `source_names` the task loss of each source is logged too (nlm.training.per_source).
+        self.train_sampler = train_sampler
+        self.source_names = source_names
         self.objective = objective if objective is not None else objective_from_config(distillation)
+        self._base_objective = self.objective
         if teacher is None and "teacher" in self.objective.needs:
             raise ValueError("a teacher is required when distillation.alpha > 0")
         self.teacher = teacher
@@ -56,6 +65,7 @@ class DistillationTrainer(Trainer):
             logger.warning("FSDP is enabled: using loss_impl=simple (the fused loss needs an unsharded output head)")
             self.loss_impl = "simple"
         self.chunk_tokens = chunk_tokens
+        self.step_policy = step_policy  # None: every step trains on the dataset (see nlm/training/policy.py)
         self.vocab_width = vocab_width
         self.max_bad_steps = max_bad_steps
         self._bad_steps = 0
@@ -69,7 +79,26 @@ class DistillationTrainer(Trainer):
     @staticmethod
     def _new_window() -> dict[str, float]:
         """Sums since the last logged step (means and rates are taken over them)."""
-        return {"task": 0.0, "distill": 0.0, "batches": 0, "samples": 0, "tokens": 0, "start": time.perf_counter()}
+        return {"task": 0.0, "distill": 0.0, "batches": 0, "samples": 0, "tokens": 0, "start": time.perf_counter(),
+                "source_ce": None, "source_tokens": None}
+
+    def _get_train_sampler(self, train_dataset: Any | None = None) -> Any:
+        if self.train_sampler is not None and (train_dataset is None or train_dataset is self.train_dataset):
+            return self.train_sampler
+        return super()._get_train_sampler(train_dataset)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """The micro-batches of one optimiser step; the step policy may replace their completions (once per step,
+        before the target tokens that normalise the loss are counted)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.step_policy is None or not batches:
+            return batches, num_items
+        student = self.accelerator.unwrap_model(self.model)
+        batches, source = self.step_policy.prepare(batches, self.state.global_step, student, self.args.process_index)
+        self.loss_settings = self.step_policy.loss_settings(source)
+        # The policy may change α for this step (on-policy steps are pure divergence): same terms, new weights.
+        self.objective = self._base_objective.with_alpha(self.loss_settings.alpha, self.loss_settings.temperature)
+        return batches, self._get_num_items_in_batch(batches, device)
 
     def compute_loss(
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -99,6 +128,7 @@ class DistillationTrainer(Trainer):
                 linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
             )
             reference = rows
+            source_logits = lambda start, end: head(rows[start:end].detach())[..., : self.vocab_width]  # noqa: E731
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
             student = outputs.logits[:, :-1, : self.vocab_width][mask]  # [n, V]
@@ -106,11 +136,14 @@ class DistillationTrainer(Trainer):
             sums = self.objective.row_sums(student.float(), teacher, targets)
             parts = combine_terms(self.objective, sums, targets.numel(), normalizer)
             reference = student
+            source_logits = lambda start, end: student[start:end].detach()  # noqa: E731
         loss = parts.total
         if self.args.average_tokens_across_devices and normalizer is not None and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # gradients are averaged over processes afterwards
         loss = self._guard_finite(loss, reference)
         self._record(parts, normalizer, inputs)
+        if self.source_names and "source" in inputs:
+            self._record_sources(source_logits, targets, inputs["source"].unsqueeze(1).expand_as(mask)[mask])
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
@@ -157,7 +190,25 @@ class DistillationTrainer(Trainer):
         mask = inputs.get("attention_mask")
         self._window["tokens"] += int(mask.sum().item()) if mask is not None else inputs["input_ids"].numel()
 
+    def _record_sources(self, logits: Any, targets: torch.Tensor, token_source: torch.Tensor) -> None:
+        from nlm.training.per_source import per_source_sums
+
+        sums, counts = per_source_sums(logits, targets, token_source.to(targets.device), len(self.source_names or []),
+                                       chunk=self.chunk_tokens or 1024)
+        if self._window["source_ce"] is None:
+            self._window["source_ce"], self._window["source_tokens"] = sums, counts
+        else:
+            self._window["source_ce"] += sums
+            self._window["source_tokens"] += counts
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._window["source_ce"] is not None:
+            sums, counts = self._window["source_ce"], self._window["source_tokens"]
+            if self.accelerator.num_processes > 1:
+                sums, counts = self.accelerator.reduce(sums, "sum"), self.accelerator.reduce(counts, "sum")
+            for name, ce, n in zip(self.source_names or [], sums.tolist(), counts.tolist(), strict=True):
+                if n:
+                    logs[f"task_loss/{name}"] = round(ce / n, 6)
         if "loss" in logs and self._window["batches"]:
             elapsed = max(time.perf_counter() - self._window["start"], 1e-9)
             logs["task_loss"] = round(self._window["task"] / self._window["batches"], 6)
@@ -166,6 +217,8 @@ class DistillationTrainer(Trainer):
             logs["tokens_per_second"] = round(self._window["tokens"] * processes / elapsed, 2)
             logs["samples_per_second"] = round(self._window["samples"] * processes / elapsed, 2)
             logs.update({key: round(value, 6) for key, value in self.objective.pop_stats().items()})
+            if self.step_policy is not None:
+                logs.update(self.step_policy.figures(elapsed))
             self._window = self._new_window()
         super().log(logs, start_time)
 

@@ -169,7 +169,7 @@ def test_cli_debug_shows_the_traceback():
 def test_configuration_reference_is_in_sync():
     from pathlib import Path
 
-    from nlm.config.reference import render_reference
+    from nlm.commands.reference import render_reference
 
     committed = Path(__file__).resolve().parents[2] / "docs" / "CONFIGURATION.md"
-    assert committed.read_text() == render_reference(), "run: python -m nlm.config.reference > docs/CONFIGURATION.md"
+    assert committed.read_text() == render_reference(), "run: python -m nlm.commands.reference > docs/CONFIGURATION.md"

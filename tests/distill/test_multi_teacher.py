@@ -103,12 +103,11 @@ def test_route_reads_the_teacher_field_of_each_record(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "routed.jsonl", rows)
     settings = TokenizeSettings(route_teachers=("chat", "math"))
     data = tokenize_records([path], tokenizer, settings).dataset
-    # prompt/completion records first, then text, within a batch (the tokeniser groups formats)
-    assert data["teacher"] == [0, 1, 0, 1, 0, 1, 1]
+    assert data["teacher"] == [0, 1, 1, 0, 1, 0, 1]  # file order
     assert PaddingCollator(0)([data[0], data[1]])["teacher"].tolist() == [0, 1]
     assert "teacher" not in tokenize_records([path], tokenizer, TokenizeSettings()).dataset.column_names
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "completion": "a", "teacher": "poetry"}])
-    with pytest.raises(DataError, match="teacher 'poetry'.*one of chat, math"):
+    with pytest.raises(DataError, match="bad.jsonl line 1: the record has teacher 'poetry'.*one of chat, math"):
         tokenize_records([tmp_path / "bad.jsonl"], tokenizer, settings)
 
 

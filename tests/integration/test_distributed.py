@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora.enabled", "--lora.include_lm_head"], ["--loss_impl", "simple"]])
+@pytest.mark.parametrize("extra", [[], ["--lora.enabled", "--lora.include_lm_head"], ["--loss_impl", "simple"],
+                                   ["--distillation.lmbda", "1", "--distillation.max_new_tokens", "6"]])
 def test_torchrun_two_processes(model_dirs, pc_file, tmp_path, extra):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     assert torchrun, "torchrun comes with torch"
@@ -36,3 +37,6 @@ def test_torchrun_two_processes(model_dirs, pc_file, tmp_path, extra):
         before = load_file(str(model_dirs["student"] / "model.safetensors"))
         assert any(not (weights[k] == before[k]).all() for k in weights)
     assert (out / "distill" / "checkpoint-2").is_dir()
+    if "--distillation.lmbda" in extra:  # each rank generated for its own shard, every step
+        logged = [e for e in metadata["log_history"] if "loss" in e]
+        assert logged and all(e["on_policy_share"] == 1.0 and e["generated_length"] > 0 for e in logged)

@@ -1,0 +1,27 @@
+"""Distil a teacher into a student on a built-in task and compare with plain fine-tuning."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: str = Field("outputs/demo", description="folder for the demo's data, runs and report")
+    seed: int = Field(0, ge=0, description="seed of the task, the models and the runs")
+    quick: bool = Field(False, description="fewer steps and smaller models (same code)")
+    overwrite: bool = Field(False, description="replace an earlier demo in output_dir")
+    data_only: bool = Field(False, description="only write the data set and tokenizer",
+                            json_schema_extra={"aliases": ["--data-only"]})
+
+
+def run(options: Options) -> int:
+    from pathlib import Path
+
+    from nlm.config.logging_setup import current_log_format
+    from nlm.demo.pipeline import run_demo
+
+    run_demo(Path(options.output_dir), seed=options.seed, quick=options.quick, overwrite=options.overwrite,
+             data_only=options.data_only, log_format=current_log_format())
+    return 0

@@ -1,0 +1,47 @@
+"""Score a model on a JSONL file: loss, perplexity, token accuracy, and agreement with a teacher."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="a trained model folder (full or LoRA adapter) or hub id")
+    data: str = Field(description="JSONL file to score")
+    teacher: str | None = Field(None, description="also report KL to and top-1 agreement with this teacher")
+    batch_size: int = Field(8, ge=1, description="sequences per forward")
+    max_seq_length: int = Field(512, ge=1, description="longer sequences are truncated")
+    device: Literal["cuda", "mps", "cpu"] | None = Field(None, description="force one device")
+    exact_match: bool = Field(False, description="also generate greedily for each prompt/completion record and "
+                                                  "count exact matches")
+    as_json: bool = Field(False, alias="json", description="print one JSON object")
+    trust_remote_code: bool = Field(False, description="run model code shipped with a hub repository")
+    allow_pickle: bool = Field(False, description="accept .bin (pickle) weights")
+
+
+def run(options: Options) -> int:
+    import json
+    from pathlib import Path
+
+    from nlm.data.tokenize import TokenizeSettings
+    from nlm.models.model_info import prompt_separator
+    from nlm.training.evaluate import evaluate_model
+
+    result = evaluate_model(
+        options.model, Path(options.data), teacher_path=options.teacher, batch_size=options.batch_size,
+        settings=TokenizeSettings(max_seq_length=options.max_seq_length, prompt_separator=prompt_separator(options.model)),
+        device=options.device, trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle,
+        exact_match=options.exact_match,
+    )
+    if options.as_json:
+        print(json.dumps(result))
+        return 0
+    for key in ("loss", "perplexity", "token_accuracy", "exact_match", "teacher_kl", "teacher_agreement", "tokens", "examples"):
+        if key in result:
+            value = result[key]
+            print(f"{key:<18} {value:.4f}" if isinstance(value, float) else f"{key:<18} {value}")
+    return 0

@@ -1,0 +1,36 @@
+"""Run the teacher once over the training data and store its top-k targets.
+
+Takes the training options too (--config, --train_file, --max_seq_length ...): the cache must be built with
+the settings the training run will use.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = Field(None, description="the YAML file the training run will use")
+    teacher: str | None = Field(None, description="teacher model (same as --teacher_model)")
+    output: str = Field(description="cache folder")
+    top_k: int = Field(64, ge=1, description="teacher tokens kept per position")
+    batch_size: int = Field(8, ge=1, description="sequences per teacher forward")
+    shard_examples: int = Field(1024, ge=1, description="examples per shard (resume unit)")
+    training_args: list[str] = Field(default_factory=list, json_schema_extra={"training_flags": True})
+
+
+def run(options: Options) -> int:
+    from pathlib import Path
+
+    from nlm.config.sources import load_config
+
+    args = [*options.training_args, *(["--teacher_model", options.teacher] if options.teacher else [])]
+    config = load_config(args, options.config).config  # usage errors before heavy imports
+    from nlm.distill.cache_builder import build_teacher_cache
+
+    manifest = build_teacher_cache(config, Path(options.output), top_k=options.top_k, batch_size=options.batch_size,
+                                   shard_examples=options.shard_examples, overwrite=config.overwrite)
+    print(f"teacher cache: {options.output} ({manifest['tokens']} tokens, {manifest['bytes_per_token']} bytes per token)")
+    return 0

@@ -1,0 +1,1 @@
+"""Multi-agent pipelines: several students ("agents") trained from one file, side by side (`nlm pipeline run`)."""
