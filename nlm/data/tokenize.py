@@ -85,11 +85,14 @@ def features(settings: TokenizeSettings) -> datasets.Features:
 
 
 def _route(record: dict[str, str], settings: TokenizeSettings, where: str) -> int:
+    """The position of the record's `teacher` among the route names; -1 when the record names none (it is
+    then routed by its data source's name, or refused when it has none)."""
     name = record.get("teacher")
+    if name is None:
+        return -1
     if name not in settings.route_teachers:
-        found = f"teacher {name!r}" if name is not None else "no 'teacher' field"
-        raise DataError(f"{where}: the record has {found}; with distillation.teacher_mixture=route every record needs "
-                        f"'teacher' set to one of {', '.join(settings.route_teachers)}")
+        raise DataError(f"{where}: the record has teacher {name!r}; with distillation.teacher_mixture=route a record's "
+                        f"'teacher' must be one of {', '.join(settings.route_teachers)}")
     return settings.route_teachers.index(name)
 
 

@@ -86,6 +86,21 @@ def combine_terms(objective: Objective, sums: list[torch.Tensor], count: int,
                      distill=terms.get("kd", zero), tokens=count, terms=terms)
 
 
+def add_batch_terms(objective: Objective, parts: LossParts, student_hidden: dict[int, torch.Tensor],
+                    teacher_hidden: dict[int, torch.Tensor], normalizer: float | torch.Tensor | None) -> LossParts:
+    """Add the objective's batch terms (hidden states of the target rows, per layer) to the row terms' parts."""
+    denominator = normalizer if normalizer is not None else max(parts.tokens, 1)
+    total = parts.total
+    for weighted in objective.batch_terms:
+        if weighted.weight == 0:
+            continue
+        mean = weighted.term.batch_sum(student_hidden, teacher_hidden) / denominator
+        total = total + weighted.weight * mean
+        parts.terms[weighted.term.name] = mean.detach()
+    parts.total = total
+    return parts
+
+
 def combine(task_sum: torch.Tensor, distill_sum: torch.Tensor, count: int, settings: LossSettings,
             normalizer: float | torch.Tensor | None) -> LossParts:
     return combine_terms(objective_from_settings(settings), [task_sum, distill_sum], count, normalizer)

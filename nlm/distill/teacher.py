@@ -174,13 +174,16 @@ class EnsembleTeacher:
 
     `average`: each target row is the weighted mixture Σ_i w_i·softmax(z_i/τ) (formed in log space by the
     kd term). `route`: each example is scored by one teacher, chosen by the batch's `teacher` column (the
-    member's position). Teachers run one after another; between the forward and the loss only their
-    final hidden states of the target rows are kept, and logits exist one chunk at a time.
+    member's position, from the record's `teacher` field; -1 when the record has none), else by its data
+    source's name (`source_name`, from `train_mixture`) matched against the teachers' names. Teachers run
+    one after another; between the forward and the loss only their final hidden states of the target rows
+    are kept, and logits exist one chunk at a time.
     """
 
     full_distribution = True
 
-    def __init__(self, members: list[LiveTeacher], weights: list[float], mixture: str = "average") -> None:
+    def __init__(self, members: list[LiveTeacher], weights: list[float], mixture: str = "average",
+                 names: list[str] | None = None) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one teacher")
         if mixture not in ("average", "route"):
@@ -191,8 +194,9 @@ class EnsembleTeacher:
         self.members, self.mixture = members, mixture
         self.weights = [w / total for w in weights]
         self.raw_weights = list(weights)
+        self.names = list(names) if names is not None else [member.name for member in members]
         self.vocab_width = members[0].vocab_width
-        self.batch_columns = ("teacher",) if mixture == "route" else ()
+        self.batch_columns = ("teacher", "source_name") if mixture == "route" else ()
         self.hidden_layers = 0  # hidden states of several teachers would need one mapping each
 
     def signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device,
@@ -214,16 +218,15 @@ class EnsembleTeacher:
 
     def _routed(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device,
                 full_logits: bool) -> TeacherSignal:
-        choice = inputs["teacher"].to(mask.device)  # [b]: the member scoring each example
-        if choice.numel() and (int(choice.min()) < 0 or int(choice.max()) >= len(self.members)):
-            raise ValueError(f"teacher index {choice.tolist()} out of range for {len(self.members)} teachers")
+        choice = self._choice(inputs).to(mask.device)  # [b]: the member scoring each example
         row_member = choice.unsqueeze(1).expand_as(mask)[mask]  # [n]: the member of each target row
         parts = []
         for number, member in enumerate(self.members):
             examples = (choice == number).nonzero().squeeze(-1)
             if examples.numel() == 0:
                 continue
-            sub = {key: value[examples.to(value.device)] for key, value in inputs.items() if torch.is_tensor(value)}
+            sub = {key: value[examples.to(value.device)] for key, value in inputs.items()
+                   if torch.is_tensor(value) and value.dim() > 0}
             final, head, _ = member.forward_rows(sub, mask[examples], full_logits=full_logits)
             positions = (row_member == number).nonzero().squeeze(-1).to(device)  # rows this member owns, in order
             parts.append((positions, final, head))
@@ -240,6 +243,20 @@ class EnsembleTeacher:
             return out
 
         return TeacherSignal(rows, count)
+
+    def _choice(self, inputs: dict[str, Any]) -> torch.Tensor:
+        rows = inputs["input_ids"].shape[0]
+        choice = inputs["teacher"].clone() if "teacher" in inputs else torch.full((rows,), -1, dtype=torch.long)
+        sources = inputs.get("source_name")
+        for row in (choice < 0).nonzero().squeeze(-1).tolist():
+            source = sources[row] if sources is not None else None
+            if source not in self.names:
+                raise ValueError(f"teacher_mixture=route: an example has no 'teacher' field and its data source "
+                                 f"{source!r} is not one of the teachers' names {self.names}")
+            choice[row] = self.names.index(source)
+        if choice.numel() and int(choice.max()) >= len(self.members):
+            raise ValueError(f"teacher index {choice.tolist()} out of range for {len(self.members)} teachers")
+        return choice
 
     def models(self) -> list[Any]:
         return [member.model for member in self.members]

@@ -61,7 +61,8 @@ def load_teacher(config: TrainingConfig, tokenizer: Any, student: Any | None, de
     if len(widths) != 1:
         raise ConfigError(f"teachers compare over different vocabulary widths {sorted(widths)}; they must share the student's tokenizer")
     try:
-        return EnsembleTeacher(members, [spec.weight for spec in specs], config.distillation.teacher_mixture)
+        return EnsembleTeacher(members, [spec.weight for spec in specs], config.distillation.teacher_mixture,
+                               names=[spec.route_name for spec in specs])
     except ValueError as exc:
         raise ConfigError(f"teachers: {exc}") from None
 

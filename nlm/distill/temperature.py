@@ -115,8 +115,8 @@ class _ReverseGradient(torch.autograd.Function):
 
 class LearnedTemperature(TemperaturePolicy, torch.nn.Module):
     def __init__(self, initial: float, low: float, high: float) -> None:
-        TemperaturePolicy.__init__(self)
         torch.nn.Module.__init__(self)
+        TemperaturePolicy.__init__(self)
         if not low < initial < high:
             raise ValueError(f"temperature {initial} must lie strictly between temperature_min {low} and temperature_max {high}")
         self.low, self.high = low, high

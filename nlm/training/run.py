@@ -22,7 +22,7 @@ from nlm.data.tokenize import PaddingCollator
 from nlm.distill.loss import LossSettings
 from nlm.distill.teacher import Teacher
 from nlm.distill.teacher_loading import load_teacher, teacher_specs
-from nlm.errors import ConfigError, RunExistsError
+from nlm.errors import ConfigError, DataError, RunExistsError
 from nlm.models.device import PrecisionPlan, resolve_precision, select_device
 from nlm.models.heads import head_reproduces_logits
 from nlm.models.loading import (
@@ -36,6 +36,13 @@ from nlm.models.lora import apply_lora
 from nlm.training.arguments import training_arguments
 from nlm.training.callbacks import install_callbacks
 from nlm.training.metadata import redacted_config, write_metadata
+from nlm.training.objective_setup import (
+    attach_objective,
+    build_objective,
+    describe_objective,
+    detach_objective,
+    save_projections,
+)
 from nlm.training.order import build_order, global_batch, model_scorer
 from nlm.training.policy import StepPolicy
 from nlm.training.trainer import DistillationTrainer
@@ -131,10 +138,13 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         {"student": config.student_model, "teacher": config.teacher_model}, vocab_width,
         tokenizer.pad_token_id or 0, config.per_device_eval_batch_size, path_inside(config.output_dir, ".cache/tokenized")))
     loss_impl = choose_loss_impl(config.loss_impl, student, teacher, data.train[0]["input_ids"])
+    objective = build_objective(config, student, teacher)
+    check_routes(config, data, plan)
     if config.lora.enabled:
         student = apply_lora(student, config.lora)
         if config.gradient_checkpointing:
             student.enable_input_require_grads()
+    attach_objective(student, objective)  # learnable parts (projections, temperature) train with the student
     trainable, total = count_parameters(student)
     logger.info("student: %d parameters, %d trainable (%.2f%%)", total, trainable, 100 * trainable / max(total, 1))
 
@@ -147,6 +157,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         processing_class=tokenizer,
         teacher=teacher,
         distillation=config.distillation,
+        objective=objective,
         vocab_width=vocab_width,
         max_bad_steps=config.max_bad_steps,
         loss_impl=loss_impl,
@@ -163,7 +174,10 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     if data.eval is not None:
         metrics.update(_final_eval(trainer))
 
+    detach_objective(trainer.model)
     final_dir = save_final(trainer, tokenizer, run_dir, config)
+    if trainer.is_world_process_zero():
+        save_projections(objective, final_dir)
     seconds = time.perf_counter() - started
     if not trainer.is_world_process_zero():
         return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
@@ -174,6 +188,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
                  "revision": (teacher.describe().get("revision") if teacher is not None else None),
                  **(teacher.describe() if teacher is not None else {})},
         loss_impl=trainer.loss_impl,
+        objective=describe_objective(objective, config),
         student={"model": config.student_model, "revision": model_revision(trainer.model)},
         data=data_summary(data, plan, trainer.state.global_step * global_batch(config, args.world_size)),
         device=str(device),
@@ -199,6 +214,17 @@ def load_models(config: TrainingConfig, tokenizer: Any, device: torch.device, pr
     student = load_causal_lm(config.student_model, dtype=torch.float32, **_hub(config, config.student_revision))
     teacher = load_teacher(config, tokenizer, student, device, precision)
     return student, teacher, teacher.vocab_width if teacher is not None else len(tokenizer)
+
+
+def check_routes(config: TrainingConfig, data: PreparedData, plan: OrderPlan | None) -> None:
+    """With teacher_mixture=route, every example must name its teacher or come from a source named like one."""
+    if not config.route_teachers:
+        return
+    unnamed = sum(1 for index in data.train["teacher"] if index < 0)
+    sources = set(plan.names) if plan is not None else set()
+    if unnamed and (plan is None or not sources <= set(config.route_teachers)):
+        raise DataError(f"distillation.teacher_mixture=route: {unnamed} training records have no 'teacher' field and no "
+                        f"train_mixture source named after a teacher ({', '.join(config.route_teachers)})")
 
 
 def choose_loss_impl(requested: str, student: Any, teacher: Any, sample_ids: list[int]) -> str:

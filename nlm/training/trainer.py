@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from nlm.config.settings import DistillationConfig
 from nlm.distill.fused import fused_distillation_loss
-from nlm.distill.loss import LossParts, LossSettings, combine_terms
+from nlm.distill.loss import LossParts, LossSettings, add_batch_terms, combine_terms
 from nlm.distill.metrics import EvalSums, score_batch
 from nlm.distill.objective import Objective, objective_from_config
 from nlm.distill.teacher import Teacher
@@ -112,13 +112,17 @@ class DistillationTrainer(Trainer):
         if normalizer is not None and torch.is_tensor(normalizer):
             normalizer = normalizer.to(targets.device)
         use_teacher = self.teacher is not None and "teacher" in self.objective.needs
+        student_layers, teacher_layers = self._hidden_layers()
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"), "use_cache": False}
+        if student_layers:
+            forward["output_hidden_states"] = True
         if self.loss_impl == "fused":
             unwrapped = self.accelerator.unwrap_model(model)
             head_module = output_head(unwrapped)
             with capture_hidden(unwrapped) as (store, head):
-                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+                outputs = model(**forward)
             rows = store["hidden"][:, :-1][mask]  # [n, H]
-            signal = self.teacher.signal(inputs, mask, rows.device) if use_teacher else None
+            signal = self.teacher.signal(inputs, mask, rows.device, layers=teacher_layers) if use_teacher else None
             parts = fused_distillation_loss(
                 rows, head, targets, signal.rows if signal is not None else (lambda start, end: None),
                 vocab_width=self.vocab_width, objective=self.objective,
@@ -130,13 +134,18 @@ class DistillationTrainer(Trainer):
             reference = rows
             source_logits = lambda start, end: head(rows[start:end].detach())[..., : self.vocab_width]  # noqa: E731
         else:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+            outputs = model(**forward)
             student = outputs.logits[:, :-1, : self.vocab_width][mask]  # [n, V]
-            teacher = self.teacher.signal(inputs, mask, student.device, full_logits=True).all_rows() if use_teacher else None
-            sums = self.objective.row_sums(student.float(), teacher, targets)
+            signal = (self.teacher.signal(inputs, mask, student.device, layers=teacher_layers, full_logits=True)
+                      if use_teacher else None)
+            sums = self.objective.row_sums(student.float(), signal.all_rows() if signal is not None else None, targets)
             parts = combine_terms(self.objective, sums, targets.numel(), normalizer)
             reference = student
             source_logits = lambda start, end: student[start:end].detach()  # noqa: E731
+        if student_layers and signal is not None:
+            # hidden_states[L + 1] is layer L's output; rows as for the logits: [n, H] per layer
+            chosen = {layer: outputs.hidden_states[layer + 1][:, :-1][mask] for layer in student_layers}
+            parts = add_batch_terms(self.objective, parts, chosen, signal.hidden, normalizer)
         loss = parts.total
         if self.args.average_tokens_across_devices and normalizer is not None and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # gradients are averaged over processes afterwards
@@ -145,6 +154,13 @@ class DistillationTrainer(Trainer):
         if self.source_names and "source" in inputs:
             self._record_sources(source_logits, targets, inputs["source"].unsqueeze(1).expand_as(mask)[mask])
         return (loss, outputs) if return_outputs else loss
+
+    def _hidden_layers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Student and teacher layers whose hidden states the objective's batch terms compare."""
+        terms = [t.term for t in self.objective.batch_terms if t.weight != 0]
+        student = tuple(sorted({layer for term in terms for layer in getattr(term, "student_layers", ())}))
+        teacher = tuple(sorted({layer for term in terms for layer in getattr(term, "teacher_layers", ())}))
+        return student, teacher
 
     @torch.no_grad()
     def _eval_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool) -> Any:
@@ -185,6 +201,9 @@ class DistillationTrainer(Trainer):
         scale = float(normalizer) / max(parts.tokens, 1) if normalizer is not None else 1.0
         self._window["task"] += parts.task.item() * scale
         self._window["distill"] += parts.distill.item() * scale
+        for name, value in parts.terms.items():
+            if name not in ("ce", "kd"):
+                self._window[f"{name}_loss"] = self._window.get(f"{name}_loss", 0.0) + value.item() * scale
         self._window["batches"] += 1
         self._window["samples"] += int(inputs["input_ids"].shape[0])
         mask = inputs.get("attention_mask")
@@ -217,6 +236,8 @@ class DistillationTrainer(Trainer):
             logs["tokens_per_second"] = round(self._window["tokens"] * processes / elapsed, 2)
             logs["samples_per_second"] = round(self._window["samples"] * processes / elapsed, 2)
             logs.update({key: round(value, 6) for key, value in self.objective.pop_stats().items()})
+            for key in [k for k in self._window if k.endswith("_loss")]:
+                logs[key] = round(self._window[key] / self._window["batches"], 6)
             if self.step_policy is not None:
                 logs.update(self.step_policy.figures(elapsed))
             self._window = self._new_window()

@@ -189,3 +189,18 @@ def load_tokenizer_for(model_dirs):
     from nlm.models.loading import load_tokenizer
 
     return load_tokenizer(str(model_dirs["teacher"]))
+
+
+def test_route_falls_back_to_the_data_source_name(model_dirs, second_teacher):
+    first, second = _live(model_dirs["teacher"]), _live(second_teacher)
+    inputs, mask = _batch(4, b=3)
+    inputs["teacher"] = torch.tensor([-1, 1, -1])  # the middle record named its teacher; the others did not
+    inputs["source_name"] = ["math", "chat", "chat"]
+    routed = EnsembleTeacher([first, second], [1.0, 1.0], mixture="route", names=["chat", "math"])
+    with torch.no_grad():
+        by_teacher = [first.model(inputs["input_ids"]).logits, second.model(inputs["input_ids"]).logits]
+    expected = torch.cat([by_teacher[t][b, :-1][mask[b]] for b, t in enumerate([1, 1, 0])])
+    torch.testing.assert_close(routed.signal(inputs, mask, torch.device("cpu")).all_rows(), expected, rtol=1e-4, atol=1e-5)
+    inputs["source_name"] = ["poetry", "chat", "chat"]
+    with pytest.raises(ValueError, match="data source 'poetry' is not one of the teachers' names"):
+        routed.signal(inputs, mask, torch.device("cpu"))
