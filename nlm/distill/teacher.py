@@ -270,10 +270,4 @@ class EnsembleTeacher:
                              for member, weight in zip(self.members, self.raw_weights, strict=True)]}
 
 
-def targets_for_rows(teacher: Teacher, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
-                     device: torch.device) -> TeacherTargets | None:
-    """All target rows at once (the simple engine and chunk-free evaluation)."""
-    return teacher.signal(inputs, mask, device).all_rows()
-
-
-__all__ = ["CachedTeacher", "EnsembleTeacher", "LiveTeacher", "SparseTargets", "Teacher", "TeacherSignal", "targets_for_rows"]
+__all__ = ["CachedTeacher", "EnsembleTeacher", "LiveTeacher", "SparseTargets", "Teacher", "TeacherSignal"]

@@ -112,3 +112,15 @@ def test_hidden_state_run_saves_projections_apart_and_final_loads_plainly(model_
         if not extra or extra[0] != "--lora.enabled":
             _, info = AutoModelForCausalLM.from_pretrained(result.final_dir, output_loading_info=True)
             assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_init_student_through_the_cli(model_dirs, tmp_path, capsys):
+    from nlm.cli import main
+
+    assert main(["init-student", "--teacher", str(model_dirs["teacher"]), "--keep_every", "3", "--output", str(tmp_path / "s")]) == 0
+    assert "keeps teacher layers 0,3 of 4" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "s").config.num_hidden_layers == 2
+    assert main(["init-student", "--teacher", str(model_dirs["teacher"]), "--layers", "0,x", "--output", str(tmp_path / "t")]) == 2
+    assert "comma-separated layer numbers" in capsys.readouterr().err
+    assert main(["init-student", "--teacher", str(model_dirs["teacher"]), "--layers", "0,9", "--output", str(tmp_path / "u")]) == 2
+    assert "the teacher has layers 0..3" in capsys.readouterr().err
