@@ -3,7 +3,8 @@
 #   1. loss memory at GPU sizes: bf16, vocabulary 128k, 8,192 tokens, hidden 4,096 — fused vs simple (vs TRL if installed);
 #   2. distillation throughput: bf16, ~1B llama-config teacher (random init) into a ~300M student, 30 steps,
 #      live teacher, through nlm's own trainer; tokens/s, peak memory and MFU against the card's bf16 peak;
-#   3. the same student trained from a teacher cache (built first, not timed), for the cached speed-up.
+#   3. the same student trained from a teacher cache (built first, not timed), for the cached speed-up;
+#   4. FSDP2 / DeepSpeed ZeRO-2/3 through configs/accelerate/: the fused loss stays on and matches the simple one.
 # Prints one JSON object per part, and writes them to ${OUT:-/tmp}/gpu_check.json.
 # `python3 bench/gpu_check.py loss --smoke` (or `train --smoke`) runs the same code on the CPU at tiny sizes.
 #
@@ -23,3 +24,7 @@ out="${OUT:-/tmp}/gpu_check.json"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 timeout 180 python3 bench/gpu_check.py loss | tee -a "$out"
 timeout 360 python3 bench/gpu_check.py train | tee -a "$out"
+# 4. sharded training through the shipped accelerate configs: FSDP2 (and DeepSpeed ZeRO-2/3 when installed),
+#    fused vs simple loss, same step-1 loss and grad norm, fused loss kept on. `python3 bench/gpu_check_sharded.py --smoke`
+#    checks the script on the CPU.
+timeout 300 python3 bench/gpu_check_sharded.py | tee -a "$out"

@@ -31,6 +31,9 @@ COMMANDS: dict[str, str] = {
     "data inspect": "nlm.commands.data_inspect",
     "data mix": "nlm.commands.data_mix",
     "pipeline run": "nlm.commands.pipeline_run",
+    "export": "nlm.commands.export",
+    "publish": "nlm.commands.publish",
+    "report": "nlm.commands.report",
 }
 
 GLOBAL_FLAGS = {"--debug": 0, "--log_format": 1, "--log_level": 1}

@@ -28,7 +28,9 @@ class ModelLoadError(NlmError):
 
 
 class VocabularyMismatchError(NlmError):
-    """Teacher and student do not share a tokenizer."""
+    """Teacher and student do not share a tokenizer (and no cross-tokenizer method was chosen)."""
+
+    exit_code = 2
 
 
 class DeviceError(NlmError):

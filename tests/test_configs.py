@@ -10,7 +10,17 @@ from nlm.config.sources import load_config, read_yaml_mapping
 
 GALLERY = Path(__file__).resolve().parents[1] / "configs"
 # Training configs only: configs/accelerate/ (and any other sub-folder) holds launcher files, not TrainingConfig.
-TRAINING_CONFIGS = sorted(GALLERY.glob("*.yaml"))
+# Pipeline files (a top-level `agents:` list) are loaded by the pipeline parser instead.
+PIPELINE_CONFIGS = sorted(p for p in GALLERY.glob("*.yaml") if "agents" in (read_yaml_mapping(p) or {}))
+TRAINING_CONFIGS = sorted(p for p in GALLERY.glob("*.yaml") if p not in PIPELINE_CONFIGS)
+
+
+@pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.name)
+def test_each_pipeline_file_loads_through_the_pipeline_parser(path):
+    from nlm.pipeline.spec import load_pipeline
+
+    assert path.read_text().startswith("# ")
+    assert load_pipeline(path).agents
 
 
 def test_the_gallery_has_the_basic_recipes():

@@ -87,6 +87,10 @@ def setup_logging(level: str = "INFO", log_format: str = "text", secrets: Iterab
     root.setLevel(level)
     for noisy in ("urllib3", "filelock", "fsspec", "httpx", "httpcore", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # issue 15: transformers imports torchao (installed for `nlm export`) on every model load, and torchao logs
+    # the optional GPU kernels it cannot load plus torch pytree notices: not actionable, so errors only.
+    for import_noise in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(import_noise).setLevel(max(logging.ERROR, root.level))
     _state["log_format"] = log_format
     # transformers and datasets are configured when (and only if) a command imports them, so `nlm --help`,
     # `nlm config show` and usage errors start without loading them.

@@ -92,6 +92,12 @@ class DistillationConfig(BaseModel):
     divergence: Divergence = Field("forward_kl", description="forward_kl, reverse_kl, jsd, tvd or skew_kl.")
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="Mixture weight of the generalised Jensen-Shannon divergence.")
     skew_lambda: float = Field(0.1, ge=0, lt=1, description="Skew of skew_kl: KL(p || λp + (1-λ)q).")
+    # Cross-tokenizer distillation (a teacher whose tokenizer differs from the student's)
+    cross_tokenizer: Literal["uld", "hybrid"] | None = Field(
+        None, description="Teacher with another tokenizer: uld (sorted-probability distance) or hybrid (exact KL over "
+        "tokens both vocabularies spell alike, ULD for the rest). Ignored when the tokenizers are equal.")
+    hybrid_matched_weight: float = Field(1.0, ge=0, description="hybrid: weight of the exact KL over matched tokens.")
+    hybrid_unmatched_weight: float = Field(1.0, ge=0, description="hybrid: weight of the ULD term over unmatched tokens.")
 
     # Issue 12: several teachers, adaptive temperature, hidden states.
     teacher_mixture: Literal["average", "route"] = Field(
@@ -284,6 +290,14 @@ class TrainingConfig(BaseSettings):
         if isinstance(value, list) and value in (["none"], ["None"]):
             return []
         return value
+
+    # issue 15: an unknown, uninstalled or credential-less tracker is a config error naming the fix.
+    @field_validator("report_to")
+    @classmethod
+    def _report_to_usable(cls, value: list[str]) -> list[str]:
+        from nlm.config.trackers import check_trackers
+
+        return check_trackers(value)
 
     @field_validator("lr_scheduler_type")
     @classmethod

@@ -78,12 +78,12 @@ def _with_keys(dataset: datasets.Dataset, index: int, name: str) -> datasets.Dat
 
 
 def load_sources(config: TrainingConfig, tokenizer: Any, settings: TokenizeSettings, cache_root: Path | None,
-                 eval_split: float = 0.0, with_index: bool = False) -> list[Source]:
+                 eval_split: float = 0.0, with_index: bool = False, teacher_tokenizer: Any = None) -> list[Source]:
     """Tokenise every source (each cached apart); hold out `eval_split` of each source for evaluation.
     `with_index` adds each example's position in its tokenised files (the teacher cache's key)."""
     sources = []
     for index, (name, weight, files) in enumerate(source_specs(config)):
-        data = tokenize_records(files, tokenizer, settings, cache_root)
+        data = tokenize_records(files, tokenizer, settings, cache_root, teacher_tokenizer=teacher_tokenizer)
         train, held = _with_keys(data.dataset, index, name), None
         if with_index:
             train = train.add_column("index", list(range(len(train))))

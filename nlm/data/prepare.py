@@ -51,22 +51,25 @@ def tokenize_settings(config: TrainingConfig) -> TokenizeSettings:
     )
 
 
-def prepare_datasets(config: TrainingConfig, tokenizer: Any, cache_root: Path | None, with_index: bool = False) -> PreparedData:
+def prepare_datasets(config: TrainingConfig, tokenizer: Any, cache_root: Path | None, with_index: bool = False,
+                     teacher_tokenizer: Any = None) -> PreparedData:
     """Tokenise the training data and the evaluation data (a file, a SageMaker channel, or a held-out split).
 
     `with_index` adds each training example's position in the tokenised files (before any eval split):
-    the key into a teacher cache.
+    the key into a teacher cache. `teacher_tokenizer` (a teacher with its own tokenizer) adds the teacher's
+    tokenisation and the alignment of each example.
     """
     settings = tokenize_settings(config)
     if config.train_mixture or config.curriculum.by:
-        return _prepare_sources(config, tokenizer, settings, cache_root, with_index)
-    train_data = tokenize_records(resolve_train_files(config.train_file), tokenizer, settings, cache_root)
+        return _prepare_sources(config, tokenizer, settings, cache_root, with_index, teacher_tokenizer)
+    train_data = tokenize_records(resolve_train_files(config.train_file), tokenizer, settings, cache_root,
+                                  teacher_tokenizer=teacher_tokenizer)
     train, evaluation, eval_data = train_data.dataset, None, None
     if with_index:
         train = train.add_column("index", list(range(len(train))))
     eval_files = resolve_eval_files(config.eval_file)
     if eval_files:
-        eval_data = tokenize_records(eval_files, tokenizer, settings, cache_root)
+        eval_data = tokenize_records(eval_files, tokenizer, settings, cache_root, teacher_tokenizer=teacher_tokenizer)
         evaluation = eval_data.dataset
     elif config.eval_split > 0:
         if len(train) < 2:
@@ -79,15 +82,15 @@ def prepare_datasets(config: TrainingConfig, tokenizer: Any, cache_root: Path | 
 
 
 def _prepare_sources(config: TrainingConfig, tokenizer: Any, settings: TokenizeSettings, cache_root: Path | None,
-                     with_index: bool = False) -> PreparedData:
+                     with_index: bool = False, teacher_tokenizer: Any = None) -> PreparedData:
     """Mixture or curriculum: tokenise each source apart, keep its key columns, hold out eval per source."""
     eval_files = resolve_eval_files(config.eval_file)
     sources = load_sources(config, tokenizer, settings, cache_root, eval_split=0.0 if eval_files else config.eval_split,
-                           with_index=with_index)
+                           with_index=with_index, teacher_tokenizer=teacher_tokenizer)
     train = concatenate([source.dataset for source in sources])
     evaluation, eval_data = None, None
     if eval_files:
-        eval_data = tokenize_records(eval_files, tokenizer, settings, cache_root)
+        eval_data = tokenize_records(eval_files, tokenizer, settings, cache_root, teacher_tokenizer=teacher_tokenizer)
         evaluation = eval_data.dataset
     elif any(source.eval is not None for source in sources):
         evaluation = concatenate([source.eval for source in sources if source.eval is not None])

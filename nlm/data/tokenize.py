@@ -24,6 +24,7 @@ import datasets
 
 import nlm
 from nlm.data.files import files_fingerprint
+from nlm.data.paired import PAIRED_COLUMNS, teacher_columns
 from nlm.data.reader import DEFAULT_MAX_LINE_BYTES, ReadStats, iter_numbered_records
 from nlm.errors import DataError, NlmError
 
@@ -39,6 +40,8 @@ FEATURES = datasets.Features(
      "file": datasets.Value("int32"), "line": datasets.Value("int32")}
 )
 _LAYOUT = 2  # bump when FEATURES change, so older cached datasets are rebuilt
+# With a teacher whose tokenizer differs (distillation.cross_tokenizer): its ids and the aligned positions.
+PAIRED_FEATURES = datasets.Features({**FEATURES, **{name: datasets.Sequence(datasets.Value("int32")) for name in PAIRED_COLUMNS}})
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,8 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], settings: Tokeni
 
 
 def _examples(
-    paths: Sequence[Path], tokenizer: Any, settings: TokenizeSettings, read_stats: ReadStats, stats: TokenizeStats
+    paths: Sequence[Path], tokenizer: Any, settings: TokenizeSettings, read_stats: ReadStats, stats: TokenizeStats,
+    teacher_tokenizer: Any = None,
 ) -> Iterator[dict]:
     pending: list[tuple[int, int, dict[str, str]]] = []
 
@@ -175,6 +179,9 @@ def _examples(
         pending.clear()
         for i in range(len(places)):
             example = _finish(*encoded[i], settings, stats, places[i])
+            if example is not None and teacher_tokenizer is not None:
+                example.update(teacher_columns(records[i], tokenizer, teacher_tokenizer, settings.prompt_separator,
+                                               example["labels"], settings.max_seq_length))
             if example is not None:
                 if settings.route_teachers:
                     example["teacher"] = _route(records[i], settings, f"{paths[places[i][0]]} line {places[i][1]}")
@@ -192,29 +199,30 @@ def _examples(
     yield from flush()
 
 
-def tokenization_key(paths: Sequence[Path], tokenizer: Any, settings: TokenizeSettings) -> str:
+def tokenization_key(paths: Sequence[Path], tokenizer: Any, settings: TokenizeSettings, teacher_tokenizer: Any = None) -> str:
     """The tokenised-data cache key: the files' content, the tokenizer and the settings (runs sharing it share
-    one build)."""
+    one build); and a cross-tokenizer teacher's tokenizer when there is one."""
     files = files_fingerprint(paths)
-    return hashlib.sha256(
-        json.dumps(
-            {"files": sorted(files.values()), "tokenizer": tokenizer_fingerprint(tokenizer), "settings": asdict(settings), "nlm": nlm.__version__,
-             "layout": _LAYOUT},
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:32]
+    identity = {"files": sorted(files.values()), "tokenizer": tokenizer_fingerprint(tokenizer), "settings": asdict(settings),
+                "nlm": nlm.__version__, "layout": _LAYOUT}
+    if teacher_tokenizer is not None:
+        identity["teacher_tokenizer"] = tokenizer_fingerprint(teacher_tokenizer)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def tokenize_records(
-    paths: Sequence[Path], tokenizer: Any, settings: TokenizeSettings, cache_root: Path | None = None
+    paths: Sequence[Path], tokenizer: Any, settings: TokenizeSettings, cache_root: Path | None = None,
+    teacher_tokenizer: Any = None,
 ) -> TokenizedData:
     """Tokenise JSONL files into a Dataset of `input_ids` and `labels`, reusing an earlier identical build.
 
     The cache key covers the files' content, the tokenizer and the settings, so any change rebuilds.
-    Records stream through an Arrow writer: memory stays bounded whatever the file size.
+    Records stream through an Arrow writer: memory stays bounded whatever the file size. With a
+    `teacher_tokenizer` (a teacher whose tokenizer differs), each example also carries the teacher's ids and
+    the aligned positions (`nlm.data.paired`).
     """
     files = files_fingerprint(paths)
-    key = tokenization_key(paths, tokenizer, settings)
+    key = tokenization_key(paths, tokenizer, settings, teacher_tokenizer)
     cache_dir = cache_root / key if cache_root is not None else None
     if cache_dir is not None and (cache_dir / "stats.json").is_file():
         dataset = datasets.load_from_disk(str(cache_dir / "dataset"))
@@ -226,8 +234,9 @@ def tokenize_records(
     with tempfile.TemporaryDirectory(prefix="nlm-tok-") as scratch:
         dataset = _generate(
             _examples,
-            gen_kwargs={"paths": list(paths), "tokenizer": tokenizer, "settings": settings, "read_stats": read_stats, "stats": stats},
-            features=features(settings),
+            gen_kwargs={"paths": list(paths), "tokenizer": tokenizer, "settings": settings, "read_stats": read_stats, "stats": stats,
+                        "teacher_tokenizer": teacher_tokenizer},
+            features=features(settings) if teacher_tokenizer is None else PAIRED_FEATURES,
             cache_dir=scratch,
             # A fresh fingerprint each build: our own cache key decides reuse, not datasets' hashing of the generator.
             fingerprint=hashlib.sha256(f"{key}{id(stats)}".encode()).hexdigest(),
@@ -244,7 +253,7 @@ def tokenize_records(
             partial.rename(cache_dir)
             dataset = datasets.load_from_disk(str(cache_dir / "dataset"))
         else:
-            dataset = datasets.Dataset.from_dict(dataset.to_dict(), features=features(settings))
+            dataset = datasets.Dataset.from_dict(dataset.to_dict(), features=dataset.features)
     if stats.truncated:
         logger.warning("%d examples were longer than max_seq_length=%d and were truncated", stats.truncated, settings.max_seq_length)
     if stats.dropped_no_target:
@@ -274,6 +283,7 @@ class PaddingCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    teacher_pad_token_id: int = 0  # pads `teacher_input_ids` (a teacher with its own tokenizer)
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
@@ -296,4 +306,24 @@ class PaddingCollator:
         if "source" in examples[0]:  # the example's mixture source: per-source loss, multi-teacher routing
             tensors["source"] = torch.tensor([e["source"] for e in examples], dtype=torch.long)
             tensors["source_name"] = [e["source_name"] for e in examples]
+        if "teacher_input_ids" in examples[0]:
+            tensors.update(_pad_paired(examples, self.teacher_pad_token_id))
         return tensors
+
+
+def _pad_paired(examples: list[dict], pad_token_id: int) -> dict:
+    """Teacher ids padded like the student's; aligned positions padded with -1 (no group)."""
+    import torch
+
+    longest = max(len(e["teacher_input_ids"]) for e in examples)
+    groups = max(1, max(len(e["align_student"]) for e in examples))
+    ids = [list(e["teacher_input_ids"]) + [pad_token_id] * (longest - len(e["teacher_input_ids"])) for e in examples]
+    mask = [[1] * len(e["teacher_input_ids"]) + [0] * (longest - len(e["teacher_input_ids"])) for e in examples]
+    teacher_labels = [list(e["teacher_labels"]) + [IGNORE_INDEX] * (longest - len(e["teacher_labels"])) for e in examples]
+    return {
+        "teacher_input_ids": torch.tensor(ids, dtype=torch.long),
+        "teacher_labels": torch.tensor(teacher_labels, dtype=torch.long),
+        "teacher_attention_mask": torch.tensor(mask, dtype=torch.long),
+        "align_student": torch.tensor([list(e["align_student"]) + [-1] * (groups - len(e["align_student"])) for e in examples]),
+        "align_teacher": torch.tensor([list(e["align_teacher"]) + [-1] * (groups - len(e["align_teacher"])) for e in examples]),
+    }

@@ -30,15 +30,14 @@ def capture_hidden(model: Any) -> Iterator[tuple[dict[str, torch.Tensor], Callab
     real_forward = head.forward
     store: dict[str, torch.Tensor] = {}
 
-    trainable = [p for p in head.parameters() if p.requires_grad]
-
     def record(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         store["hidden"] = hidden
         # Zero-width "logits" that still depend on the hidden states and the head's trainable parameters:
         # DDP (find_unused_parameters) walks the forward's outputs to learn which parameters will get a
         # gradient; the fused loss delivers the head's gradient later, so the head must look used here.
         empty = hidden[..., :0]
-        for param in trainable:
+        # Looked up at call time: FSDP2 swaps the sharded parameters for whole ones around the forward.
+        for param in (p for p in head.parameters() if p.requires_grad):
             empty = empty + param.reshape(-1)[:1].sum() * 0
         return empty
 

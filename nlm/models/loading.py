@@ -48,6 +48,16 @@ def _hub_kwargs(revision: str | None, token: Any, trust_remote_code: bool) -> di
     return kwargs
 
 
+def gguf_file_in(name: str | Path) -> str | None:
+    """The one *.gguf file of a local folder without config.json (what `nlm export --format gguf` writes):
+    transformers reads it with `gguf_file=`, dequantized. None for every other name."""
+    folder = Path(name)
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return None
+    files = sorted(folder.glob("*.gguf"))
+    return files[0].name if len(files) == 1 else None
+
+
 def _short_error(exc: Exception) -> str:
     # Hub errors span many lines; the first names the problem. Never echo request headers (tokens).
     return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -81,7 +91,10 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     kwargs = _hub_kwargs(revision, token, trust_remote_code)
-    if not allow_pickle:
+    gguf_file = gguf_file_in(name)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file  # GGUF holds tensors only (no code): no pickle concern
+    elif not allow_pickle:
         kwargs["use_safetensors"] = True
     _require_local_folder(str(name))
     try:
@@ -140,7 +153,8 @@ def load_trained_model(
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model folder {path} not found")
-    if not allow_pickle and not is_adapter_dir(path) and path.is_dir() and not any(path.glob("*.safetensors")):
+    if not allow_pickle and not is_adapter_dir(path) and path.is_dir() and not any(path.glob("*.safetensors")) \
+            and not gguf_file_in(path):
         raise ModelLoadError(
             f"{path} holds no *.safetensors weights; pickle weights (.bin) run code when loaded, "
             "so they are refused unless --allow_pickle"

@@ -18,6 +18,22 @@ def output_rows(model: Any) -> int:
     return int(model.config.vocab_size)
 
 
+def tokenizers_equal(teacher_tokenizer: Any, student_tokenizer: Any) -> bool:
+    """Same tokens at the same ids: the same-tokenizer path applies."""
+    return teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
+
+
+def own_vocab_width(tokenizer: Any, model: Any, role: str) -> int:
+    """A model's vocabulary width under its own tokenizer (padding rows of its head dropped)."""
+    width, rows = len(tokenizer), output_rows(model)
+    if rows < width:
+        raise VocabularyMismatchError(
+            f"the {role}'s output head has {rows} rows but its tokenizer has {width} tokens; "
+            "resize the model's embeddings to the tokenizer"
+        )
+    return width
+
+
 def shared_vocab_width(teacher_tokenizer: Any, student_tokenizer: Any, teacher: Any, student: Any) -> int:
     """The number of logits both models are compared over: the shared tokenizer's size.
 
@@ -33,8 +49,8 @@ def shared_vocab_width(teacher_tokenizer: Any, student_tokenizer: Any, teacher: 
             if a != b:
                 raise VocabularyMismatchError(
                     f"teacher and student tokenizers differ: id {token_id} is {a!r} for the teacher and {b!r} "
-                    f"for the student (sizes {len(teacher_vocab)} and {len(student_vocab)}); "
-                    "distillation needs the same tokenizer"
+                    f"for the student (sizes {len(teacher_vocab)} and {len(student_vocab)}); set "
+                    "distillation.cross_tokenizer to uld or hybrid to distil across tokenizers"
                 )
     width = len(student_tokenizer)
     for role, model in (("teacher", teacher), ("student", student)):

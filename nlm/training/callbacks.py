@@ -49,3 +49,30 @@ def install_callbacks(trainer: Any) -> None:
     if had_bar:
         trainer.add_callback(BarOnlyProgressCallback())
     trainer.add_callback(LoggingCallback())
+
+
+class HardwareMetricsCallback(TrainerCallback):
+    """Adds process RSS/CPU and GPU (CUDA: memory, utilisation, temperature, power; MPS: memory) figures to
+    each training log record, so the console, JSON logs, every tracker and log_history carry them.
+    Runs first among the callbacks (see `add_hardware_metrics`) so the trackers see the added keys."""
+
+    def __init__(self) -> None:
+        self._sampler: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from nlm.training.hardware import HardwareSampler, device_type_of
+
+        self._sampler = HardwareSampler(device_type_of(args))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not logs or self._sampler is None or "loss" not in logs:
+            return
+        figures = self._sampler.sample()
+        logs.update(figures)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(figures)  # the Trainer copied `logs` there before calling us
+
+
+def add_hardware_metrics(trainer: Any) -> None:
+    """Put HardwareMetricsCallback before every other callback (trackers and printers read what it adds)."""
+    trainer.callback_handler.callbacks.insert(0, HardwareMetricsCallback())

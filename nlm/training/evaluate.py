@@ -11,13 +11,14 @@ from torch.utils.data import DataLoader
 
 from nlm.data.reader import load_records
 from nlm.data.tokenize import PaddingCollator, TokenizeSettings, tokenize_records
+from nlm.distill.cross_metrics import CrossEvalSums, score_cross_batch
 from nlm.distill.metrics import EvalSums, score_batch
 from nlm.distill.teacher import LiveTeacher
 from nlm.models.device import select_device
 from nlm.models.generation import GenerationSettings, generate_texts
 from nlm.models.heads import head_reproduces_logits
 from nlm.models.loading import load_tokenizer, load_trained_model
-from nlm.models.vocab import shared_vocab_width
+from nlm.models.vocab import own_vocab_width, shared_vocab_width, tokenizers_equal
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,15 @@ def evaluate_model(
     if teacher_path is not None:
         teacher_model = load_trained_model(teacher_path, device=target, trust_remote_code=trust_remote_code,
                                            allow_pickle=allow_pickle)
-        width = shared_vocab_width(load_tokenizer(str(teacher_path)), tokenizer, teacher_model, model)
+        teacher_tokenizer = load_tokenizer(str(teacher_path), trust_remote_code=trust_remote_code)
+        if not tokenizers_equal(teacher_tokenizer, tokenizer):
+            result = evaluate_across_tokenizers(model, tokenizer, teacher_model, teacher_tokenizer, Path(data_file),
+                                                settings, batch_size, target)
+            if exact_match:
+                result["exact_match"] = exact_match_accuracy(model, tokenizer, Path(data_file), settings, batch_size, max_new_tokens)
+            result.update({"model": str(model_path), "data": str(data_file), "teacher": str(teacher_path)})
+            return result
+        width = shared_vocab_width(teacher_tokenizer, tokenizer, teacher_model, model)
         teacher = LiveTeacher(teacher_model, target, width)
     data = tokenize_records([Path(data_file)], tokenizer, settings, cache_root=None)
     loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=PaddingCollator(tokenizer.pad_token_id or 0))
@@ -62,6 +71,26 @@ def evaluate_model(
     result.update({"model": str(model_path), "data": str(data_file), "examples": len(data.dataset)})
     if teacher_path is not None:
         result["teacher"] = str(teacher_path)
+    return result
+
+
+def evaluate_across_tokenizers(model: Any, tokenizer: Any, teacher_model: Any, teacher_tokenizer: Any, data_file: Path,
+                               settings: TokenizeSettings, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """A teacher with another tokenizer: the student's token metrics, both models' bits per byte of the same
+    target text, and the aligned ULD divergence (docs/CROSS_TOKENIZER.md)."""
+    data = tokenize_records([data_file], tokenizer, settings, cache_root=None, teacher_tokenizer=teacher_tokenizer)
+    collate = PaddingCollator(tokenizer.pad_token_id or 0, teacher_pad_token_id=teacher_tokenizer.pad_token_id or 0)
+    loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=collate)
+    student_width = own_vocab_width(tokenizer, model, "student")
+    teacher_width = own_vocab_width(teacher_tokenizer, teacher_model, "teacher")
+    sums, cross = EvalSums(), CrossEvalSums()
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        score_batch(sums, model, batch, student_width, teacher=None, chunked=True)
+        score_cross_batch(cross, model, teacher_model, batch, student_width, teacher_width, tokenizer)
+    result = sums.metrics()
+    result.update(cross.metrics())
+    result["examples"] = len(data.dataset)
     return result
 
 

@@ -124,7 +124,9 @@ class StepPolicy:
         )
         rebuilt, offset = [], 0
         for batch, group in zip(batches, prompts, strict=True):
-            rebuilt.append(rebuild_batch(group, completions[offset:offset + len(group)], self.pad_id, batch["input_ids"]))
+            rows = rebuild_batch(group, completions[offset:offset + len(group)], self.pad_id, batch["input_ids"])
+            # Per-row keys (a mixture's `source`, `source_name`) describe the same rows: keep them.
+            rebuilt.append({**{k: v for k, v in batch.items() if k not in rows}, **rows})
             offset += len(group)
         self.window["sequences"] += len(completions)
         self.window["generated"] += sum(len(c) for c in completions)

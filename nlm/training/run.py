@@ -19,11 +19,13 @@ from nlm.data.files import resolve_eval_files
 from nlm.data.prepare import PreparedData, prepare_datasets
 from nlm.data.sampler import OrderPlan, OrderSampler
 from nlm.data.tokenize import PaddingCollator
+from nlm.distill.cross_loss import AlignedTeacher, CrossSettings
+from nlm.distill.cross_vocab import build_vocab_map
 from nlm.distill.loss import LossSettings
 from nlm.distill.teacher import Teacher
 from nlm.distill.teacher_loading import load_teacher, teacher_specs
 from nlm.errors import ConfigError, DataError, RunExistsError
-from nlm.models.device import PrecisionPlan, resolve_precision, select_device
+from nlm.models.device import PrecisionPlan, resolve_precision, select_device, teacher_dtype
 from nlm.models.heads import head_reproduces_logits
 from nlm.models.loading import (
     check_model_exists,
@@ -33,8 +35,9 @@ from nlm.models.loading import (
     model_revision,
 )
 from nlm.models.lora import apply_lora
+from nlm.models.vocab import own_vocab_width, tokenizers_equal
 from nlm.training.arguments import training_arguments
-from nlm.training.callbacks import install_callbacks
+from nlm.training.callbacks import add_hardware_metrics, install_callbacks
 from nlm.training.metadata import redacted_config, write_metadata
 from nlm.training.objective_setup import (
     attach_objective,
@@ -45,6 +48,7 @@ from nlm.training.objective_setup import (
 )
 from nlm.training.order import build_order, global_batch, model_scorer
 from nlm.training.policy import StepPolicy
+from nlm.training.trackers import direct_tracker_output, prepare_trackers
 from nlm.training.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -92,6 +96,11 @@ def _check_required(config: TrainingConfig) -> None:
         raise ConfigError(f"eval_strategy={config.eval_strategy} needs evaluation data: set eval_file or eval_split")
     if not config.student_model:
         raise ConfigError("student_model is required: pass --student_model ID_OR_FOLDER or set it in the config file")
+    if config.teacher_cache and config.distillation.cross_tokenizer:
+        raise ConfigError(
+            "distillation.cross_tokenizer cannot be used with teacher_cache: the cache holds targets over the "
+            "student's vocabulary; pass --teacher_model instead"
+        )
     if not config.teacher_model and (config.distillation.lmbda > 0 or config.distillation.seq_kd):
         option = "distillation.lmbda > 0" if config.distillation.lmbda > 0 else "distillation.seq_kd"
         raise ConfigError(f"{option} needs a live teacher: pass --teacher_model")
@@ -126,12 +135,14 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     # Under torchrun/accelerate every process runs this; the main one prepares folders and caches first.
     with args.main_process_first(local=False, desc="run folder"):
         run_dir, checkpoint = prepare_run_dir(config)
+    prepare_trackers(config.report_to, config.output_dir, run_dir)
 
     tokenizer = load_tokenizer(config.student_model, **_hub(config, config.student_revision))
     student, teacher, vocab_width = load_models(config, tokenizer, device, precision)
     with args.main_process_first(local=False, desc="tokenisation"):
         data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
-                                with_index=teacher is not None and "index" in teacher.batch_columns)
+                                with_index=teacher is not None and "index" in getattr(teacher, "batch_columns", ()),
+                                teacher_tokenizer=getattr(teacher, "paired_tokenizer", None))
     teacher_models = teacher.models() if teacher is not None else []
     plan = build_order(config, data, args.world_size, model_scorer(
         {"student": student, "teacher": teacher_models[0] if len(teacher_models) == 1 else None},
@@ -153,7 +164,8 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        data_collator=PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                                      teacher_pad_token_id=_pad_id(getattr(teacher, "paired_tokenizer", None))),
         processing_class=tokenizer,
         teacher=teacher,
         distillation=config.distillation,
@@ -169,6 +181,8 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         source_names=list(plan.names) if plan is not None and config.log_per_source else None,
     )
     install_callbacks(trainer)
+    direct_tracker_output(trainer, run_dir)
+    add_hardware_metrics(trainer)
     output = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(output.metrics)
     if data.eval is not None:
@@ -185,14 +199,14 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         final_dir / METADATA_FILE,
         config=redacted_config(config),
         teacher={"model": config.teacher_model, "teacher_cache": str(config.teacher_cache) if config.teacher_cache else None,
-                 "revision": (teacher.describe().get("revision") if teacher is not None else None),
+                 "revision": model_revision(teacher.model) if hasattr(teacher, "model") else None,
                  **(teacher.describe() if teacher is not None else {})},
         loss_impl=trainer.loss_impl,
         objective=describe_objective(objective, config),
         student={"model": config.student_model, "revision": model_revision(trainer.model)},
         data=data_summary(data, plan, trainer.state.global_step * global_batch(config, args.world_size)),
         device=str(device),
-        teacher_device=teacher.describe().get("device") if teacher is not None else None,
+        teacher_device=str(teacher.device) if hasattr(teacher, "device") else None,
         precision=precision.name,
         world_size=args.world_size,
         parameters={"total": total, "trainable": trainable},
@@ -212,8 +226,43 @@ def load_models(config: TrainingConfig, tokenizer: Any, device: torch.device, pr
     """The student (fp32 master weights; mixed precision autocasts), the teacher (live, cached or several),
     and the vocabulary width both are compared over."""
     student = load_causal_lm(config.student_model, dtype=torch.float32, **_hub(config, config.student_revision))
+    method = config.distillation.cross_tokenizer
+    if method and config.teacher_model and not config.teacher_cache:
+        teacher_tokenizer = load_tokenizer(config.teacher_model, **_hub(config, config.teacher_revision))
+        if not tokenizers_equal(teacher_tokenizer, tokenizer):
+            teacher_device = torch.device(config.teacher_device) if config.teacher_device else device
+            if config.teacher_device:
+                select_device(forced=config.teacher_device)  # a clear error when that device does not exist
+            teacher_model = load_causal_lm(
+                config.teacher_model, dtype=teacher_dtype(config.teacher_precision, precision, teacher_device),
+                **_hub(config, config.teacher_revision),
+            )
+            return student, cross_tokenizer_teacher(config, teacher_model, teacher_tokenizer, tokenizer, student,
+                                                    teacher_device), len(tokenizer)
+        logger.info("distillation.cross_tokenizer=%s ignored: teacher and student share a tokenizer", method)
     teacher = load_teacher(config, tokenizer, student, device, precision)
     return student, teacher, teacher.vocab_width if teacher is not None else len(tokenizer)
+
+
+def cross_tokenizer_teacher(config: TrainingConfig, teacher_model: Any, teacher_tokenizer: Any, tokenizer: Any,
+                            student: Any, device: torch.device) -> AlignedTeacher:
+    """A teacher that reads its own tokenisation; tokens are compared through text alignment (docs/CROSS_TOKENIZER.md)."""
+    distillation = config.distillation
+    teacher_width = own_vocab_width(teacher_tokenizer, teacher_model, "teacher")
+    student_width = own_vocab_width(tokenizer, student, "student")
+    vocab_map = build_vocab_map(teacher_tokenizer, tokenizer, teacher_width, student_width)
+    for side in (teacher_tokenizer, tokenizer):
+        if not getattr(side, "is_fast", False):
+            raise ConfigError(f"distillation.cross_tokenizer needs fast tokenizers (offset mappings); "
+                              f"{type(side).__name__} is not one")
+    logger.info("cross-tokenizer distillation (%s): teacher vocabulary %d, student %d, %d tokens spelled alike",
+                distillation.cross_tokenizer, teacher_width, student_width, vocab_map.matched)
+    cross = CrossSettings(distillation.cross_tokenizer, distillation.hybrid_matched_weight, distillation.hybrid_unmatched_weight)
+    return AlignedTeacher(teacher_model, device, teacher_width, teacher_tokenizer, cross, vocab_map)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
 
 def check_routes(config: TrainingConfig, data: PreparedData, plan: OrderPlan | None) -> None:

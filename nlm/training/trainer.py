@@ -3,6 +3,7 @@ accumulation, mixed precision, checkpointing and distribution are the library's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -12,10 +13,12 @@ import torch
 from transformers import Trainer
 
 from nlm.config.settings import DistillationConfig
+from nlm.distill.cross_loss import cross_tokenizer_loss
 from nlm.distill.fused import fused_distillation_loss
 from nlm.distill.loss import LossParts, LossSettings, add_batch_terms, combine_terms
 from nlm.distill.metrics import EvalSums, score_batch
 from nlm.distill.objective import Objective, objective_from_config
+from nlm.distill.sharded_head import gathered_head, prepare_teacher
 from nlm.distill.teacher import Teacher
 from nlm.errors import TrainingDivergedError
 from nlm.models.heads import capture_hidden, output_head
@@ -59,11 +62,12 @@ class DistillationTrainer(Trainer):
             logger.warning("the objective has a term the fused loss cannot chunk: using loss_impl=simple")
             loss_impl = "simple"
         self.loss_impl = loss_impl
-        if loss_impl == "fused" and self.is_fsdp_enabled:
-            # FSDP gathers a sharded head in the module's __call__ hooks; the fused loss calls the head's forward
-            # chunk by chunk outside them, so it would see a shard.
-            logger.warning("FSDP is enabled: using loss_impl=simple (the fused loss needs an unsharded output head)")
+        if loss_impl == "fused" and self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+            # FSDP1 has no unsharding API usable inside a step (FSDP2 and ZeRO-3 do: nlm.distill.sharded_head).
+            logger.warning("FSDP version 1: using loss_impl=simple (the fused loss needs FSDP2; see configs/accelerate/fsdp2.yaml)")
             self.loss_impl = "simple"
+        for live in getattr(teacher, "members", [teacher] if hasattr(teacher, "model") else []):
+            live.model = prepare_teacher(live.model, self.accelerator)  # DeepSpeed: its own engine
         self.chunk_tokens = chunk_tokens
         self.step_policy = step_policy  # None: every step trains on the dataset (see nlm/training/policy.py)
         self.vocab_width = vocab_width
@@ -116,21 +120,26 @@ class DistillationTrainer(Trainer):
         forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"), "use_cache": False}
         if student_layers:
             forward["output_hidden_states"] = True
-        if self.loss_impl == "fused":
+        signal = None
+        if use_teacher and getattr(self.teacher, "paired_tokenizer", None) is not None:
+            parts, outputs, reference = self._cross_tokenizer_loss(model, inputs, normalizer)
+            student_layers = ()
+        elif self.loss_impl == "fused":
             unwrapped = self.accelerator.unwrap_model(model)
             head_module = output_head(unwrapped)
             with capture_hidden(unwrapped) as (store, head):
                 outputs = model(**forward)
             rows = store["hidden"][:, :-1][mask]  # [n, H]
             signal = self.teacher.signal(inputs, mask, rows.device, layers=teacher_layers) if use_teacher else None
-            parts = fused_distillation_loss(
-                rows, head, targets, signal.rows if signal is not None else (lambda start, end: None),
-                vocab_width=self.vocab_width, objective=self.objective,
-                normalizer=normalizer, head_parameters=[p for p in head_module.parameters() if p.requires_grad],
-                chunk_size=self.chunk_tokens,
-                # A plain Linear head gets hand-written gradients (no head-sized copy per chunk).
-                linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
-            )
+            with gathered_head(unwrapped, head_module), self._gathered_teacher_head():  # sharded heads, whole
+                parts = fused_distillation_loss(
+                    rows, head, targets, signal.rows if signal is not None else (lambda start, end: None),
+                    vocab_width=self.vocab_width, objective=self.objective,
+                    normalizer=normalizer, head_parameters=[p for p in head_module.parameters() if p.requires_grad],
+                    chunk_size=self.chunk_tokens,
+                    # A plain Linear head gets hand-written gradients (no head-sized copy per chunk).
+                    linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
+                )
             reference = rows
             source_logits = lambda start, end: head(rows[start:end].detach())[..., : self.vocab_width]  # noqa: E731
         else:
@@ -161,6 +170,27 @@ class DistillationTrainer(Trainer):
         student = tuple(sorted({layer for term in terms for layer in getattr(term, "student_layers", ())}))
         teacher = tuple(sorted({layer for term in terms for layer in getattr(term, "teacher_layers", ())}))
         return student, teacher
+    def _gathered_teacher_head(self) -> Any:
+        """A live teacher sharded by DeepSpeed ZeRO-3 needs its head whole for the chunk loop too."""
+        stack = contextlib.ExitStack()
+        for teacher_model in self.teacher.models() if self.teacher is not None else []:
+            stack.enter_context(gathered_head(teacher_model, output_head(teacher_model)))
+        return stack
+
+    def _cross_tokenizer_loss(self, model: Any, inputs: dict[str, torch.Tensor], normalizer: Any) -> tuple[Any, Any, torch.Tensor]:
+        """A teacher with its own tokenizer: CE (fused) + ULD/hybrid at the aligned group starts."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        head_module = output_head(unwrapped)
+        with capture_hidden(unwrapped) as (store, head):
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        hidden = store["hidden"]
+        parts = cross_tokenizer_loss(
+            hidden, head, inputs, self.teacher.group_logits(inputs, hidden.device), self.loss_settings,
+            self.teacher.cross, self.teacher.vocab_map, vocab_width=self.vocab_width, normalizer=normalizer,
+            head_parameters=[p for p in head_module.parameters() if p.requires_grad], chunk_size=self.chunk_tokens,
+            linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
+        )
+        return parts, outputs, hidden
 
     @torch.no_grad()
     def _eval_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool) -> Any:

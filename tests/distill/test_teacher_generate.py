@@ -115,3 +115,16 @@ def test_options_check_ranges():
         Options(teacher_model="t", data="d", output="o", num_return_sequences=0)
     with pytest.raises(ValidationError):
         Options(teacher_model="t", data="d", output="o", top_p=0)
+
+
+def test_through_the_command_line(model_dirs, tmp_path, capsys):
+    from nlm.cli import main
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hello"}, "oops", {"prompt": "question: what is"}])
+    out = tmp_path / "out.jsonl"
+    assert main(["teacher-generate", "--teacher_model", str(model_dirs["teacher"]), "--data", str(data), "--output",
+                 str(out), "--max_new_tokens", "3", "--temperature", "0", "--device", "cpu"]) == 0
+    assert "2 records for 2 prompts" in capsys.readouterr().out and len(_lines(out)) == 2
+    assert main(["teacher-generate", "--teacher_model", "t", "--data", str(data), "--output", str(out),
+                 "--num_return_sequences", "0"]) == 2
+    assert "num_return_sequences" in capsys.readouterr().err

@@ -21,3 +21,12 @@ def test_gpu_check_smoke(part):
         assert "seconds" in result["results"]["fused"] and "seconds" in result["results"]["simple"]
     else:
         assert result["results"]["live"]["tokens_per_s"] > 0 and result["results"]["cached"]["tokens_per_s"] > 0
+
+
+def test_sharded_check_smoke():
+    script = SCRIPT.with_name("gpu_check_sharded.py")
+    done = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])["results"]
+    for entry in results.values():
+        assert entry["fused_stayed_on"] and entry["same_step1_loss"] and entry["same_step1_grad_norm"], entry

@@ -56,6 +56,18 @@ def test_malformed_pipelines_are_one_line_errors(tmp_path, document, message):
 def test_the_example_pipeline_loads():
     from pathlib import Path
 
-    pipeline = load_pipeline(Path(__file__).resolve().parents[2] / "configs" / "pipeline.yaml")
+    pipeline = load_pipeline(Path(__file__).resolve().parents[2] / "configs" / "pipelines" / "team.yaml")
     assert [a.name for a in pipeline.agents] == ["full", "lora", "reverse_kl"] and pipeline.teacher_cache.top_k == 64
     assert pipeline.agents[1].document["lora"] == {"enabled": True, "r": 16}
+
+
+def test_pipeline_run_command_line(tmp_path, capsys):
+    from nlm.cli import main
+
+    assert main(["pipeline", "run", str(tmp_path / "missing.yaml")]) == 2
+    assert "pipeline file" in capsys.readouterr().err
+    path = write(tmp_path, {"agents": [{"name": "a"}]})
+    assert main(["pipeline", "run", str(path), "--parallel", "0"]) == 2
+    assert "parallel" in capsys.readouterr().err
+    assert main(["pipeline", "run", str(path), "--only", "b"]) == 2
+    assert "--only b: no such agent" in capsys.readouterr().err

@@ -67,6 +67,7 @@ def test_masks_prompt_after_eos_and_padding(model_dirs, tokenizer):
     # Many of the vocabulary's ids as the model's own stop tokens, so some rows stop early and some do not.
     student.generation_config.eos_token_id = list(range(0, len(tokenizer), 2))
     batch = _batch(tokenizer, ROWS)
+    batch["source"], batch["source_name"] = torch.tensor([1, 0]), ["b", "a"]  # a mixture's per-row keys
     policy = _policy(model_dirs, tokenizer, max_new_tokens=8)
     prompts = policy._prompts(batch)
     for row, prompt in enumerate(prompts):
@@ -74,6 +75,7 @@ def test_masks_prompt_after_eos_and_padding(model_dirs, tokenizer):
         assert batch["labels"][row, len(prompt)] != IGNORE_INDEX and (batch["labels"][row, : len(prompt)] == IGNORE_INDEX).all()
     [rebuilt], source = policy.prepare([batch], step=0, student=student)
     assert source == "student"
+    assert rebuilt["source"].tolist() == [1, 0] and rebuilt["source_name"] == ["b", "a"]
     stops = set(student.generation_config.eos_token_id)
     for row, prompt in enumerate(prompts):
         ids, labels, attention = rebuilt["input_ids"][row], rebuilt["labels"][row], rebuilt["attention_mask"][row]
@@ -200,3 +202,31 @@ def test_on_policy_needs_a_live_teacher(model_dirs, pc_file, tmp_path):
                           "--output_dir", str(tmp_path), "--distillation.lmbda", "1"]).config
     with pytest.raises(ConfigError, match="distillation.lmbda > 0 needs a live teacher"):
         train(config)
+
+
+@pytest.mark.slow
+def test_resumed_on_policy_run_matches_an_uninterrupted_one(model_dirs, pc_file, tmp_path, monkeypatch):
+    """Samples are seeded by (seed, step, rank) and the schedule by the step: a resume continues both exactly."""
+    from transformers import TrainerCallback
+
+    import nlm.training.run as run_module
+
+    extra = ("--distillation.lmbda", "0.5", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")
+    straight = train(_config(model_dirs, pc_file, tmp_path / "a", *extra))
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    original = run_module.install_callbacks
+    monkeypatch.setattr(run_module, "install_callbacks", lambda trainer: (original(trainer), trainer.add_callback(Crash())))
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(model_dirs, pc_file, tmp_path / "b", *extra))
+    monkeypatch.setattr(run_module, "install_callbacks", original)
+    resumed = train(_config(model_dirs, pc_file, tmp_path / "b", *extra, "--resume"))
+    a, b = load_file(str(straight.final_dir / "model.safetensors")), load_file(str(resumed.final_dir / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    logs = [e for e in json.loads((resumed.final_dir / "training_metadata.json").read_text())["log_history"] if "loss" in e]
+    assert logs[-1]["on_policy_share"] == 0.5

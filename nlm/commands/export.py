@@ -1,0 +1,45 @@
+"""Export a trained student: merged, int8, int4 or gguf.
+
+merged: a LoRA run's adapter merged into a plain model folder. int8/int4: torchao weight quantization,
+saved so `nlm eval`, `nlm generate` and `nlm serve` load it with no extra flag. gguf: one .gguf file for
+llama.cpp/Ollama (Llama-family models; --quant f16, q8_0 or q4_0). Every export writes
+export_metadata.json (source run, format, sizes, and with --eval_file the held-out loss delta).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Options(BaseModel):
+    """The flags of `nlm export`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="trained run folder or its final/ folder")
+    output: str = Field(description="folder to write (must be new or empty, or an earlier export with --overwrite)")
+    format: Literal["merged", "int8", "int4", "gguf"] = Field("merged", description="what to write")
+    quant: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="GGUF tensor type (--format gguf only)")
+    eval_file: str | None = Field(None, description="held-out JSONL: report the loss/perplexity delta vs the source")
+    overwrite: bool = Field(False, description="replace an earlier export in --output (only files nlm wrote)")
+    trust_remote_code: bool = Field(False, description="run model code shipped with the model")
+
+
+def run(options: Options) -> int:
+    """Export through `nlm.export.run.export_model` and print where it went and what it measured."""
+    import json
+
+    from nlm.export.run import export_model
+
+    result = export_model(options.model, options.output, options.format, quant=options.quant,
+                          eval_file=options.eval_file, overwrite=options.overwrite,
+                          trust_remote_code=options.trust_remote_code)
+    summary = {"output": str(result.output_dir), "format": options.format, **result.metadata["sizes"]}
+    if "quality" in result.metadata:
+        quality = result.metadata["quality"]
+        summary.update(loss_source=quality["source"]["loss"], loss_export=quality["export"]["loss"],
+                       loss_delta_pct=quality["loss_delta_pct"])
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,1 @@
+"""Register finished models (final/ or export folders) in an MLflow model registry."""

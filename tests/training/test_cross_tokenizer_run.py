@@ -1,0 +1,131 @@
+"""`nlm train` with a teacher whose tokenizer differs: refused without a method, trained with uld/hybrid."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nlm.config.sources import load_config
+from nlm.errors import VocabularyMismatchError
+from nlm.models.scratch import build_causal_lm, build_tokenizer
+from nlm.training.run import train
+from tests.conftest import CORPUS
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory):
+    """A teacher with its own (larger, differently merged) tokenizer."""
+    folder = tmp_path_factory.mktemp("other_teacher")
+    tokenizer = build_tokenizer(CORPUS + ["naïve café 🙂"] * 5, vocab_size=380)
+    model = build_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=48, num_layers=2, seed=2)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _config(teacher, model_dirs, data, out, *extra):
+    return load_config([
+        "--teacher_model", str(teacher), "--student_model", str(model_dirs["student"]), "--train_file", str(data),
+        "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps", "3", "--logging_steps", "1",
+        "--learning_rate", "1e-3", *extra,
+    ]).config
+
+
+def test_different_tokenizers_are_refused_naming_the_option(other_teacher, model_dirs, pc_file, tmp_path):
+    with pytest.raises(VocabularyMismatchError, match="distillation.cross_tokenizer to uld or hybrid") as info:
+        train(_config(other_teacher, model_dirs, pc_file, tmp_path / "out"))
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["uld", "hybrid"])
+def test_cross_tokenizer_training_runs_and_records_the_method(other_teacher, model_dirs, pc_file, tmp_path, method):
+    result = train(_config(other_teacher, model_dirs, pc_file, tmp_path / "out", "--distillation.cross_tokenizer", method))
+    metadata = json.loads((result.final_dir / "training_metadata.json").read_text())
+    assert metadata["config"]["distillation"]["cross_tokenizer"] == method
+    assert metadata["teacher"]["describe"]["method"] == method
+    logged = [entry for entry in metadata["log_history"] if "distill_loss" in entry]
+    assert logged and all(entry["distill_loss"] > 0 for entry in logged)
+
+
+def test_same_tokenizer_ignores_the_option(model_dirs, pc_file, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="nlm")
+    config = _config(model_dirs["teacher"], model_dirs, pc_file, tmp_path / "out", "--distillation.cross_tokenizer", "hybrid",
+                     "--max_steps", "1")
+    result = train(config)
+    assert "cross_tokenizer=hybrid ignored" in caplog.text
+    metadata = json.loads((result.final_dir / "training_metadata.json").read_text())
+    assert metadata["teacher"]["describe"] is None or metadata["teacher"]["describe"].get("kind") != "live_cross_tokenizer"
+
+
+def test_teacher_cache_with_cross_tokenizer_is_a_usage_error(model_dirs, pc_file, tmp_path):
+    from nlm.errors import ConfigError
+
+    config = _config(model_dirs["teacher"], model_dirs, pc_file, tmp_path / "out", "--distillation.cross_tokenizer", "uld")
+    config = config.model_copy(update={"teacher_cache": tmp_path, "teacher_model": None})
+    with pytest.raises(ConfigError, match="cross_tokenizer cannot be used with teacher_cache"):
+        train(config)
+
+
+def test_eval_against_a_teacher_with_another_tokenizer_reports_per_byte_figures(other_teacher, model_dirs, pc_file):
+    from nlm.data.tokenize import TokenizeSettings
+    from nlm.training.evaluate import evaluate_model
+
+    result = evaluate_model(model_dirs["student"], pc_file, teacher_path=other_teacher, batch_size=8,
+                            settings=TokenizeSettings(max_seq_length=64), device="cpu")
+    for key in ("loss", "perplexity", "bits_per_byte", "teacher_bits_per_byte", "teacher_aligned_uld", "aligned_groups"):
+        assert key in result, key
+    assert result["aligned_groups"] > 0 and result["target_bytes"] > 0
+    assert 0 < result["teacher_aligned_uld"] <= 2
+    # the student's bits per byte is its own token NLL re-expressed per byte of the same text
+    import math
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / result["target_bytes"] / math.log(2), rel=1e-6)
+
+
+def test_eval_with_itself_as_teacher_has_equal_bits_per_byte_and_zero_divergence(model_dirs, pc_file, monkeypatch):
+    """Force the cross path with identical tokenizers: both sides score the same text identically."""
+    from nlm.data.tokenize import TokenizeSettings
+    from nlm.training import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "tokenizers_equal", lambda a, b: False)
+    result = evaluate_module.evaluate_model(model_dirs["student"], pc_file, teacher_path=model_dirs["student"], batch_size=8,
+                                            settings=TokenizeSettings(max_seq_length=64), device="cpu")
+    assert result["teacher_bits_per_byte"] == pytest.approx(result["bits_per_byte"], rel=1e-5)
+    assert result["teacher_aligned_uld"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_with_lora_trains_only_the_adapter(other_teacher, model_dirs, pc_file, tmp_path):
+    from safetensors.torch import load_file
+
+    result = train(_config(other_teacher, model_dirs, pc_file, tmp_path / "out", "--distillation.cross_tokenizer", "uld",
+                           "--lora.enabled", "--lora.r", "4"))
+    adapter = load_file(str(result.final_dir / "adapter_model.safetensors"))
+    assert adapter and all("lora" in name for name in adapter)
+    assert any(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name)  # B starts at zero
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_under_torchrun_two_processes(other_teacher, model_dirs, pc_file, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    out = tmp_path / "out"
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "nlm.cli", "--log_level", "WARNING", "train",
+               "--teacher_model", str(other_teacher), "--student_model", str(model_dirs["student"]),
+               "--train_file", str(pc_file), "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "no",
+               "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--device_preference", "cpu",
+               "--distillation.cross_tokenizer", "hybrid"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metadata = json.loads((out / "distill" / "final" / "training_metadata.json").read_text())
+    assert metadata["world_size"] == 2 and metadata["global_step"] == 2
+    assert metadata["teacher"]["describe"]["method"] == "hybrid"
