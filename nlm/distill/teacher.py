@@ -132,6 +132,13 @@ class LiveTeacher:
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
+    # Shorthands kept for callers written before the protocol (e.g. the cross-tokenizer loss's tests).
+    def row_source(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device) -> TeacherRows:
+        return self.signal(inputs, mask, device).rows
+
+    def dense_rows(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return self.signal(inputs, mask, device, full_logits=True).all_rows()
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "live", "model": self.name, "revision": self.revision, "device": str(self.device)}
 
