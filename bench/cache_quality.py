@@ -4,6 +4,12 @@ Trains the demo's teacher, then the same distilled student three ways — live t
 cache with top-k 8 — and reports held-out loss and accuracy, bytes per cached token and cache build time.
 
     .venv/bin/python bench/cache_quality.py [--seed 0]
+    .venv/bin/python bench/cache_quality.py --vocab 32768 --tail_share 0.3   # realistic vocabulary, long tail
+
+`--vocab N` grows the demo tokenizer to exactly N tokens (filler words, so ids need int32 past 32,767) and
+`--tail_share p` makes the teacher long-tailed: a share p of its training completions are a filler word
+drawn from a Zipf law over all of them, so at the answer position the teacher keeps mass p spread over
+tens of thousands of tokens — most of it outside any top-k.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top_k", type=int, nargs="+", default=[64, 8])
+    parser.add_argument("--vocab", type=int, default=None, help="grow the tokenizer to exactly this many tokens")
+    parser.add_argument("--tail_share", type=float, default=0.0, help="share of teacher completions drawn from the tail")
     args = parser.parse_args()
 
     from nlm.config.settings import TrainingConfig
@@ -32,6 +40,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nlm-cache-quality-") as scratch:
         root = Path(scratch)
         files = write_demo_data(root, args.seed)
+        tail_stats = long_tail(root, files, args.vocab, args.tail_share, args.seed)
         teacher_init = initial_model(root, "teacher", budget.teacher_layers, budget.teacher_hidden, args.seed)
         student_init = initial_model(root, "student", budget.student_layers, budget.student_hidden, args.seed)
         common = dict(max_seq_length=64, seed=args.seed, save_strategy="no", logging_steps=50, device_preference=["cpu"],
@@ -58,7 +67,32 @@ def main() -> None:
                 results[name].update(cache_build_seconds=round(build, 1), bytes_per_token=size)
         for name in results:
             results[name]["loss_vs_live"] = round(results[name]["heldout_loss"] / results["live"]["heldout_loss"] - 1, 4)
-    print(json.dumps({"seed": args.seed, "results": results}, indent=2))
+    print(json.dumps({"seed": args.seed, "vocab": tail_stats["vocab"], "tail_share": args.tail_share,
+                      "results": results}, indent=2))
+
+
+def long_tail(root: Path, files: dict[str, Path], vocab: int | None, tail_share: float, seed: int) -> dict:
+    """Grow the tokenizer to `vocab` tokens with filler words; replace a `tail_share` of the teacher's
+    completions by a Zipf-drawn filler word. The models built afterwards use the grown tokenizer."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    if vocab is not None and vocab > len(tokenizer):
+        tokenizer.add_tokens([f"zz{i}" for i in range(vocab - len(tokenizer))])
+        tokenizer.save_pretrained(str(root / "tokenizer"))
+    fillers = [token for token in tokenizer.get_vocab() if token.startswith("zz")]
+    if tail_share > 0 and fillers:
+        rng = random.Random(seed)
+        weights = [1 / (rank + 1) ** 1.1 for rank in range(len(fillers))]
+        path = files["teacher_train"]
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            if rng.random() < tail_share:
+                row["completion"] = rng.choices(fillers, weights)[0]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {"vocab": len(tokenizer)}
 
 
 if __name__ == "__main__":

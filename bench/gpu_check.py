@@ -1,5 +1,6 @@
-"""GPU parts of bench/gpu_check.sh: `loss` (memory and time of the loss at GPU sizes) and `train`
-(bf16 distillation throughput with nlm's trainer, live teacher and teacher cache). One JSON line each."""
+"""GPU parts of bench/gpu_check.sh: `loss` (memory and time of the loss at GPU sizes), `bf16` (the fused loss
+under the run's autocast against the simple path under the same autocast) and `train` (bf16 distillation
+throughput with nlm's trainer, live teacher and teacher cache). One JSON line each."""
 
 from __future__ import annotations
 
@@ -11,12 +12,22 @@ from pathlib import Path
 
 import torch
 
-BF16_PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0}
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from the vendors' data sheets, most specific name first.
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H100": 989.0, "A100": 312.0,
+                    "L40S": 362.0, "L4": 121.0}
 
 
-def card_peak() -> float:
-    name = _gpu_name()
-    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), 790.0)
+def card_peak(name: str | None = None) -> float:
+    """The dense bf16 peak of the card (TFLOP/s); an SXM H100/H200 when the card is not in the table."""
+    name = name or _gpu_name()
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), 989.0)
+
+
+def step_flops(tokens: int, target_tokens: int, body_params: int, head_params: int, backward: bool) -> float:
+    """FLOPs of one forward (2/param/token) or forward+backward (6/param/token): the body runs at every
+    token, the output head only at target tokens (nlm's fused loss never multiplies the head elsewhere)."""
+    per = 6 if backward else 2
+    return per * (tokens * body_params + target_tokens * head_params)
 
 
 def _sync() -> None:
@@ -92,6 +103,52 @@ def loss_part(tokens: int = 8192, hidden: int = 4096, vocab: int = 131072, smoke
             "vocab": vocab, "results": results}
 
 
+def bf16_part(tokens: int = 4096, hidden: int = 4096, vocab: int = 131072, smoke: bool = False) -> dict:
+    """Fused vs simple under bf16 autocast with fp32 master weights (what the Trainer does): the fused chunks
+    must run their head products in bf16 as the simple path does inside the model's forward."""
+    import torch.nn.functional as F
+
+    from nlm.distill.fused import fused_distillation_loss
+    from nlm.distill.loss import LossSettings, distillation_loss
+
+    device_type = "cpu" if smoke else "cuda"
+    if smoke:
+        tokens, hidden, vocab = 64, 32, 1000
+    torch.manual_seed(0)
+    h_s = torch.randn(tokens, hidden, device=device_type, requires_grad=True)
+    w_s = (torch.randn(vocab, hidden, device=device_type) * 0.02).requires_grad_()
+    teacher = torch.randn(tokens, vocab, device=device_type) * 2
+    targets = torch.randint(0, vocab, (tokens,), device=device_type)
+
+    def autocast():
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+
+    def run(kind: str) -> tuple[float, list[torch.Tensor]]:
+        h_s.grad = w_s.grad = None
+        if kind == "simple_bf16":
+            with autocast():
+                logits = F.linear(h_s, w_s)
+            loss = distillation_loss(logits, teacher, targets).total
+        else:
+            loss = fused_distillation_loss(h_s, lambda x: F.linear(x, w_s), targets, lambda a, b: teacher[a:b],
+                                           vocab_width=vocab, settings=LossSettings(), linear_head=(w_s, None),
+                                           autocast=autocast if kind == "fused_bf16" else None).total
+        loss.backward()
+        _sync()
+        return loss.item(), [h_s.grad.clone(), w_s.grad.clone()]
+
+    def relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        return max(float((x - y).norm() / y.norm().clamp_min(1e-30)) for x, y in zip(a, b, strict=True))
+
+    reference_loss, reference_grads = run("simple_bf16")
+    fused_loss, fused_grads = run("fused_bf16")
+    fp32_loss, fp32_grads = run("fused_fp32")
+    return {"part": "bf16_fused_vs_simple", "gpu": _gpu_name(), "tokens": tokens, "hidden": hidden, "vocab": vocab,
+            "loss_abs_diff": abs(fused_loss - reference_loss), "grad_rel_diff": relative(fused_grads, reference_grads),
+            "fp32_fused_loss_abs_diff": abs(fp32_loss - reference_loss),
+            "fp32_fused_grad_rel_diff": relative(fp32_grads, reference_grads)}
+
+
 def train_part(steps: int = 30, batch: int = 8, seq: int = 1024, smoke: bool = False) -> dict:
     import random
 
@@ -109,10 +166,11 @@ def train_part(steps: int = 30, batch: int = 8, seq: int = 1024, smoke: bool = F
     if smoke:  # the same code on the CPU with tiny sizes, to check the script before spending device time
         steps, batch, seq = 5, 2, 32
         sizes = {"teacher": dict(hidden_size=64, num_layers=2, num_heads=4), "student": dict(hidden_size=32, num_layers=1, num_heads=4)}
-    params = {}
+    params, head_params = {}, {}
     for name, size in sizes.items():
         model = build_causal_lm("llama", vocab_size=len(tokenizer), max_positions=seq + 8, seed=0, **size)
         params[name] = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+        head_params[name] = model.get_output_embeddings().weight.numel()
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     with (root / "train.jsonl").open("w") as handle:
@@ -148,7 +206,10 @@ def train_part(steps: int = 30, batch: int = 8, seq: int = 1024, smoke: bool = F
         run_module.train(config)
         seconds = marks[-1] - marks[2]  # skip warm-up steps
         tokens = batch * seq * (len(marks) - 3)
-        flops = tokens * (6 * params["student"] + (2 * params["teacher"] if mode == "live" else 0))
+        targets = batch * (seq - 1) * (len(marks) - 3)  # text records: every token but the first is a target
+        flops = step_flops(tokens, targets, params["student"] - head_params["student"], head_params["student"], True)
+        if mode == "live":
+            flops += step_flops(tokens, targets, params["teacher"] - head_params["teacher"], head_params["teacher"], False)
         results[mode] = {"tokens_per_s": round(tokens / seconds), "peak_memory_gib": round(_peak() / 2**30, 2),
                          "mfu": round(flops / seconds / (card_peak() * 1e12), 4)}
     return {"part": "train_throughput", "gpu": _gpu_name(), "teacher_params": params["teacher"],
@@ -158,4 +219,5 @@ def train_part(steps: int = 30, batch: int = 8, seq: int = 1024, smoke: bool = F
 if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else "loss"
     smoke = "--smoke" in sys.argv  # CPU, tiny sizes: checks the script itself, measures nothing
-    print(json.dumps(loss_part(smoke=smoke) if part == "loss" else train_part(smoke=smoke)), flush=True)
+    parts = {"loss": loss_part, "bf16": bf16_part, "train": train_part}
+    print(json.dumps(parts[part](smoke=smoke)), flush=True)

@@ -94,6 +94,17 @@ def tokens_per_batch(root: Path, batch: int) -> int:
     return batch * len(tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=False))
 
 
+def targets_per_batch(root: Path, batch: int) -> int:
+    """Target (assistant) tokens of one batch, counted by nlm's own tokenisation: where a head must run."""
+    from transformers import AutoTokenizer
+
+    from nlm.data.tokenize import TokenizeSettings, tokenize_records
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "student")
+    data = tokenize_records([root / "train.jsonl"], tokenizer, TokenizeSettings(max_seq_length=512))
+    return batch * sum(label != -100 for label in data.dataset[0]["labels"][1:])
+
+
 def run_nlm(root: Path, steps: int, batch: int, seed: int, cached: bool) -> float:
     import nlm.training.run as run_module
     from nlm.config.settings import TrainingConfig
@@ -183,21 +194,34 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def model_flops_per_token(root: Path) -> dict[str, float]:
-    """Model FLOPs per token: 6·N for the student (forward + backward) plus 2·N for the teacher (forward) when
-    it runs (not with the cache); N without input embeddings, attention score FLOPs left out."""
+def model_flops_per_token(root: Path, tokens: int, targets: int) -> dict[str, float]:
+    """Model FLOPs per token: 6 per parameter for the student (forward + backward) plus 2 for the teacher
+    (forward) when it runs (not with the cache); input embeddings and attention scores left out. The output
+    head counts only at target tokens (`targets` of `tokens`): nlm's fused loss never multiplies it at prompt
+    positions, so counting it everywhere would credit nlm with work it does not do."""
     from transformers import AutoModelForCausalLM
 
-    def params(name: str) -> int:
+    def params(name: str) -> tuple[int, int]:
         model = AutoModelForCausalLM.from_pretrained(root / name)
-        return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+        head = model.get_output_embeddings().weight.numel()
+        return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel() - head, head
 
-    student, teacher = 6 * params("student"), 2 * params("teacher")
-    return {"with_teacher": student + teacher, "student_only": student}
+    (student_body, student_head), (teacher_body, teacher_head) = params("student"), params("teacher")
+    share = targets / tokens
+    flops = {}
+    for label, head_share in (("targets_only", share), ("every_position", 1.0)):
+        student = 6 * (student_body + head_share * student_head)
+        flops[f"with_teacher_{label}"] = student + 2 * (teacher_body + head_share * teacher_head)
+        flops[f"student_only_{label}"] = student
+    flops["target_share"] = round(share, 4)
+    return flops
 
 
 def kind(runner: str) -> str:
-    return "student_only" if runner == "nlm_cached" else "with_teacher"
+    """Which FLOP count a runner does: nlm runs heads at target tokens only; TRL and the plain loop compute
+    full logits at every position (prompt included)."""
+    teacher = "student_only" if runner == "nlm_cached" else "with_teacher"
+    return f"{teacher}_{'targets_only' if runner.startswith('nlm') else 'every_position'}"
 
 
 def main() -> None:
@@ -226,7 +250,7 @@ def main() -> None:
         root = Path(scratch)
         build_assets(root, examples=args.batch * args.steps + 8, seed=args.seed)
         per_batch = tokens_per_batch(root, args.batch)
-        flops_per_token = model_flops_per_token(root)
+        flops_per_token = model_flops_per_token(root, per_batch, targets_per_batch(root, args.batch))
         peak = matmul_peak_gflops()
         cache_seconds = None
         if "nlm_cached" in args.runners:

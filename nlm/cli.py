@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -169,7 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nlm: internal error: {type(exc).__name__}: {redact(str(exc))} (rerun with --debug for the traceback)",
               file=sys.stderr)
         code = 1
+    _summarise_hidden_warnings()
     return code
+
+
+def _summarise_hidden_warnings() -> None:
+    from nlm.config.logging_setup import hidden_warnings
+
+    count = sum(hidden_warnings.values())
+    if count and logging.getLogger().isEnabledFor(logging.INFO) and not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("nlm").info("%d warning%s from libraries hidden (--log_level DEBUG shows them)",
+                                      count, "" if count == 1 else "s")
+    hidden_warnings.clear()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,6 +27,12 @@ class ModelLoadError(NlmError):
     """A model or tokenizer cannot be loaded."""
 
 
+class ModelPathError(ModelLoadError):
+    """A local path given as a model is missing or is not a model folder (a run folder, a cache, a file...)."""
+
+    exit_code = 2
+
+
 class VocabularyMismatchError(NlmError):
     """Teacher and student do not share a tokenizer (and no cross-tokenizer method was chosen)."""
 
@@ -43,6 +49,10 @@ class RunExistsError(NlmError):
     """A finished or started run would be overwritten."""
 
     exit_code = 2
+
+
+class FolderNotOwnedError(RunExistsError):
+    """A non-empty folder nlm would write or overwrite was not created by nlm (it has no marker)."""
 
 
 class TrainingDivergedError(NlmError):

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    file: str = Field(description="a JSONL file", json_schema_extra={"positional": True})
+    file: str = Field(description="a JSONL file", json_schema_extra={"positional": True, "file": True})
     tokenizer: str | None = Field(None, description="tokenizer (hub id or folder) for token-length statistics")
     max_seq_length: int = Field(512, ge=1, description="length that counts as truncated")
     as_json: bool = Field(False, alias="json", description="print one JSON object")

@@ -11,7 +11,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="a trained model folder (full or LoRA adapter) or hub id")
-    data: str = Field(description="JSONL file to score")
+    data: str = Field(description="JSONL file to score", json_schema_extra={"file": True})
     teacher: str | None = Field(None, description="also report KL to and top-1 agreement with this teacher")
     batch_size: int = Field(8, ge=1, description="sequences per forward")
     max_seq_length: int = Field(512, ge=1, description="longer sequences are truncated")

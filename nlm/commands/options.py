@@ -3,7 +3,8 @@
 Every command module has `class Options(BaseModel)`; this module derives, from that one model:
 - the flags: `--field_name` per field; `bool` -> `--flag/--no-flag`; `list[...]` -> repeatable and multi-value
   (`--only a b --only c`); `Literal[...]` -> choices; `json_schema_extra={"positional": True}` -> a positional;
-  `{"aliases": ["--old-name"]}` -> extra spellings; the description, range and default make the help line;
+  `{"aliases": ["--old-name"]}` -> extra spellings; `{"file": True}` -> an input file, checked to exist and be
+  readable before the command runs; the description, range and default make the help line;
 - `NLM_<COMMAND>__<FIELD>` environment variables (`NLM_SERVE__PORT=9000`, `NLM_DATA_INSPECT__JSON=true`);
 - `--config FILE.yaml` holding the same keys, unless the command has its own `config` field (then `--config` is
   that field, e.g. a training YAML, and is handed to the command untouched);
@@ -189,6 +190,8 @@ def build_parser(command: str, options_cls: type[BaseModel], description: str | 
         kwargs: dict[str, Any] = {"help": _help_line(spec), "dest": spec.name}
         if spec.choices:
             kwargs["metavar"] = "{" + ",".join(str(c) for c in spec.choices) + "}"
+        elif spec.name == "config":
+            kwargs["metavar"] = "FILE"
         if spec.positional:
             kwargs.pop("dest")
             kwargs["nargs"] = "?"
@@ -284,9 +287,24 @@ def parse_options(command: str, options_cls: type[BaseModel], argv: Sequence[str
             merged[key] = value
             source[key] = name
     try:
-        return options_cls.model_validate(merged)
+        options = options_cls.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_describe(command, exc, {s.name: s for s in specs}, source, yaml_path)) from None
+    _check_files(command, options, specs, source, yaml_path)
+    return options
+
+
+def _check_files(command: str, options: BaseModel, specs: Sequence[OptionSpec], source: Mapping[str, str],
+                 yaml_path: Path | None) -> None:
+    """Fields marked `{"file": True}` name an input file: it must exist and be readable, before `run` loads
+    anything (exit 2 naming the flag, variable or file key)."""
+    from nlm.data.files import check_data_file
+
+    values = options.model_dump(by_alias=True)
+    for spec in specs:
+        if spec.extra.get("file") and values.get(spec.name) is not None:
+            for value in values[spec.name] if spec.is_list else [values[spec.name]]:
+                check_data_file(value, f"{command} {_where(spec, source.get(spec.name), command, yaml_path)}")
 
 
 def _where(spec: OptionSpec, source: str | None, command: str, yaml_path: Path | None) -> str:

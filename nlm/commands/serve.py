@@ -6,15 +6,16 @@ Every option is also an NLM_SERVE__<OPTION> environment variable or a key of the
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
-from nlm.inference.settings import ServerSettings
+from nlm.inference.settings import SAGEMAKER_MODEL_DIR, ServerSettings
 
 # Flag names users already call where the settings field says its unit.
 _FLAG_NAMES = {"request_timeout_s": "request_timeout", "graceful_shutdown_s": "graceful_shutdown"}
-_NOT_FLAGS = {"api_key"}  # a secret: its value comes from the variable named by --api_key_env, never a flag
+_NOT_FLAGS = {"api_key", "models"}  # api_key: a secret, read from the variable --api_key_env names; models: from --model
 
 
 class _ServeOptions(BaseModel):
@@ -30,6 +31,13 @@ def _server_fields() -> dict[str, tuple[object, object]]:
         if name in _NOT_FLAGS:
             continue
         annotation = Literal["cuda", "mps", "cpu"] | None if name == "device" else info.annotation
+        if name == "model":  # repeatable: several models in one server, each `NAME=PATH` or a bare PATH
+            # A YAML file or NLM_SERVE__MODEL may give one folder as a plain string.
+            one_or_many = Annotated[list[str], BeforeValidator(lambda v: [str(v)] if isinstance(v, (str, Path)) else v)]
+            fields[name] = (one_or_many, Field(default_factory=list, description=(
+                f"model folder (full, merged or LoRA adapter); repeat as NAME=PATH to serve several models, the first "
+                f"being the default (default: {SAGEMAKER_MODEL_DIR})")))
+            continue
         fields[_FLAG_NAMES.get(name, name)] = (annotation, copy.copy(info))
     return fields
 
@@ -44,8 +52,11 @@ def run(options: Options) -> int:  # type: ignore[valid-type]
     from nlm.config.logging_setup import register_secret
     from nlm.errors import ConfigError
     from nlm.inference.server import serve
+    from nlm.inference.settings import parse_model_specs
 
     values = options.model_dump()  # type: ignore[attr-defined]
+    specs = parse_model_specs([str(m) for m in values.pop("model")] or [str(SAGEMAKER_MODEL_DIR)], values["served_model_name"])
+    values["model"], values["models"] = specs[0][1], specs
     key_variable = values.pop("api_key_env")
     for field, flag in _FLAG_NAMES.items():
         values[field] = values.pop(flag)
@@ -55,5 +66,12 @@ def run(options: Options) -> int:  # type: ignore[valid-type]
         if not api_key:
             raise ConfigError(f"--api_key_env {key_variable}: that environment variable is not set or empty")
         register_secret(api_key)
-    serve(ServerSettings(**values, api_key=api_key))
+    settings = ServerSettings(**values, api_key=api_key)
+    paths = [path for _name, path in settings.served_models]
+    if all(path.exists() for path in paths):  # a missing one is reported by serve(), naming it
+        from nlm.models.loading import check_model_path
+
+        for path in paths:  # a run folder, a cache or a file: say so before the server starts
+            check_model_path(path)
+    serve(settings)
     return 0

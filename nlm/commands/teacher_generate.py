@@ -18,7 +18,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     teacher_model: str = Field(description="teacher: a Hugging Face hub id or a local folder")
-    data: str = Field(description="JSONL file of prompts")
+    data: str = Field(description="JSONL file of prompts", json_schema_extra={"file": True})
     output: str = Field(description="JSONL file to write (resumed when it was written by an earlier, stopped run)")
     max_new_tokens: int = Field(256, ge=1, le=65_536, description="longest completion, in tokens")
     temperature: float = Field(1.0, ge=0, le=100, description="sampling temperature; 0 is greedy")

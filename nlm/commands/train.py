@@ -17,12 +17,13 @@ class Options(BaseModel):
 
 
 def run(options: Options) -> int:
-    from nlm.config.logging_setup import current_log_format
+    from nlm.config.logging_setup import current_log_format, is_main_process
     from nlm.config.sources import load_config
 
     config = load_config(options.training_args, options.config).config  # usage errors before heavy imports
     from nlm.training.run import train
 
     result = train(config, log_format=current_log_format())
-    print(f"final model: {result.final_dir}")
+    if is_main_process():  # one line per run, not one per process under torchrun
+        print(f"final model: {result.final_dir}")
     return 0

@@ -10,10 +10,14 @@ import importlib.abc
 import importlib.machinery
 import json
 import logging
+import os
 import sys
 import time
 import traceback
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -84,7 +88,9 @@ def setup_logging(level: str = "INFO", log_format: str = "text", secrets: Iterab
             root.removeHandler(old)
     handler._nlm = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    root.setLevel(level)
+    # Under torchrun/accelerate only the main process speaks; the others log warnings and errors only.
+    root.setLevel(level if is_main_process() else max(logging.getLevelName(level), logging.WARNING))
+    route_warnings()
     for noisy in ("urllib3", "filelock", "fsspec", "httpx", "httpcore", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # issue 15: transformers imports torchao (installed for `nlm export`) on every model load, and torchao logs
@@ -99,6 +105,31 @@ def setup_logging(level: str = "INFO", log_format: str = "text", secrets: Iterab
 
 
 _state: dict[str, str] = {"log_format": "text"}
+_NLM_DIR = str(Path(__file__).resolve().parents[1])
+hidden_warnings: Counter[str] = Counter()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun, accelerate and SageMaker set RANK), or a single process.
+    Read from the environment so that logging is set up before torch is imported."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def route_warnings() -> None:
+    """Python warnings go through logging: those raised from nlm's own code at WARNING (a call of ours to fix),
+    those from libraries at DEBUG only (their internal deprecations are not the user's business), counted so
+    the command can say once how many it hid."""
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+    text = f"{category.__name__}: {message} ({filename}:{lineno})"
+    if str(Path(filename).resolve()).startswith(_NLM_DIR):
+        logging.getLogger("nlm.warnings").warning(text)
+    else:
+        hidden_warnings[category.__name__] += 1
+        logging.getLogger("py.warnings").debug(text)
 
 
 def current_log_format() -> str:

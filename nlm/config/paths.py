@@ -1,10 +1,24 @@
-"""Where nlm may write: never into system directories, and only inside the run's output directory."""
+"""Where nlm may write and what it may delete.
+
+Never into system directories; only inside the run's output directory; and `--overwrite` deletes only
+folders nlm created (marked with `.nlm-folder.json`) and, inside them, only what nlm wrote.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from nlm.errors import UnsafePathError
+from nlm.errors import FolderNotOwnedError, RunExistsError, UnsafePathError
+
+logger = logging.getLogger(__name__)
 
 # Writing below these would damage the machine; nlm refuses them whatever the user's rights.
 SYSTEM_DIRECTORIES = (
@@ -37,3 +51,122 @@ def path_inside(base: Path, relative: Path | str) -> Path:
     if not _is_within(candidate, root):
         raise UnsafePathError(f"refusing to write {relative}: it resolves to {candidate}, outside {root}")
     return candidate
+
+
+# --- Folders nlm owns ---------------------------------------------------------------------------------
+# Every folder nlm creates holds this marker: which command created it and which entries inside it are
+# nlm's (glob patterns). `--overwrite` removes only marked folders, and inside them only those entries:
+# anything else (a user's notes, a dataset copied in by hand) is kept and reported.
+
+MARKER = ".nlm-folder.json"
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of `folder`, or None when nlm did not create it (or the marker is unreadable)."""
+    path = Path(folder) / MARKER
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("owns"), list) else None
+
+
+def mark_folder(folder: Path, created_by: str, owns: Sequence[str]) -> Path:
+    """Create `folder` (parents too) and mark it as nlm's; an existing marker is kept as it is, and a
+    non-empty folder without one is never claimed (nlm did not create it)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if read_marker(folder) is None and not any(entry.name != MARKER for entry in folder.iterdir()):
+        marker = {"created_by": created_by, "owns": list(owns), "nlm_version": _version(),
+                  "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        partial = folder / (MARKER + ".partial")
+        partial.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        os.replace(partial, folder / MARKER)
+    return folder
+
+
+def describe_contents(folder: Path, shown: int = 3) -> str:
+    """A few entry names of `folder` for a one-line message: 'thesis.txt, notes/ and 2 more'."""
+    names = sorted(entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else "") for entry in Path(folder).iterdir())
+    text = ", ".join(names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def refuse_protected(folder: Path) -> None:
+    """Whatever its marker, never empty `/`, the home folder, or a folder that holds the current directory."""
+    resolved = Path(folder).resolve()
+    if resolved == Path(resolved.anchor):
+        raise UnsafePathError(f"refusing to delete anything in {folder}: it is the filesystem root")
+    if resolved == Path.home().resolve():
+        raise UnsafePathError(f"refusing to delete anything in {folder}: it is your home folder")
+    cwd = Path.cwd().resolve()
+    if _is_within(cwd, resolved):
+        raise UnsafePathError(f"refusing to delete anything in {folder}: it contains the current directory {cwd}")
+
+
+def require_owned(folder: Path) -> dict[str, Any]:
+    """The marker of a non-empty `folder`; a FolderNotOwnedError (exit 2) naming what it holds if there is none."""
+    marker = read_marker(folder)
+    if marker is None:
+        raise FolderNotOwnedError(
+            f"{folder} is not empty and was not created by nlm (it holds {describe_contents(folder)}); nlm never "
+            "replaces such a folder, even with --overwrite: choose another folder or move its files away"
+        )
+    return marker
+
+
+def clear_owned(folder: Path) -> list[str]:
+    """Remove what nlm wrote in the marked `folder` (recursing into marked sub-folders); keep everything else.
+
+    Returns the kept entries (paths relative to `folder`); the folder itself and its marker stay.
+    """
+    folder = Path(folder)
+    refuse_protected(folder)
+    owns = require_owned(folder)["owns"]
+    kept: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name == MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink() and read_marker(entry) is not None:
+            inside = clear_owned(entry)
+            if inside:
+                kept += [f"{entry.name}/{name}" for name in inside]
+            else:
+                (entry / MARKER).unlink()
+                entry.rmdir()
+        elif any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in owns):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()  # a file, or a link (removed, never followed)
+        else:
+            kept.append(entry.name)
+    return kept
+
+
+def claim_folder(folder: Path | str, *, created_by: str, owns: Sequence[str], overwrite: bool,
+                 exists_message: str) -> Path:
+    """The one way a command takes a whole output folder: checked, emptied of nlm's earlier output on
+    `overwrite`, created and marked. An existing non-empty folder raises RunExistsError(`exists_message`)
+    without `overwrite`, and FolderNotOwnedError when nlm did not create it."""
+    root = safe_output_dir(folder)
+    if root.exists() and not root.is_dir():
+        raise UnsafePathError(f"{folder} is a file, not a folder")
+    if root.is_dir() and any(root.iterdir()):
+        require_owned(root)
+        if not overwrite:
+            raise RunExistsError(exists_message)
+        kept = clear_owned(root)
+        if kept:
+            logger.warning("--overwrite kept %s in %s: nlm did not write them", ", ".join(kept), root)
+        else:
+            logger.info("--overwrite: removed the earlier output in %s", root)
+    return mark_folder(root, created_by, owns)
+
+
+def _version() -> str:
+    from nlm import __version__
+
+    return __version__

@@ -224,7 +224,7 @@ class TrainingConfig(BaseSettings):
     # Output
     output_dir: Path = Field(Path("outputs"), description="Runs are written under output_dir/run_name.")
     run_name: str = Field("distill", min_length=1, max_length=128, description="Name of this run's folder.")
-    overwrite: bool = Field(False, description="Replace an existing run folder.")
+    overwrite: bool = Field(False, description="Replace an earlier run in the run folder: only what nlm wrote there is removed.")
     resume: bool = Field(False, description="Continue from the latest checkpoint of an existing run.")
     merge_lora: bool = Field(False, description="Also write the LoRA adapter merged into the student.")
 
@@ -335,6 +335,31 @@ class TrainingConfig(BaseSettings):
             repeated = sorted({label for label in labels if labels.count(label) > 1})
             if repeated:
                 raise ValueError(f"train_mixture: source name {repeated[0]!r} is used twice; give each source a distinct name")
+        return self
+
+    # --- issue 9 (trust): output paths are checked when the configuration is parsed, so a system directory
+    # or a symlink out of output_dir fails (exit 2) before any model is loaded.
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_is_safe(cls, value: Path) -> Path:
+        from nlm.config.paths import safe_output_dir
+        from nlm.errors import UnsafePathError
+
+        try:
+            safe_output_dir(value)
+        except UnsafePathError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _run_dir_stays_inside(self) -> TrainingConfig:
+        from nlm.config.paths import path_inside
+        from nlm.errors import UnsafePathError
+
+        try:
+            path_inside(self.output_dir, self.run_name)
+        except UnsafePathError as exc:
+            raise ValueError(f"run_name {self.run_name!r}: {exc}") from None
         return self
 
     @property

@@ -7,18 +7,16 @@ The teacher is itself trained with `train()` (α=0, no teacher), from a randomly
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nlm.config.paths import path_inside, safe_output_dir
+from nlm.config.paths import claim_folder, mark_folder, path_inside
 from nlm.config.settings import TrainingConfig
 from nlm.data.tokenize import TokenizeSettings
 from nlm.demo.report import write_report
 from nlm.demo.task import build_demo_data, corpus, write_jsonl
-from nlm.errors import RunExistsError
 from nlm.models.loading import count_parameters
 from nlm.models.scratch import build_causal_lm, build_tokenizer
 from nlm.training.evaluate import evaluate_model
@@ -63,15 +61,16 @@ class _Phases:
         self.phase_start = time.perf_counter()
 
 
+# What `nlm demo` writes directly inside its folder; `runs/` is marked on its own (it holds `nlm train` runs).
+DEMO_ENTRIES = ("data", "tokenizer", "models", "report.json", "report.md", "curves.png", "*.partial")
+
+
 def prepare_output(output_dir: Path, overwrite: bool) -> Path:
-    """The demo folder, empty; an earlier demo is only replaced with `overwrite`."""
-    root = safe_output_dir(output_dir)
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise RunExistsError(f"{root} already holds a demo; pass --overwrite to replace it or --output_dir to write elsewhere")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    """The demo folder, marked as nlm's; an earlier demo is only replaced with `overwrite`, and then only
+    what nlm wrote in it is removed."""
+    return claim_folder(output_dir, created_by="nlm demo", owns=DEMO_ENTRIES, overwrite=overwrite,
+                        exists_message=f"{output_dir} already holds a demo; pass --overwrite to replace it or "
+                                       "--output_dir to write elsewhere")
 
 
 def write_demo_data(root: Path, seed: int) -> dict[str, Path]:
@@ -146,6 +145,7 @@ def run_demo(output_dir: Path, seed: int = 0, quick: bool = False, overwrite: bo
         print(f"demo data written to {root / 'data'} and tokenizer to {root / 'tokenizer'}")
         return {"data": {k: str(v) for k, v in files.items()}, "tokenizer": str(root / "tokenizer")}
 
+    mark_folder(root / "runs", "nlm demo", owns=(".cache",))  # each run inside is marked by `nlm train`
     teacher_init = initial_model(root, "teacher", budget.teacher_layers, budget.teacher_hidden, seed)
     student_init = initial_model(root, "student", budget.student_layers, budget.student_hidden, seed)
     phases.next()

@@ -21,14 +21,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nlm.distill.loss import SparseTargets
+from nlm.errors import ConfigError
 
 FORMAT = "nlm-teacher-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class CacheMismatchError(ValueError):
-    """The cache was built for other data, teacher, tokenizer or settings."""
+class CacheMismatchError(ConfigError, ValueError):
+    """The cache was built for other data, teacher, tokenizer or settings (exit 2, one line)."""
 
 
 def manifest_path(directory: Path) -> Path:
@@ -115,15 +116,27 @@ class TeacherCache:
             self._offsets[number] = handle.get_tensor("offsets").tolist()
         return self._handles[number]
 
+    def _locate(self, index: int) -> tuple[int, int]:
+        number = bisect.bisect_right(self._starts, index) - 1
+        if number < 0 or index >= self._starts[number] + self.manifest["shards"][number]["examples"]:
+            raise IndexError(f"teacher cache {self.directory} has no example {index}")
+        self._shard(number)
+        return number, index - self._starts[number]
+
+    def example_counts(self, example_indices: list[int]) -> list[int]:
+        """Target tokens the cache holds for each example (from the shards' offsets)."""
+        counts = []
+        for index in example_indices:
+            number, local = self._locate(index)
+            counts.append(self._offsets[number][local + 1] - self._offsets[number][local])
+        return counts
+
     def targets(self, example_indices: list[int], device: torch.device | str = "cpu") -> SparseTargets:
         """Targets of the examples' target tokens, concatenated in the order given (the loss's row order)."""
         ids, logp, tail = [], [], []
         for index in example_indices:
-            number = bisect.bisect_right(self._starts, index) - 1
-            if number < 0 or index >= self._starts[number] + self.manifest["shards"][number]["examples"]:
-                raise IndexError(f"teacher cache {self.directory} has no example {index}")
+            number, local = self._locate(index)
             handle = self._shard(number)
-            local = index - self._starts[number]
             start, end = self._offsets[number][local], self._offsets[number][local + 1]
             ids.append(handle.get_slice("ids")[start:end])
             logp.append(handle.get_slice("logp")[start:end])

@@ -8,16 +8,17 @@ the cache's temperature, and its fingerprint records every teacher with its weig
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import nlm
-from nlm.config.paths import safe_output_dir
+from nlm.config.paths import claim_folder, mark_folder, require_owned, safe_output_dir
 from nlm.config.settings import TrainingConfig
 from nlm.data.files import files_fingerprint, resolve_train_files
 from nlm.data.prepare import tokenize_settings
@@ -35,7 +36,7 @@ from nlm.distill.cache import (
     write_manifest,
 )
 from nlm.distill.fused import chunk_rows
-from nlm.distill.targets import tail_logp, target_logp
+from nlm.distill.targets import target_logp
 from nlm.distill.teacher import Teacher
 from nlm.distill.teacher_loading import load_teacher, teacher_specs
 from nlm.errors import ConfigError, RunExistsError
@@ -45,9 +46,15 @@ from nlm.models.loading import load_tokenizer, model_revision
 
 logger = logging.getLogger(__name__)
 
+# What `nlm teacher-cache` writes in its folder; `--overwrite` removes only these.
+CACHE_ENTRIES = ("manifest.json", "manifest.json.partial", "shard-*.safetensors", "shard-*.partial", "tokenized")
+
 
 def cache_fingerprint(config: TrainingConfig, tokenizer: Any, top_k: int) -> dict[str, Any]:
-    """Everything the cached numbers depend on that a training run can check without the teacher."""
+    """Everything the cached numbers depend on: the data files in their order (the example indices follow
+    it), every tokenisation setting (max_line_bytes included: it decides which lines are skipped), the
+    tokenizer and its chat template, the temperature, top-k, and — when the run names the teacher — its
+    weights (a hub id and revision, or the SHA-256 of the local weight files)."""
     settings = tokenize_settings(config)
     fingerprint = {
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -56,23 +63,41 @@ def cache_fingerprint(config: TrainingConfig, tokenizer: Any, top_k: int) -> dic
         "max_seq_length": settings.max_seq_length,
         "completion_only_loss": settings.completion_only_loss,
         "prompt_separator": settings.prompt_separator,
-        "data_files": sorted(files_fingerprint(resolve_train_files(config.train_file)).values()),
+        "tokenize_settings": json.loads(json.dumps(asdict(settings))),  # as the manifest stores it (tuples as lists)
+        "data_files": list(files_fingerprint(resolve_train_files(config.train_file)).values()),  # in order
         "top_k": top_k,
         "nlm_version": nlm.__version__,
     }
     if config.teacher_model:
         fingerprint["teacher_model"] = config.teacher_model
+        fingerprint["teacher_weights"] = weights_fingerprint(config.teacher_model, config.teacher_revision)
     if config.teachers:
         fingerprint["teachers"] = [{"model": t.model, "weight": t.weight, "revision": t.revision} for t in config.teachers]
         fingerprint["teacher_mixture"] = config.distillation.teacher_mixture
     return fingerprint
 
 
+def rounded_targets(top_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k log-probabilities [n, k] as stored (float16) and the tail bucket (float32), so that the k+1
+    stored probabilities sum to one *after* the fp16 rounding.
+
+    Each value is rounded down (never up), so the stored top-k mass never exceeds the teacher's; the tail
+    is then exactly what the stored values leave (computed in float64), instead of the teacher's own tail,
+    which rounding would no longer complement (peaked rows could even round past one).
+    """
+    stored = top_logp.to(torch.float16)
+    rounded_up = stored.float() > top_logp
+    stored = torch.where(rounded_up, torch.nextafter(stored, torch.full_like(stored, float("-inf"))), stored)
+    left = 1 - stored.double().exp().sum(-1)
+    tail = torch.log(left.clamp(min=1e-30)).float()
+    return stored, tail
+
+
 @torch.no_grad()
 def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k: int, dtype: torch.dtype,
                 device: torch.device) -> ShardRows:
     ids, logp, tail, offsets = [], [], [], [0]
-    rows_per_chunk = chunk_rows(teacher.vocab_width)
+    rows_per_chunk = chunk_rows(teacher.vocab_width, device)
     for batch in batches:
         mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [b, s-1]: the positions the loss trains on
         signal = teacher.signal(batch, mask, device)
@@ -80,8 +105,9 @@ def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k
             rows = signal.rows(start, min(start + rows_per_chunk, signal.count))
             top = target_logp(rows, temperature).topk(top_k, dim=-1)
             ids.append(top.indices.to("cpu", dtype))
-            logp.append(top.values.to("cpu", torch.float16))
-            tail.append(tail_logp(top.values).cpu())
+            stored, rest = rounded_targets(top.values)
+            logp.append(stored.cpu())
+            tail.append(rest.cpu())
         for row in range(mask.shape[0]):
             offsets.append(offsets[-1] + int(mask[row].sum()))
     return ShardRows(torch.cat(ids), torch.cat(logp), torch.cat(tail), torch.tensor(offsets, dtype=torch.int64))
@@ -102,6 +128,7 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         raise ConfigError("teacher-cache needs the teacher: pass --teacher MODEL (or --teacher_model, or teachers in the config)")
     if config.distillation.teacher_mixture == "route" and config.teachers:
         raise ConfigError("teacher-cache stores one target per token: use teacher_mixture=average, or cache each teacher apart")
+    train_files = resolve_train_files(config.train_file)  # a missing data file fails before the teacher loads
     output = safe_output_dir(output)
     hub = {"revision": specs[0].revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
     tokenizer = load_tokenizer(specs[0].model, **hub)
@@ -110,8 +137,8 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         raise ConfigError(f"top_k = {top_k}: expected 1 <= top_k < vocabulary size {width}")
     fingerprint = cache_fingerprint(config, tokenizer, top_k)
     existing = read_manifest(output)
-    if existing is not None and overwrite:
-        shutil.rmtree(output)
+    if overwrite and output.is_dir() and any(output.iterdir()):
+        claim_folder(output, created_by="nlm teacher-cache", owns=CACHE_ENTRIES, overwrite=True, exists_message="")
         existing = None
     if existing is not None:
         try:
@@ -121,15 +148,25 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         if existing.get("complete"):
             logger.info("teacher cache %s is already complete (%d tokens)", output, existing["tokens"])
             return existing
-    elif output.exists() and any(output.iterdir()):
-        raise RunExistsError(f"{output} is not empty and holds no teacher cache; choose another --output")
-    output.mkdir(parents=True, exist_ok=True)
+    elif output.is_dir() and any(output.iterdir()):
+        require_owned(output)  # a marked folder without a manifest: an earlier build stopped before its first shard
+    mark_folder(output, "nlm teacher-cache", CACHE_ENTRIES)
 
     device = select_device(config.device_preference, config.device)
     precision = resolve_precision(config.precision, device)
-    teacher = load_teacher(config, tokenizer, None, device, precision)
+    teacher = load_teacher(config, tokenizer, None, device, precision)  # on teacher_device when set
     assert teacher is not None
-    data = tokenize_records(resolve_train_files(config.train_file), tokenizer, tokenize_settings(config), cache_root=None)
+    teacher_weights = _weights_fingerprint(config, teacher)
+    if existing is not None and existing.get("teacher_weights") != teacher_weights:
+        raise RunExistsError(
+            f"teacher cache {output} was started from other teacher weights ({existing.get('teacher_weights')}, now "
+            f"{teacher_weights}); its shards cannot be mixed with this teacher's: pass --overwrite to rebuild it"
+        )
+    # Tokenised data stay on disk (memory-mapped Arrow) in the cache folder, as in training: memory does not
+    # grow with the corpus.
+    tokenized_root = output / "tokenized"
+    data = tokenize_records(train_files, tokenizer, tokenize_settings(config),
+                            cache_root=tokenized_root)
     dataset = data.dataset
     sample = torch.tensor([dataset[0]["input_ids"]], device=device)
     for spec, model in zip(specs, teacher.models(), strict=True):
@@ -138,7 +175,7 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
 
     manifest = existing or {
         "format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
-        "teacher_weights": _weights_fingerprint(config, teacher), "teachers": teacher.describe().get("teachers"),
+        "teacher_weights": teacher_weights, "teachers": teacher.describe().get("teachers"),
         "top_k": top_k, "temperature": config.distillation.temperature, "vocab_size": width,
         "id_dtype": str(id_dtype(width)).removeprefix("torch."), "bytes_per_token": bytes_per_token(top_k, width),
         "examples": len(dataset), "tokens": 0, "shards": [], "complete": False,

@@ -11,7 +11,9 @@ one chunk of logits instead of [n, V] for each model, and there is no recomputat
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -22,14 +24,36 @@ from nlm.distill.objective import Objective
 from nlm.distill.targets import SparseTargets, TeacherTargets
 
 # Elements of one [chunk, V] logits tensor: 2**22 floats = 16 MiB; the chunk's handful of temporaries stay
-# well under 100 MiB whatever the vocabulary.
+# well under 100 MiB whatever the vocabulary. On a GPU a chunk may be larger (fewer, larger matmuls use the
+# card better), bounded by free memory: MAX_CHUNK_ELEMENTS = 2**26 floats = 256 MiB per fp32 copy.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+MAX_CHUNK_ELEMENTS = 1 << 26
+# fp32 copies of [chunk, V] alive at once in one chunk (student logits, log-softmax, probabilities, the
+# teacher's, gradient), and the share of free memory one chunk may take.
+_CHUNK_COPIES, _FREE_SHARE = 6, 8
 
 TeacherRows = Callable[[int, int], "TeacherTargets | None"]
+Autocast = Callable[[], AbstractContextManager]
 
 
-def chunk_rows(vocab: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
-    return max(8, chunk_elements // max(vocab, 1))
+def chunk_elements(device: torch.device | str | None = None, free_bytes: int | None = None) -> int:
+    """Logits per chunk for `device`: the CPU default elsewhere; on CUDA, 1/8 of free memory split over a
+    chunk's fp32 copies, between the default and MAX_CHUNK_ELEMENTS."""
+    if free_bytes is None:
+        if device is None or torch.device(device).type != "cuda":
+            return DEFAULT_CHUNK_ELEMENTS
+        free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
+    budget = free_bytes // _FREE_SHARE // (_CHUNK_COPIES * 4)
+    return int(min(max(budget, DEFAULT_CHUNK_ELEMENTS), MAX_CHUNK_ELEMENTS))
+
+
+def chunk_rows(vocab: int, device: torch.device | str | None = None) -> int:
+    """Target rows per chunk for a vocabulary of `vocab` on `device`."""
+    return max(8, chunk_elements(device) // max(vocab, 1))
+
+
+def _no_autocast() -> AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -55,11 +79,14 @@ class _FusedLoss(torch.autograd.Function):
             end = min(start + rows, n)
             if linear is not None:
                 sums = _linear_chunk(hidden[start:end], linear, params, head_count, grad_hidden, grad_params,
-                                     start, end, teacher_rows, targets, objective, width, weights, needs_grad)
+                                     start, end, teacher_rows, targets, objective, width, weights, needs_grad,
+                                     spec["autocast"])
             else:
                 chunk = hidden[start:end].detach().requires_grad_(needs_grad)
                 with torch.enable_grad() if needs_grad else torch.no_grad():
-                    logits = head(chunk)[..., :width].float()  # [c, V]
+                    with spec["autocast"]():  # the head product in the run's precision; sums below in fp32
+                        logits = head(chunk)[..., :width]
+                    logits = logits.float()  # [c, V]
                     sums = objective.row_sums(logits, teacher_rows(start, end), targets[start:end])
                     if needs_grad:
                         grads = torch.autograd.grad(_weighted(weights, sums), [chunk, *params], allow_unused=True)
@@ -95,12 +122,20 @@ def _weighted(weights: list[float], sums: list[torch.Tensor]) -> torch.Tensor:
 def _linear_chunk(hidden: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None], params: tuple[torch.Tensor, ...],
                   head_count: int, grad_hidden: torch.Tensor | None, grad_params: list[torch.Tensor], start: int, end: int,
                   teacher_rows: TeacherRows, targets: torch.Tensor, objective: Objective, width: int,
-                  weights: list[float], needs_grad: bool) -> list[torch.Tensor]:
+                  weights: list[float], needs_grad: bool, autocast: Autocast = _no_autocast) -> list[torch.Tensor]:
     """A plain linear head: gradients by hand (addmm into the accumulators), so no chunk allocates a
-    head-sized gradient — with autograd each chunk would, which dominates time at large vocabularies."""
+    head-sized gradient — with autograd each chunk would, which dominates time at large vocabularies.
+
+    Only the real vocabulary rows `weight[:width]` are multiplied (a padded head's extra rows never are).
+    Under mixed precision the logits and the hidden-state gradient are computed under the run's autocast,
+    as the simple path's `F.linear` runs inside the model's forward; the loss and its gradient with respect
+    to the logits are fp32.
+    """
     weight, bias = linear
     extra = params[head_count:]
-    raw = torch.nn.functional.linear(hidden, weight, bias)[..., :width]
+    rows_weight = weight[:width]
+    with autocast():
+        raw = torch.nn.functional.linear(hidden, rows_weight, bias[:width] if bias is not None else None)
     logits = raw.float().requires_grad_(needs_grad)  # [c, V]
     with torch.enable_grad() if needs_grad else torch.no_grad():
         sums = objective.row_sums(logits, teacher_rows(start, end), targets[start:end])
@@ -109,9 +144,12 @@ def _linear_chunk(hidden: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor
     if needs_grad:
         assert grad_hidden is not None
         grad_logits = grad_logits.to(weight.dtype)
-        grad_hidden[start:end] = (grad_logits @ weight[:width]).to(grad_hidden.dtype)
+        with autocast():
+            grad_hidden[start:end] = (grad_logits @ rows_weight).to(grad_hidden.dtype)
         for param, accumulated in zip(params[:head_count], grad_params[:head_count], strict=True):
             if param is weight:
+                # In place and in fp32 (the master weights' dtype) even under autocast: a low-precision product
+                # would need a head-sized temporary per chunk; fp32 accumulation is also the more exact one.
                 accumulated[:width].addmm_(grad_logits.T, hidden.to(weight.dtype))
             elif param is bias:
                 accumulated[:width] += grad_logits.sum(0)
@@ -134,6 +172,7 @@ def fused_distillation_loss(
     head_parameters: list[torch.Tensor] | None = None,
     chunk_size: int | None = None,
     linear_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    autocast: Autocast | None = None,
 ) -> LossParts:
     """Same value and gradients as the simple engine on the full logits, computed chunk by chunk.
 
@@ -145,8 +184,10 @@ def fused_distillation_loss(
     `head_parameters` defaults to the head module's trainable parameters; their gradients (and those of
     the objective's own parameters) are returned through autograd like any other. `linear_head=(weight,
     bias)` says the head is exactly `F.linear(x, weight, bias)`: its gradients are then accumulated in
-    place, without per-chunk copies. A plain `nn.Linear` head is recognised by itself. `total` is
-    differentiable; the parts are for logging.
+    place, without per-chunk copies. A plain `nn.Linear` head is recognised by itself. `autocast` is the
+    run's mixed-precision context (e.g. `accelerator.autocast`): each chunk's head products run under it,
+    as the simple path's do inside the model's forward, while sums and log-softmax stay fp32. The default
+    chunk size depends on the device (`chunk_rows`). `total` is differentiable; the parts are for logging.
     """
     if objective is None:
         objective = objective_from_settings(settings or LossSettings())
@@ -168,9 +209,9 @@ def fused_distillation_loss(
     denominator_value = float(denominator)
     spec = {
         "head": student_head, "teacher_rows": teacher_rows, "targets": targets, "objective": objective,
-        "width": vocab_width, "rows": chunk_size or chunk_rows(vocab_width),
+        "width": vocab_width, "rows": chunk_size or chunk_rows(vocab_width, student_hidden.device),
         "weights": [t.weight / denominator_value for t in objective.row_terms], "head_count": len(head_parameters),
-        "linear": linear_head,
+        "linear": linear_head, "autocast": autocast or _no_autocast,
         "needs_grad": torch.is_grad_enabled() and (student_hidden.requires_grad or any(p.requires_grad for p in params)),
     }
     if n == 0:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +13,9 @@ import torch.nn.functional as F
 
 from nlm.distill.divergences import forward_kl
 from nlm.distill.targets import MixtureLogits, target_logp
+
+# Columns of the per-example sums: target tokens, CE, correct top-1, teacher KL, teacher agreement.
+FIGURES = ("tokens", "ce", "correct", "kl", "agree")
 
 
 @dataclass
@@ -26,15 +32,17 @@ class EvalSums:
     def add_rows(self, student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | MixtureLogits | None = None) -> None:
         """Add target rows: student logits [n, v], their labels [n], and the teacher's logits [n, v] (or a
         mixture of teachers) if any."""
-        student = student.float()
-        self.tokens += targets.numel()
-        self.ce += F.cross_entropy(student, targets, reduction="sum").item()
-        self.correct += (student.argmax(-1) == targets).sum().item()
-        if teacher is not None:
-            self.with_teacher = True
-            teacher_logp = target_logp(teacher, 1.0)
-            self.kl += forward_kl(teacher_logp, F.log_softmax(student, -1)).sum().item()
-            self.agree += (student.argmax(-1) == teacher_logp.argmax(-1)).sum().item()
+        self.add(row_figures(student, targets, teacher).sum(0), with_teacher=teacher is not None)
+
+    def add(self, sums: torch.Tensor, with_teacher: bool) -> None:
+        """Add a [5] (or [b, 5]) tensor of sums in FIGURES order."""
+        totals = sums.reshape(-1, len(FIGURES)).sum(0).tolist()
+        self.tokens += round(totals[0])
+        self.ce += totals[1]
+        self.correct += round(totals[2])
+        self.kl += totals[3]
+        self.agree += round(totals[4])
+        self.with_teacher = self.with_teacher or with_teacher
 
     def metrics(self) -> dict[str, float]:
         n = max(self.tokens, 1)
@@ -46,34 +54,65 @@ class EvalSums:
         return out
 
 
+def row_figures(student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | MixtureLogits | None = None
+                ) -> torch.Tensor:
+    """Per target row [n, 5] in FIGURES order (float64), from student logits [n, v], labels [n], teacher [n, v]
+    (or a mixture of teachers)."""
+    student = student.float()
+    figures = torch.zeros(targets.numel(), len(FIGURES), dtype=torch.float64, device=student.device)
+    figures[:, 0] = 1
+    figures[:, 1] = F.cross_entropy(student, targets, reduction="none")
+    predicted = student.argmax(-1)
+    figures[:, 2] = predicted == targets
+    if teacher is not None:
+        teacher_logp = target_logp(teacher, 1.0)
+        figures[:, 3] = forward_kl(teacher_logp, F.log_softmax(student, -1))
+        figures[:, 4] = predicted == teacher_logp.argmax(-1)
+    return figures
+
+
 def score_batch(sums: EvalSums, model: Any, inputs: dict[str, torch.Tensor], vocab_width: int, *,
                 teacher: Any | None = None, chunked: bool = True, chunk_tokens: int | None = None,
-                model_for_head: Any | None = None) -> Any:
+                model_for_head: Any | None = None,
+                gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                autocast: Callable[[], AbstractContextManager] | None = None) -> Any:
     """Add one batch's target tokens to `sums`; returns the model's outputs.
 
     `teacher` is a Teacher whose rows are whole distributions (live or ensemble), or None. `chunked` builds logits only for target rows, a chunk at a time
     (as the fused loss does), so evaluation never holds [batch, seq, vocab] logits; models that post-process
     their logits must pass chunked=False. `model_for_head` is the unwrapped model when `model` is a
-    distributed wrapper.
+    distributed wrapper. `gather` collects the per-example sums [b, 5] of every process (the Trainer passes
+    `accelerator.gather_for_metrics`, which also drops the examples repeated to even out the last batch), so
+    the figures cover all processes' data. `autocast` is the run's mixed-precision context for the chunked
+    head products (the simple path gets it inside the model's forward).
     """
     from nlm.distill.fused import chunk_rows
-    from nlm.models.heads import capture_hidden
+    from nlm.models.heads import capture_hidden, sliced_head
 
     shifted_labels = inputs["labels"][:, 1:]
     mask = shifted_labels != -100
     targets = shifted_labels[mask]
+    example = mask.nonzero()[:, 0]  # [n]: the example each target row belongs to
+    per_example = torch.zeros(mask.shape[0], len(FIGURES), dtype=torch.float64, device=targets.device)
     if not chunked:
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
         student = outputs.logits[:, :-1, :vocab_width][mask]  # [n, V]
-        sums.add_rows(student, targets, teacher.signal(inputs, mask, student.device, full_logits=True).all_rows() if teacher is not None else None)
-        return outputs
-    with capture_hidden(model_for_head if model_for_head is not None else model) as (store, head):
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-    rows = store["hidden"][:, :-1][mask]  # [n, H]
-    teacher_rows = teacher.signal(inputs, mask, rows.device).rows if teacher is not None else None
-    step = chunk_tokens or chunk_rows(vocab_width)
-    for start in range(0, rows.shape[0], step):
-        end = min(start + step, rows.shape[0])
-        sums.add_rows(head(rows[start:end])[..., :vocab_width], targets[start:end],
-                      teacher_rows(start, end) if teacher_rows is not None else None)
+        per_example.index_add_(0, example, row_figures(
+            student, targets,
+            teacher.signal(inputs, mask, student.device, full_logits=True).all_rows() if teacher is not None else None))
+    else:
+        unwrapped = model_for_head if model_for_head is not None else model
+        with capture_hidden(unwrapped) as (store, _):
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        rows = store["hidden"][:, :-1][mask]  # [n, H]
+        head = sliced_head(unwrapped, vocab_width)
+        teacher_rows = teacher.signal(inputs, mask, rows.device).rows if teacher is not None else None
+        step = chunk_tokens or chunk_rows(vocab_width, rows.device)
+        for start in range(0, rows.shape[0], step):
+            end = min(start + step, rows.shape[0])
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                logits = head(rows[start:end])  # [c, V]
+            per_example.index_add_(0, example[start:end], row_figures(
+                logits, targets[start:end], teacher_rows(start, end) if teacher_rows is not None else None))
+    sums.add(gather(per_example) if gather is not None else per_example, with_teacher=teacher is not None)
     return outputs

@@ -20,10 +20,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from nlm.distill.cache import TeacherCache
+from nlm.distill.cache import CacheMismatchError, TeacherCache
 from nlm.distill.fused import TeacherRows
 from nlm.distill.targets import MixtureLogits, SparseTargets, TeacherTargets
-from nlm.models.heads import capture_hidden
+from nlm.models.heads import capture_hidden, sliced_head
 from nlm.models.loading import freeze
 
 
@@ -108,9 +108,10 @@ class LiveTeacher:
             out = self.model(**kwargs)
             final, head = out.logits[:, :-1, : self.vocab_width][rows_mask], _identity
         else:
-            with capture_hidden(self.model) as (store, head):
+            with capture_hidden(self.model) as (store, _):
                 out = self.model(**kwargs)
             final = store["hidden"][:, :-1][rows_mask]  # [n, H]
+            head = sliced_head(self.model, self.vocab_width)  # weight[:V] only: a padded head's extra rows are never multiplied
         # hidden_states[0] is the embeddings; layer L's output is hidden_states[L + 1].
         chosen = {layer: out.hidden_states[layer + 1][:, :-1][rows_mask] for layer in layers}
         return final, head, chosen
@@ -158,12 +159,20 @@ class CachedTeacher:
                layers: Sequence[int] = (), full_logits: bool = False) -> TeacherSignal:
         if layers:
             raise ValueError("this teacher cache holds no hidden states")
-        targets = self.cache.targets(inputs["index"].tolist(), device)
-        expected = int(mask.sum())
-        if targets.ids.shape[0] != expected:
-            raise ValueError(f"teacher cache rows ({targets.ids.shape[0]}) do not match the batch's target tokens "
-                             f"({expected}); the cache was built from other data")
-        return TeacherSignal(targets.rows, expected)
+        targets = self.dense_rows(inputs, mask, device)
+        return TeacherSignal(targets.rows, int(targets.ids.shape[0]))
+
+    def dense_rows(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device) -> SparseTargets:
+        """The cached targets of the batch's rows, checked example by example against the batch's mask."""
+        indices = inputs["index"].tolist()
+        # Example by example, every batch: equal totals could still hide rows shifted between examples.
+        expected, found = mask.sum(1).tolist(), self.cache.example_counts(indices)
+        for index, want, have in zip(indices, expected, found, strict=True):
+            if want != have:
+                raise CacheMismatchError(
+                    f"teacher cache {self.cache.directory}: example {index} has {have} cached target tokens but "
+                    f"{want} in this run's data; the cache was built from other data or settings: rebuild it")
+        return self.cache.targets(indices, device)
 
     def models(self) -> list[Any]:
         return []

@@ -1,7 +1,8 @@
 """The HTTP app: SageMaker's /ping and /invocations, OpenAI-compatible /v1 routes, Prometheus /metrics.
 
-The model loads in a background thread when the app starts, so /ping answers 503 until it is loaded and
-warmed up. Every error is JSON `{"error": {"type", "message", "field"}}`; nothing a client sends yields a 500.
+The models load in a background thread when the app starts, so /ping answers 503 until they are loaded and
+warmed up (and again if a generation worker dies). Requests pick a model by name (`model`); the first is the
+default. Every error is JSON `{"error": {"type", "message", "field"}}`; nothing a client sends yields a 500.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,10 +25,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nlm.inference.engine import GenerationEngine, GenerationJob, GenerationOutput
-from nlm.inference.jobs import ClientError, clean_prompt, encode_prompt, invocation_job, openai_job
+from nlm.inference.engine import GenerationEngine, GenerationJob, GenerationOutput, WorkerStopped
+from nlm.inference.jobs import (
+    ClientError,
+    chat_prompt_ids,
+    clean_prompt,
+    encode_prompt,
+    invocation_job,
+    openai_job,
+)
 from nlm.inference.metrics import ServerMetrics
 from nlm.inference.middleware import GuardMiddleware
+from nlm.inference.registry import ServedModel, load_served_models
 from nlm.inference.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -38,29 +48,39 @@ from nlm.inference.settings import ServerSettings
 
 logger = logging.getLogger("nlm.serve")
 
-Loader = Callable[[ServerSettings], tuple[Any, Any]]  # -> (model, tokenizer)
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 429, 503, 504)}
+Loader = Callable[[ServerSettings], list[ServedModel]]  # loads every served model, in order
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 429, 499, 503, 504)}
 
 
 @dataclass
 class ServerState:
-    engine: GenerationEngine | None = None
-    tokenizer: Any = None
-    separator: str = ""
+    models: dict[str, ServedModel] = field(default_factory=dict)  # by served name; the first is the default
+    engines: dict[str, GenerationEngine] = field(default_factory=dict)  # by served name (shared-base students share one)
     ready: bool = False
     failure: str | None = None
     in_flight: int = 0
 
+    def dead_engines(self) -> bool:
+        return any(not engine.alive for engine in self.engines.values())
 
-def default_loader(settings: ServerSettings) -> tuple[Any, Any]:
-    from nlm.models.device import select_device
-    from nlm.models.loading import load_tokenizer, load_trained_model
 
-    device = select_device(forced=settings.device) if settings.device else select_device()
-    tokenizer = load_tokenizer(str(settings.model), trust_remote_code=settings.trust_remote_code)
-    model = load_trained_model(settings.model, device=device, trust_remote_code=settings.trust_remote_code,
-                               allow_pickle=settings.allow_pickle)
-    return model, tokenizer
+class _SlotStreamingResponse(StreamingResponse):
+    """An event stream that gives its admission slot back however it ends, even if the client left before the
+    first event (then the body generator never runs, and its own `finally` with it)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+def default_loader(settings: ServerSettings) -> list[ServedModel]:
+    return load_served_models(settings)
 
 
 def _error(status: int, kind: str, message: str, field: str | None = None) -> JSONResponse:
@@ -71,20 +91,25 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
                on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
     metrics = ServerMetrics()
     state = ServerState()
+    # Templating and tokenising run here, off the event loop (one thread: fast tokenizers are not re-entrant).
+    text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlm-tokenize")
 
     def load() -> None:
         try:
-            from nlm.models.model_info import prompt_separator
-
-            model, tokenizer = loader(settings)
-            engine = GenerationEngine(model, tokenizer, max_batch_size=settings.max_batch_size,
-                                      batch_window_ms=settings.batch_window_ms, observe_batch=metrics.batch_size.observe)
-            engine.warm_up()
-            engine.start()
-            state.tokenizer, state.engine = tokenizer, engine
-            state.separator = settings.prompt_separator if settings.prompt_separator is not None else prompt_separator(settings.model)
+            served = loader(settings)
+            engines: dict[int, GenerationEngine] = {}
+            for entry in served:
+                if id(entry.model) not in engines:
+                    engine = GenerationEngine(entry.model, entry.tokenizer, max_batch_size=settings.max_batch_size,
+                                              batch_window_ms=settings.batch_window_ms, observe_batch=metrics.batch_size.observe,
+                                              multi_adapter=entry.adapter is not None)
+                    engine.warm_up()
+                    engine.start()
+                    engines[id(entry.model)] = engine
+                state.models[entry.name] = entry
+                state.engines[entry.name] = engines[id(entry.model)]
             state.ready = True
-            logger.info("model %s loaded and warmed up; serving", settings.model)
+            logger.info("serving %s (loaded and warmed up)", ", ".join(state.models))
         except Exception as exc:  # noqa: BLE001 - reported through /ping and the exit code
             state.failure = f"{type(exc).__name__}: {exc}"
             logger.error("model could not be loaded: %s", state.failure)
@@ -95,8 +120,9 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         threading.Thread(target=load, name="nlm-model-loader", daemon=True).start()
         yield
-        if state.engine is not None:
-            state.engine.stop()
+        for engine in {id(e): e for e in state.engines.values()}.values():
+            engine.stop()
+        text_pool.shutdown(wait=False)
 
     app = FastAPI(title="nlm", version="1", lifespan=lifespan,
                   description="Serves a distilled student: SageMaker /invocations and OpenAI-compatible /v1 routes.")
@@ -121,6 +147,10 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
     async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
         return _error(exc.status, exc.kind, exc.message, exc.field)
 
+    @app.exception_handler(WorkerStopped)
+    async def _worker_stopped(request: Request, exc: WorkerStopped) -> JSONResponse:
+        return _error(503, "unavailable", f"{exc}; restart the server")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -131,84 +161,130 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
         logger.exception("internal error on %s", request.url.path)
         return _error(500, "internal_error", "the server failed while handling this request")
 
-    def _ready() -> tuple[GenerationEngine, Any]:
-        if not state.ready or state.engine is None:
+    def _ready(name: str | None) -> ServedModel:
+        if not state.ready:
             raise ClientError(503, "the model is still loading" if state.failure is None else "the model failed to load",
                               kind="unavailable")
-        return state.engine, state.tokenizer
+        if state.dead_engines():
+            raise ClientError(503, "the generation worker has stopped; restart the server", kind="unavailable")
+        if name is None:
+            return next(iter(state.models.values()))
+        if name not in state.models:
+            served = ", ".join(state.models)
+            raise ClientError(404, f"model {name!r} is not served here; served: {served}", "model", kind="model_not_found")
+        return state.models[name]
 
-    async def _run(job: GenerationJob) -> GenerationOutput:
-        engine, _ = _ready()
+    async def _off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(text_pool, fn, *args)
+
+    def _admit() -> None:
+        """Take a slot, or refuse at once with 429 (before any response starts, streaming included)."""
         if state.in_flight >= settings.max_concurrent_requests:
             raise ClientError(429, f"the server is at its limit of {settings.max_concurrent_requests} concurrent requests; retry later",
                               kind="rate_limited")
         state.in_flight += 1
         metrics.in_flight.set(state.in_flight)
-        metrics.queue_depth.set(engine.queue_depth + 1)
+
+    def _release() -> None:
+        state.in_flight -= 1
+        metrics.in_flight.set(state.in_flight)
+        metrics.queue_depth.set(_queue_depth())
+
+    def _queue_depth() -> int:
+        return sum(engine.queue_depth for engine in {id(e): e for e in state.engines.values()}.values())
+
+    async def _disconnected(request: Request) -> None:
+        """Returns when the client hangs up. The body is already read, so the next ASGI message can only be
+        the disconnect: waiting on it costs no polling (wake-ups would take the GIL from the worker thread)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def _generate(job: GenerationJob, served: ServedModel, request: Request | None) -> GenerationOutput:
+        """Run an admitted job: 504 past the timeout; a client that hangs up cancels it and frees its place."""
+        engine = state.engines[served.name]
+        metrics.queue_depth.set(_queue_depth() + 1)
         metrics.prompt_tokens.inc(len(job.prompt_ids))
+        generation = asyncio.ensure_future(engine.generate(job))
+        watch = asyncio.ensure_future(_disconnected(request)) if request is not None else None
         try:
-            output = await asyncio.wait_for(engine.generate(job), timeout=settings.request_timeout_s)
-        except asyncio.TimeoutError:
+            done, _ = await asyncio.wait({generation} | ({watch} if watch else set()), timeout=settings.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if generation in done:
+                output = generation.result()
+                metrics.generated_tokens.inc(output.completion_tokens)
+                return output
             job.cancelled = True
-            raise ClientError(504, f"generation took longer than {settings.request_timeout_s:g} s", kind="timeout") from None
+            generation.cancel()
+            if watch is not None and watch in done:
+                raise ClientError(499, "the client closed the connection; generation was cancelled", kind="client_closed_request")
+            raise ClientError(504, f"generation took longer than {settings.request_timeout_s:g} s", kind="timeout")
         finally:
-            state.in_flight -= 1
-            metrics.in_flight.set(state.in_flight)
-            metrics.queue_depth.set(engine.queue_depth)
-        metrics.generated_tokens.inc(output.completion_tokens)
-        return output
+            if watch is not None:
+                watch.cancel()
+
+    async def _run(job: GenerationJob, served: ServedModel, request: Request | None = None) -> GenerationOutput:
+        _admit()
+        try:
+            return await _generate(job, served, request)
+        finally:
+            _release()
 
     @app.get("/ping", responses={503: {"model": ErrorResponse}})
     async def ping() -> JSONResponse:
-        if state.ready:
+        if state.ready and not state.dead_engines():
             return JSONResponse({"status": "healthy"})
-        status = "failed" if state.failure else "loading"
+        status = "failed" if state.failure or state.ready else "loading"
         return JSONResponse({"status": status}, status_code=503)
 
     @app.get("/metrics", response_class=Response)
     async def prometheus_metrics() -> Response:
-        if state.engine is not None:
-            metrics.queue_depth.set(state.engine.queue_depth)
+        metrics.queue_depth.set(_queue_depth())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/invocations", response_model=InvocationResponse, responses=ERRORS)
-    async def invocations(body: InvocationRequest) -> InvocationResponse:
-        _, tokenizer = _ready()
-        job, used, prompt = invocation_job(body, tokenizer, settings, state.separator)
+    async def invocations(body: InvocationRequest, request: Request) -> InvocationResponse:
+        served = _ready(body.model)
+        job, used, prompt = await _off_loop(invocation_job, body, served, settings)
         logger.debug("invocation prompt=%r", prompt)
-        output = await _run(job)
+        output = await _run(job, served, request)
         logger.debug("invocation responses=%r", output.texts)
-        return InvocationResponse(responses=output.texts, input_prompt=prompt, generation_config=used)
+        return InvocationResponse(responses=output.texts, input_prompt=prompt, generation_config={"model": served.name, **used})
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "nlm"}]}
+        names = list(state.models) if state.ready else [name for name, _ in settings.served_models]
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nlm"} for name in names]}
 
     @app.post("/v1/completions", responses=ERRORS)
-    async def completions(body: CompletionRequest) -> Any:
-        _, tokenizer = _ready()
-        prompt = clean_prompt(body.prompt, settings)
-        job = openai_job(encode_prompt(tokenizer, prompt, settings), body, settings, body.max_tokens)
-        return await _respond(job, body.stream, "text_completion", chat=False)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        served = _ready(body.model)
+
+        def prepare() -> GenerationJob:
+            ids = encode_prompt(served.tokenizer, clean_prompt(body.prompt, settings), settings)
+            return openai_job(ids, body, settings, body.max_tokens, served)
+
+        job = await _off_loop(prepare)
+        return await _respond(job, served, body.stream, "text_completion", chat=False, request=request)
 
     @app.post("/v1/chat/completions", responses=ERRORS)
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
-        _, tokenizer = _ready()
-        if not getattr(tokenizer, "chat_template", None):
-            raise ClientError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
-        messages = [{"role": m.role, "content": clean_prompt(m.content, settings, f"messages.{i}.content") if m.role == "user"
-                     else m.content} for i, m in enumerate(body.messages)]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = encode_prompt(tokenizer, text, settings, "messages", special=False)
-        job = openai_job(ids, body, settings, body.max_completion_tokens or body.max_tokens)
-        return await _respond(job, body.stream, "chat.completion", chat=True)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        served = _ready(body.model)
+        field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
 
-    async def _respond(job: GenerationJob, stream: bool | None, kind: str, chat: bool) -> Any:
+        def prepare() -> GenerationJob:
+            ids = chat_prompt_ids(body.messages, served, settings)
+            return openai_job(ids, body, settings, body.max_completion_tokens or body.max_tokens, served, field_name, "messages")
+
+        job = await _off_loop(prepare)
+        return await _respond(job, served, body.stream, "chat.completion", chat=True, request=request)
+
+    async def _respond(job: GenerationJob, served: ServedModel, stream: bool | None, kind: str, chat: bool,
+                       request: Request) -> Any:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if stream:
-            return _stream(job, ident, created, chat)
-        output = await _run(job)
+            return _stream(job, served, ident, created, chat)
+        output = await _run(job, served, request)
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
                        for i, (text, reason) in enumerate(zip(output.texts, output.finish_reasons, strict=True))]
@@ -217,13 +293,10 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
                        for i, (text, reason) in enumerate(zip(output.texts, output.finish_reasons, strict=True))]
         usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": output.completion_tokens,
                  "total_tokens": len(job.prompt_ids) + output.completion_tokens}
-        return {"id": ident, "object": kind, "created": created, "model": settings.model_name, "choices": choices, "usage": usage}
+        return {"id": ident, "object": kind, "created": created, "model": served.name, "choices": choices, "usage": usage}
 
-    def _stream(job: GenerationJob, ident: str, created: int, chat: bool) -> StreamingResponse:
-        _ready()
-        if state.in_flight >= settings.max_concurrent_requests:
-            raise ClientError(429, f"the server is at its limit of {settings.max_concurrent_requests} concurrent requests; retry later",
-                              kind="rate_limited")
+    def _stream(job: GenerationJob, served: ServedModel, ident: str, created: int, chat: bool) -> StreamingResponse:
+        _admit()  # a refusal is a real HTTP 429, not a 200 with an error event
         pieces: asyncio.Queue[str] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job.stream = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
@@ -235,20 +308,29 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
                 choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
             else:
                 choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            body = {"id": ident, "object": kind, "created": created, "model": settings.model_name, "choices": [choice]}
+            body = {"id": ident, "object": kind, "created": created, "model": served.name, "choices": [choice]}
             return f"data: {json.dumps(body)}\n\n"
 
+        released = False
+
+        def release_once() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                _release()
+
         async def events() -> AsyncIterator[str]:
-            task = asyncio.create_task(_run(job))
-            if chat:
-                yield chunk(None, None, first=True)
+            task = asyncio.create_task(_generate(job, served, None))
             try:
+                if chat:
+                    yield chunk(None, None, first=True)
                 while not task.done() or not pieces.empty():
-                    try:
-                        text = await asyncio.wait_for(pieces.get(), timeout=0.05)
-                    except asyncio.TimeoutError:
-                        continue
-                    yield chunk(text, None)
+                    getter = asyncio.ensure_future(pieces.get())  # no polling: wake on a piece or on the end
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield chunk(getter.result(), None)
+                    else:
+                        getter.cancel()
                 output = await task
                 yield chunk(None if chat else "", output.finish_reasons[0])
             except ClientError as exc:
@@ -257,8 +339,9 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
                 if not task.done():
                     job.cancelled = True
                     task.cancel()
+                release_once()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _SlotStreamingResponse(events(), release_once)
 
     return app

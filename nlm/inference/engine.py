@@ -1,15 +1,23 @@
-"""Dynamic batching generation engine.
+"""Continuous (in-flight) batching generation engine.
 
-Requests are queued from the event loop; one worker thread takes whatever arrives within a short window
-(up to `max_batch_size`), groups requests that can share one `generate` call (same sampling settings),
-left-pads them and runs one forward pass per step for the whole group. Results go back to the event loop
-through futures, so generation never blocks it. Seeded or streaming requests run alone: a seed fixes one
-request's random stream, and a streamer follows one sequence.
+One worker thread owns the model and a running batch of sequences that share one KV cache (a transformers
+`DynamicCache`, rows left-padded to a common width). At every step it first admits queued requests — their
+prompts run through one prefill forward pass and their cache rows join the running batch — then runs one decode
+forward pass for every running sequence. A sequence leaves the batch the moment it ends (an end-of-sequence id,
+its token budget, one of its stop strings, or its client going away), so nobody waits for the longest request of
+a group. Results and streamed text go back to the event loop through futures and `call_soon_threadsafe`.
+
+Why not transformers' own `ContinuousBatchingManager`: measured on this CPU it was slower than this loop (see
+docs/ARCHITECTURE.md), and it has one sampling configuration per manager, no per-request seed and no stop
+strings. Token choice uses transformers' logits processors and `StopStringCriteria`; only the batch bookkeeping
+(which row joins and leaves the shared cache when) is written here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import inspect
 import logging
 import queue
 import threading
@@ -19,14 +27,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TextStreamer,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 logger = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+class WorkerStopped(RuntimeError):
+    """The generation worker is gone (it died, or the server is shutting down): the request cannot be served."""
 
 
 @dataclass(frozen=True)
 class SamplingKey:
-    """Requests with equal keys can share one generate call."""
+    """How one request chooses its tokens."""
 
     do_sample: bool
     temperature: float
@@ -44,13 +67,10 @@ class GenerationJob:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     stream: Callable[[str], None] | None = None  # called (from the worker) with each new piece of text
+    adapter: str | None = None  # the PEFT adapter that serves this request (several LoRA students, one base)
     cancelled: bool = False
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def solo(self) -> bool:
-        return self.seed is not None or self.stream is not None
 
 
 @dataclass
@@ -58,29 +78,6 @@ class GenerationOutput:
     texts: list[str]
     completion_tokens: int
     finish_reasons: list[str]
-
-
-class _Cancelled(StoppingCriteria):
-    def __init__(self, jobs: list[GenerationJob]) -> None:
-        self.jobs = jobs
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        stop = all(job.cancelled for job in self.jobs)
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-
-class _StopStrings(StoppingCriteria):
-    """Finishes a row as soon as its new text contains one of its job's stop strings (no wasted steps)."""
-
-    def __init__(self, tokenizer: Any, jobs: list[GenerationJob], prompt_width: int, per_job: int) -> None:
-        self.tokenizer, self.jobs, self.prompt_width, self.per_job = tokenizer, jobs, prompt_width, per_job
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        done = []
-        for row, ids in enumerate(input_ids[:, self.prompt_width:].tolist()):
-            stops = self.jobs[row // self.per_job].stop
-            done.append(bool(stops) and cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops)[1])
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class _StopStringsStreamer(TextStreamer):
@@ -118,23 +115,112 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return text[: min(positions)], True
 
 
+def context_length(config: Any) -> int | None:
+    """The most positions a model can attend over, from its config (None when it declares none)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every end-of-sequence id: the generation config's (often several, e.g. <|eot_id|> too), the tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value if isinstance(v, int))
+    ids.discard(-1)
+    return ids
+
+
+class _Sequence:
+    """One row of the running batch: one return sequence of one job."""
+
+    def __init__(self, job: GenerationJob, state: _JobState) -> None:
+        self.job, self.state = job, state
+        self.tokens: list[int] = []
+        self.reason: str | None = None  # "stop" | "length" | "cancelled" once finished
+        self.eos = False
+
+    @property
+    def position(self) -> int:
+        """Position id of the last token fed so far (prompt positions start at 0)."""
+        return len(self.job.prompt_ids) + len(self.tokens) - 1
+
+
+class _JobState:
+    """What the engine keeps per job while its sequences run: processors, generator, stop criteria, streamer."""
+
+    def __init__(self, job: GenerationJob, tokenizer: Any, device: torch.device) -> None:
+        sampling = job.sampling
+        self.processors = LogitsProcessorList()
+        if sampling.repetition_penalty != 1.0:
+            self.processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+        if sampling.do_sample:
+            if sampling.temperature != 1.0:
+                self.processors.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k > 0:
+                self.processors.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1.0:
+                self.processors.append(TopPLogitsWarper(sampling.top_p))
+        # A request's own random stream: a seed makes it reproducible without touching anyone else's samples.
+        self.generator = torch.Generator(device=device)
+        if job.seed is not None:
+            self.generator.manual_seed(job.seed)
+        else:
+            self.generator.seed()
+        self.stop_criteria = StopStringCriteria(tokenizer, job.stop) if job.stop else None
+        self.streamer = _StopStringsStreamer(tokenizer, job) if job.stream is not None else None
+        if self.streamer is not None:
+            self.streamer.put(torch.tensor(job.prompt_ids))  # the prompt: skipped, as TextStreamer expects
+        self.sequences: list[_Sequence] = []
+
+
 class GenerationEngine:
-    def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = 8, batch_window_ms: float = 10.0,
-                 observe_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = 32, batch_window_ms: float = 10.0,
+                 observe_batch: Callable[[int], None] | None = None, multi_adapter: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_window = batch_window_ms / 1000
         self.observe_batch = observe_batch or (lambda size: None)
+        self.multi_adapter = multi_adapter
         self.device = next(model.parameters()).device
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.context = context_length(model.config)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # transformers 5.x renames `past_key_values` to `cache`; take whichever this model's forward names.
+        parameters = inspect.signature(base.forward).parameters
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        # Prefill needs the logits of each prompt's last position only, not [rows, width, vocab].
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        self.pad_id = int(pad)
         self._queue: queue.Queue[GenerationJob | None] = queue.Queue()
+        self._waiting: collections.deque[GenerationJob] = collections.deque()  # taken from the queue, not yet admitted
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()  # one generate at a time, also for warm-up
+        self._closing = False
         self._last_batch = 1
+        # The running batch: one row per sequence, a shared cache and its [rows, width] attention mask.
+        self._rows: list[_Sequence] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._admitting: list[GenerationJob] = []  # jobs in their prefill (not yet rows of the batch)
+        self._states: dict[int, _JobState] = {}  # by id(job), while the job's sequences run
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._waiting)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (False before start and after it died)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="nlm-generation", daemon=True)
@@ -146,12 +232,16 @@ class GenerationEngine:
             self._thread.join(timeout=30)
 
     def warm_up(self) -> None:
-        """One short generation, so the first request does not pay for lazy initialisation."""
-        ids = self.tokenizer("hello", add_special_tokens=True)["input_ids"] or [self.tokenizer.eos_token_id or 0]
-        job = GenerationJob(ids, 1, SamplingKey(False, 1.0, 1.0, 0, 1.0, 1))
-        self._run_group([job])
+        """One short generation through the whole loop, so the first request does not pay for lazy initialisation."""
+        ids = self.tokenizer("hello", add_special_tokens=True)["input_ids"] or [self.pad_id]
+        self._waiting.append(GenerationJob(ids, 2, SamplingKey(False, 1.0, 1.0, 0, 1.0, 1)))
+        with torch.inference_mode():
+            while self._waiting or self._rows:
+                self._step()
 
     async def generate(self, job: GenerationJob) -> GenerationOutput:
+        if self._thread is not None and not self._thread.is_alive():
+            raise WorkerStopped("the generation worker has stopped")
         job.loop = asyncio.get_running_loop()
         job.future = job.loop.create_future()
         self._queue.put(job)
@@ -163,53 +253,223 @@ class GenerationEngine:
 
     # --- worker thread ---------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            batch = [job]
-            # Wait for company only when there is evidence of concurrent traffic: a lone client would
-            # otherwise pay the window on every request for nothing.
-            window = self.batch_window if (self._last_batch > 1 or not self._queue.empty()) else 0.0
-            deadline = time.perf_counter() + window
-            while len(batch) < self.max_batch_size and not job.solo:
-                remaining = deadline - time.perf_counter()
-                try:
-                    extra = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if extra is None:
-                    self._queue.put(None)
-                    break
-                batch.append(extra)
-            self._last_batch = len(batch)
-            for group in self._groups(batch):
-                self._run_safely(group)
-
-    @staticmethod
-    def _groups(batch: list[GenerationJob]) -> list[list[GenerationJob]]:
-        shared: dict[SamplingKey, list[GenerationJob]] = {}
-        groups: list[list[GenerationJob]] = []
-        for job in batch:
-            if job.cancelled:
-                continue
-            if job.solo:
-                groups.append([job])
-            else:
-                shared.setdefault(job.sampling, []).append(job)
-        return groups + list(shared.values())
-
-    def _run_safely(self, group: list[GenerationJob]) -> None:
         try:
-            outputs = self._run_group(group)
-        except Exception as exc:  # noqa: BLE001 - delivered to each waiting request as its own failure
-            logger.exception("generation failed for a batch of %d", len(group))
-            for job in group:
-                self._deliver(job, exc)
+            while not (self._closing and not self._rows and not self._waiting):
+                self._take(block=not self._rows and not self._waiting)
+                self._step()
+        except BaseException:
+            # Whatever killed the loop (a step's own errors are caught in `_step`), nobody may wait forever:
+            # every admitted or queued request gets an answer, and `alive` turns False for /ping.
+            logger.critical("the generation worker died", exc_info=True)
+            self._fail_everyone(WorkerStopped("the generation worker died"))
+            raise
+
+    def _fail_everyone(self, error: Exception) -> None:
+        jobs = {id(row.job): row.job for row in self._rows}
+        jobs.update({id(job): job for job in self._admitting})
+        jobs.update({id(job): job for job in self._waiting})
+        try:
+            while True:
+                job = self._queue.get_nowait()
+                if job is not None:
+                    jobs[id(job)] = job
+        except queue.Empty:
+            pass
+        for job in jobs.values():
+            self._deliver(job, error)
+        self._rows, self._waiting, self._cache, self._mask = [], collections.deque(), None, None
+
+    def _take(self, block: bool) -> None:
+        """Move queued jobs to the waiting line; when idle, block for the first and wait a little for company."""
+        try:
+            if block and not self._closing:
+                self._accept(self._queue.get())
+                # Wait for company only when there is evidence of concurrent traffic: a lone client would
+                # otherwise pay the window on every request for nothing.
+                if self._last_batch > 1 and self.batch_window > 0:
+                    time.sleep(self.batch_window)
+            while True:
+                self._accept(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _accept(self, job: GenerationJob | None) -> None:
+        if job is None:
+            self._closing = True
+        else:
+            self._waiting.append(job)
+
+    def _step(self) -> None:
+        """Admit what fits, then one decode step for every running sequence."""
+        free = self.max_batch_size - len(self._rows)
+        admitted: list[GenerationJob] = []
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled:
+                self._waiting.popleft()
+                continue
+            if job.sampling.num_return_sequences > free and (self._rows or admitted):
+                break
+            admitted.append(self._waiting.popleft())
+            free -= job.sampling.num_return_sequences
+        if admitted and (self._rows and not self._joinable()):
+            self._waiting.extendleft(reversed(admitted))  # sliding-window caches cannot merge: wait for a drain
+            admitted = []
+        if admitted:
+            self._admitting = admitted
+            try:
+                self._prefill(admitted)
+            except Exception as exc:  # noqa: BLE001 - only these requests fail; the running batch goes on
+                logger.exception("prefill failed for %d request(s)", len(admitted))
+                for job in admitted:
+                    self._states.pop(id(job), None)
+                    self._deliver(job, exc)
+            self._admitting = []
+        if self._rows:
+            try:
+                self._decode()
+            except Exception as exc:  # noqa: BLE001 - delivered to each running request as its own failure
+                logger.exception("decode step failed for a batch of %d", len(self._rows))
+                for job in {id(row.job): row.job for row in self._rows}.values():
+                    self._states.pop(id(job), None)
+                    self._deliver(job, exc)
+                self._rows, self._cache, self._mask = [], None, None
+        self._last_batch = max(len(self._rows), len(admitted))
+
+    def _joinable(self) -> bool:
+        """Rows can join a running cache when every layer is a plain growing cache (no sliding window)."""
+        return all(type(layer).__name__ == "DynamicLayer" for layer in getattr(self._cache, "layers", []))
+
+    def _forward(self, rows: list[_Sequence], cache: Any, **inputs: Any) -> torch.Tensor:
+        inputs[self._cache_arg] = cache
+        if self.multi_adapter:
+            inputs["adapter_names"] = [row.job.adapter or BASE_ADAPTER for row in rows]
+        output = self.model(**inputs, use_cache=True)
+        return output.logits[:, -1, :]  # [rows, vocab]
+
+    def _prefill(self, jobs: list[GenerationJob]) -> None:
+        rows: list[_Sequence] = []
+        for job in jobs:
+            state = self._states[id(job)] = _JobState(job, self.tokenizer, self.device)
+            state.sequences = [_Sequence(job, state) for _ in range(job.sampling.num_return_sequences)]
+            rows.extend(state.sequences)
+        width = max(len(row.job.prompt_ids) for row in rows)
+        # Left padding: every row's last column is its last real token, so one decode step serves all rows.
+        ids = torch.tensor([[self.pad_id] * (width - len(r.job.prompt_ids)) + r.job.prompt_ids for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.job.prompt_ids)) + [1] * len(r.job.prompt_ids) for r in rows], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(rows, cache, input_ids=ids, attention_mask=mask, position_ids=positions, **self._last_logits_only)
+        self._advance(rows, self._choose(rows, logits))
+        self._join(rows, cache, mask)
+        self._retire()
+
+    def _join(self, rows: list[_Sequence], cache: Any, mask: torch.Tensor) -> None:
+        if not self._rows:
+            self._rows, self._cache, self._mask = rows, cache, mask
             return
-        for job, output in zip(group, outputs, strict=True):
-            self._deliver(job, output)
+        assert self._mask is not None
+        width = max(self._mask.shape[1], mask.shape[1])
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            if getattr(old, "keys", None) is None or getattr(new, "keys", None) is None:
+                continue
+            old.keys = torch.cat([_left_pad(old.keys, width, -2), _left_pad(new.keys, width, -2)])
+            old.values = torch.cat([_left_pad(old.values, width, -2), _left_pad(new.values, width, -2)])
+        self._mask = torch.cat([_left_pad(self._mask, width, -1), _left_pad(mask, width, -1)])
+        self._rows = self._rows + rows
+
+    def _decode(self) -> None:
+        rows = self._rows
+        assert self._mask is not None
+        self.observe_batch(len(rows))
+        ids = torch.tensor([[row.tokens[-1]] for row in rows], device=self.device)
+        positions = torch.tensor([[row.position] for row in rows], device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        logits = self._forward(rows, self._cache, input_ids=ids, attention_mask=mask, position_ids=positions)
+        self._mask = mask
+        self._advance(rows, self._choose(rows, logits))
+        self._retire()
+
+    def _choose(self, rows: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """The next token of each row: argmax for plain greedy rows (one call), processors and sampling otherwise."""
+        chosen = logits.argmax(dim=-1).tolist()
+        for index, row in enumerate(rows):
+            state = row.state
+            if not state.processors and not row.job.sampling.do_sample:
+                continue
+            scores = logits[index:index + 1].float()  # [1, vocab]
+            if state.processors:
+                seen = torch.tensor([row.job.prompt_ids + row.tokens], device=self.device)
+                scores = state.processors(seen, scores)
+            if row.job.sampling.do_sample:
+                probs = torch.softmax(scores, dim=-1)
+                chosen[index] = int(torch.multinomial(probs, 1, generator=state.generator).item())
+            else:
+                chosen[index] = int(scores.argmax(dim=-1).item())
+        return chosen
+
+    def _advance(self, rows: list[_Sequence], tokens: list[int]) -> None:
+        for row, token in zip(rows, tokens, strict=True):
+            row.tokens.append(token)
+            state = row.state
+            if token in self.eos_ids:
+                row.reason, row.eos = "stop", True
+            elif state.streamer is not None:
+                state.streamer.put(torch.tensor([token]))
+            if row.reason is None and state.stop_criteria is not None:
+                if bool(state.stop_criteria(torch.tensor([row.tokens]), None)[0]):
+                    row.reason = "stop"
+            if row.reason is None and (len(row.tokens) >= row.job.max_new_tokens
+                                       or (self.context is not None and row.position + 1 >= self.context)):
+                row.reason = "length"
+            if row.job.cancelled:
+                row.reason = "cancelled"
+
+    def _retire(self) -> None:
+        """Drop finished rows from the batch (and their cache rows), and answer every job whose rows all ended."""
+        for row in self._rows:
+            if row.job.cancelled and row.reason is None:
+                row.reason = "cancelled"
+        keep = [i for i, row in enumerate(self._rows) if row.reason is None]
+        if len(keep) == len(self._rows):
+            return
+        finished = {id(row.job): row.job for row in self._rows if row.reason is not None}
+        if keep:
+            index = torch.tensor(keep, device=self.device)
+            self._cache.batch_select_indices(index)
+            assert self._mask is not None
+            mask = self._mask[index]
+            start = int(mask.any(dim=0).int().argmax())  # leading columns that are padding in every row go
+            if start > 0 and self._joinable():
+                for layer in self._cache.layers:
+                    if getattr(layer, "keys", None) is not None:
+                        layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+                mask = mask[:, start:]
+            self._mask = mask
+            self._rows = [self._rows[i] for i in keep]
+        else:
+            self._rows, self._cache, self._mask = [], None, None
+        for job in finished.values():
+            if all(row.reason is not None for row in self._states[id(job)].sequences):
+                self._finish(job)
+
+    def _finish(self, job: GenerationJob) -> None:
+        state = self._states.pop(id(job))
+        texts, reasons, count = [], [], 0
+        for row in state.sequences:
+            tokens = row.tokens[:-1] if row.eos else row.tokens
+            text, hit = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), job.stop)
+            if hit:
+                tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            count += len(tokens)
+            texts.append(text)
+            reasons.append("stop" if row.eos or hit else "length")
+        if state.streamer is not None and not job.cancelled:
+            state.streamer.end()
+        if not job.cancelled:
+            self._deliver(job, GenerationOutput(texts, count, reasons))
 
     @staticmethod
     def _deliver(job: GenerationJob, result: Any) -> None:
@@ -225,55 +485,11 @@ class GenerationEngine:
 
         job.loop.call_soon_threadsafe(settle)
 
-    @torch.inference_mode()
-    def _run_group(self, group: list[GenerationJob]) -> list[GenerationOutput]:
-        self.observe_batch(len(group))
-        tokenizer, pad = self.tokenizer, self.tokenizer.pad_token_id
-        pad = pad if pad is not None else (tokenizer.eos_token_id or 0)
-        width = max(len(job.prompt_ids) for job in group)
-        # Left padding: every row's last position is its last real token, as decoder-only generation needs.
-        input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in group], device=self.device)
-        attention = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in group], device=self.device)
-        sampling = group[0].sampling
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max(job.max_new_tokens for job in group),
-            "do_sample": sampling.do_sample,
-            "num_return_sequences": sampling.num_return_sequences,
-            "repetition_penalty": sampling.repetition_penalty,
-            "pad_token_id": pad,
-            "eos_token_id": tokenizer.eos_token_id,
-            "stopping_criteria": StoppingCriteriaList(
-                [_Cancelled(group)]
-                + ([_StopStrings(tokenizer, group, width, sampling.num_return_sequences)] if any(j.stop for j in group) else [])
-            ),
-        }
-        if sampling.do_sample:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        streamer = None
-        if len(group) == 1 and group[0].stream is not None:
-            streamer = _StopStringsStreamer(tokenizer, group[0])
-            kwargs["streamer"] = streamer
-        with self._lock:
-            if group[0].seed is not None:
-                torch.manual_seed(group[0].seed)
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
-        new_tokens = output[:, width:]
-        results = []
-        n = sampling.num_return_sequences
-        for index, job in enumerate(group):
-            texts, reasons, count = [], [], 0
-            for row in new_tokens[index * n:(index + 1) * n].tolist():
-                row = row[: job.max_new_tokens]
-                finished = tokenizer.eos_token_id in row
-                if finished:
-                    row = row[: row.index(tokenizer.eos_token_id)]
-                text, hit = cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), job.stop)
-                if hit:
-                    row = tokenizer(text, add_special_tokens=False)["input_ids"]
-                count += len(row)
-                texts.append(text)
-                reasons.append("stop" if finished or hit else "length")
-            results.append(GenerationOutput(texts, count, reasons))
-        return results
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`tensor` with zeros added before its entries along `dim` (-1 or -2) up to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pad = (missing, 0) if dim == -1 else (0, 0, missing, 0)
+    return torch.nn.functional.pad(tensor, pad)

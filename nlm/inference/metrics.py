@@ -18,6 +18,6 @@ class ServerMetrics:
         self.queue_depth = Gauge("nlm_queue_depth", "Requests waiting for the generation worker", registry=self.registry)
         self.in_flight = Gauge("nlm_requests_in_flight", "Generation requests admitted and not finished", registry=self.registry)
         self.batch_size = Histogram(
-            "nlm_batch_size", "Requests sharing one generate call", registry=self.registry,
+            "nlm_batch_size", "Sequences sharing one decode step (continuous batching)", registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64),
         )

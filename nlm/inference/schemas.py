@@ -1,6 +1,7 @@
 """Request and response bodies: the SageMaker `/invocations` contract and the OpenAI-compatible routes.
 
-Static ranges live here; limits that are server settings (token caps) are checked in `limits.py`.
+Static ranges live here; limits that are server settings or model properties (token caps, context) are checked
+in `jobs.py`.
 Unknown fields are rejected (`extra="forbid"`), so a typo never silently changes generation.
 """
 
@@ -30,6 +31,7 @@ class InvocationRequest(_Strict):
     """POST /invocations. `max_length` keeps the transformers meaning: prompt tokens + new tokens."""
 
     prompt: str = Field(..., description="Text to complete; control characters other than newline and tab are removed.")
+    model: str | None = Field(None, description="Which served model answers (GET /v1/models lists them); default: the first.")
     max_length: int | None = Field(None, ge=1, description="Prompt plus new tokens (transformers' meaning).")
     max_new_tokens: int | None = Field(None, ge=1, description="New tokens to generate; wins over max_length.")
     temperature: float | None = Field(None, ge=0, le=2, description="0 means greedy decoding.")
@@ -57,9 +59,9 @@ class _OpenAIRequest(_Strict):
     """Fields shared by the OpenAI completion routes. Fields OpenAI clients may send but nlm does not implement
     are accepted only with their neutral value."""
 
-    model: str | None = None
-    temperature: float | None = Field(1.0, ge=0, le=2)
-    top_p: float | None = Field(1.0, gt=0, le=1)
+    model: str | None = Field(None, description="Which served model answers; default: the first one.")
+    temperature: float | None = Field(None, ge=0, le=2, description="Default: the model's generation_config, else 1.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Default: the model's generation_config, else 1.")
     n: int | None = Field(1, ge=1)
     stop: str | list[str] | None = None
     stream: bool | None = False

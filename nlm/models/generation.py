@@ -32,16 +32,18 @@ class GenerationSettings:
 
 
 @torch.no_grad()
-def generate_texts(model: Any, tokenizer: Any, prompts: list[str], settings: GenerationSettings) -> list[list[str]]:
+def generate_texts(model: Any, tokenizer: Any, prompts: list[str], settings: GenerationSettings,
+                   add_special_tokens: bool = True) -> list[list[str]]:
     """Completions for each prompt (num_return_sequences each), decoded without the prompt.
 
     Prompts are left-padded so every row's last position is its last real token (decoder-only models).
+    `add_special_tokens=False` for text a chat template already rendered (it holds its own BOS).
     """
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
     output = model.generate(
         **batch, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings.generate_kwargs()
     )

@@ -64,3 +64,22 @@ def head_reproduces_logits(model: Any, input_ids: torch.Tensor, attention_mask: 
     finally:
         model.train(was_training)
     return rebuilt.shape == logits.shape and torch.allclose(rebuilt.float(), logits.float(), rtol=1e-3, atol=1e-3)
+
+
+def sliced_head(model_or_head: Any, width: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[c, H] -> [c, width] logits of the real vocabulary rows only.
+
+    A plain `nn.Linear` head multiplies by `weight[:width]` (and `bias[:width]`), so the padding rows of a
+    padded head (e.g. 152,064 rows over a 151,936-token tokenizer) are never computed. Any other head
+    (adapter-wrapped, custom) runs whole and is sliced: its rows cannot be selected from outside.
+    """
+    head = model_or_head if isinstance(model_or_head, torch.nn.Module) and not hasattr(model_or_head, "get_output_embeddings") \
+        else output_head(model_or_head)
+    if type(head) is torch.nn.Linear:
+        weight, bias = head.weight, head.bias
+
+        def rows(hidden: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(hidden, weight[:width], bias[:width] if bias is not None else None)
+
+        return rows
+    return lambda hidden: head(hidden)[..., :width]

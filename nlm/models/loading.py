@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from nlm.errors import ModelLoadError
+from nlm.errors import ModelLoadError, ModelPathError
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +33,36 @@ def _hint(name: str, exc: Exception) -> str:
     return "; ".join(hints)
 
 
-def _require_local_folder(name: str) -> None:
-    """A name written as a path must be an existing folder; otherwise the hub's error would be confusing."""
-    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
-        raise ModelLoadError(f"model folder {name} not found (a hub id has the form owner/name, without a leading / or .)")
+MODEL_FILES = ("config.json", "adapter_config.json")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def _require_local_folder(name: str, accepted: tuple[str, ...] = MODEL_FILES) -> None:
+    """A name written as a path, or naming an existing path, must be a folder holding one of `accepted`;
+    otherwise say what it is instead (ModelPathError, exit 2) rather than letting the hub's error confuse."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        if name.startswith(("/", "./", "../", "~")):
+            raise ModelPathError(f"model folder {name} not found (a hub id has the form owner/name, without a leading / or .)")
+        return
+    if not path.is_dir():
+        raise ModelPathError(f"{name} is a file; expected a model folder (config.json and weights) or a hub id")
+    if any((path / file).is_file() for file in accepted) or gguf_file_in(path):
+        return
+    if (path / "final").is_dir():
+        raise ModelPathError(f"{name} is a training run folder; its model is {path / 'final'}")
+    checkpoints = sorted(path.glob("checkpoint-*"))
+    if checkpoints:
+        raise ModelPathError(f"{name} is a training run folder without final/; pass a checkpoint such as {checkpoints[-1]}")
+    if (path / "manifest.json").is_file() and any(path.glob("shard-*.safetensors")):
+        raise ModelPathError(f"{name} is a teacher cache (nlm teacher-cache), not a model")
+    found = ", ".join(sorted(p.name for p in path.iterdir())[:5]) or "nothing"
+    raise ModelPathError(f"{name} is not a model folder: it holds no {' or '.join(accepted)} (found: {found})")
+
+
+def check_model_path(name: str | Path) -> None:
+    """Fail early (ModelPathError, exit 2) when a local path given as a model is not a model folder."""
+    _require_local_folder(str(name))
 
 
 def _hub_kwargs(revision: str | None, token: Any, trust_remote_code: bool) -> dict[str, Any]:
@@ -67,7 +93,7 @@ def load_tokenizer(name: str, *, revision: str | None = None, token: Any = None,
     """The tokenizer of `name`, with a pad token (EOS when the tokenizer defines none)."""
     from transformers import AutoTokenizer
 
-    _require_local_folder(str(name))
+    _require_local_folder(str(name), MODEL_FILES + TOKENIZER_FILES)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **_hub_kwargs(revision, token, trust_remote_code))
     except (OSError, ValueError, KeyError) as exc:
@@ -152,7 +178,8 @@ def load_trained_model(
     """A model nlm wrote (full weights, or a LoRA adapter over its base model), ready for inference."""
     path = Path(path)
     if not path.exists():
-        raise ModelLoadError(f"model folder {path} not found")
+        raise ModelPathError(f"model folder {path} not found")
+    _require_local_folder(str(path))
     if not allow_pickle and not is_adapter_dir(path) and path.is_dir() and not any(path.glob("*.safetensors")) \
             and not gguf_file_in(path):
         raise ModelLoadError(
@@ -166,7 +193,12 @@ def load_trained_model(
 
         base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base_name:
-            raise ModelLoadError(f"{path}/adapter_config.json names no base_model_name_or_path")
+            raise ModelPathError(f"{path}/adapter_config.json names no base_model_name_or_path")
+        if Path(base_name).is_absolute() and not Path(base_name).exists():
+            raise ModelPathError(
+                f"the LoRA adapter in {path} was trained on the base model {base_name}, which is not found; restore "
+                f"that folder, or set base_model_name_or_path in {path / 'adapter_config.json'} to where it is now"
+            )
         base = load_causal_lm(base_name, dtype=dtype, token=token, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         try:
             model = PeftModel.from_pretrained(base, str(path))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 from transformers import TrainingArguments
+from transformers.training_args import ParallelMode
 
 from nlm.config.settings import TrainingConfig
 from nlm.models.device import PrecisionPlan
+
+logger = logging.getLogger(__name__)
 
 
 def training_arguments(
@@ -19,7 +23,7 @@ def training_arguments(
     if config.load_best_model_at_end:
         # The library needs checkpoints on the evaluation schedule to pick the best one.
         save_strategy, save_steps = config.eval_strategy, eval_steps
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(run_dir),
         run_name=config.run_name,
         num_train_epochs=config.num_train_epochs,
@@ -58,3 +62,20 @@ def training_arguments(
         disable_tqdm=log_format == "json" or not sys.stderr.isatty(),
         dataloader_pin_memory=device_type == "cuda",
     )
+    return one_device_without_launcher(args)
+
+
+def one_device_without_launcher(args: TrainingArguments) -> TrainingArguments:
+    """Several visible GPUs and no launcher: train on one, never under `nn.DataParallel`.
+
+    The Trainer would wrap the model in DataParallel, whose replicas break the fused loss (it reaches the
+    head outside the replicated forward) and which PyTorch itself advises against; DDP needs a launcher.
+    """
+    if args.parallel_mode == ParallelMode.NOT_DISTRIBUTED and args.n_gpu > 1:
+        logger.warning(
+            "%d GPUs are visible but nlm was started without a launcher: training on one (%s). To use all of them, "
+            "run `torchrun --nproc_per_node %d -m nlm.cli train ...` or `accelerate launch -m nlm.cli train ...`",
+            args.n_gpu, args.device, args.n_gpu,
+        )
+        args._n_gpu = 1  # the library's own switch for "one device per process" (it is what DataParallel reads)
+    return args

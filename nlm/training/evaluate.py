@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,21 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Token-level metrics of `model_path` on `data_file` (targets as in training: completion tokens)."""
     settings = settings or TokenizeSettings()
+    tokenizer = load_tokenizer(str(model_path), trust_remote_code=trust_remote_code)  # a wrong path fails first
+    # Data before models: a file the tokenizer cannot encode (chat records, no template) fails in a second.
+    # Tokenised on disk and memory-mapped (as in training), in a scratch folder removed afterwards: memory
+    # does not grow with the size of the eval file.
+    with tempfile.TemporaryDirectory(prefix="nlm-eval-") as scratch:
+        data = tokenize_records([Path(data_file)], tokenizer, settings, cache_root=Path(scratch))
+        return _evaluate_tokenized(data, tokenizer, model_path, data_file, teacher_path=teacher_path, batch_size=batch_size,
+                                   settings=settings, device=device, trust_remote_code=trust_remote_code,
+                                   allow_pickle=allow_pickle, exact_match=exact_match, max_new_tokens=max_new_tokens)
+
+
+def _evaluate_tokenized(data: Any, tokenizer: Any, model_path: str | Path, data_file: Path, *, teacher_path: str | Path | None,
+                        batch_size: int, settings: TokenizeSettings, device: str | None, trust_remote_code: bool,
+                        allow_pickle: bool, exact_match: bool, max_new_tokens: int) -> dict[str, Any]:
     target = select_device(forced=device) if device else select_device()
-    tokenizer = load_tokenizer(str(model_path), trust_remote_code=trust_remote_code)
     model = load_trained_model(model_path, device=target, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     teacher = None
     width = len(tokenizer)
@@ -57,7 +71,6 @@ def evaluate_model(
             return result
         width = shared_vocab_width(teacher_tokenizer, tokenizer, teacher_model, model)
         teacher = LiveTeacher(teacher_model, target, width)
-    data = tokenize_records([Path(data_file)], tokenizer, settings, cache_root=None)
     loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=PaddingCollator(tokenizer.pad_token_id or 0))
     sample = torch.tensor([data.dataset[0]["input_ids"][:8]], device=target)
     # Chunked scoring (no full logits) unless a model post-processes its logits after the head.

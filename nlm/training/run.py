@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from nlm.config.paths import path_inside, safe_output_dir
+from nlm.config.paths import claim_folder, mark_folder, path_inside, safe_output_dir
 from nlm.config.settings import TrainingConfig
-from nlm.data.files import resolve_eval_files
+from nlm.data.files import resolve_eval_files, resolve_train_files
 from nlm.data.prepare import PreparedData, prepare_datasets
 from nlm.data.sampler import OrderPlan, OrderSampler
 from nlm.data.tokenize import PaddingCollator
@@ -64,11 +64,19 @@ class TrainResult:
     seconds: float = 0.0
 
 
+# What nlm train writes directly inside a run folder (the Trainer's checkpoints and logs, our final/):
+# `--overwrite` removes only these; anything else a user put there is kept.
+RUN_FOLDER_ENTRIES = ("checkpoint-*", "tmp-checkpoint-*", "final", "runs", "*.partial")
+
+
 def prepare_run_dir(config: TrainingConfig) -> tuple[Path, str | None]:
-    """The run folder, created; and the checkpoint to resume from. Never overwrites without being asked."""
+    """The run folder, created and marked as nlm's; and the checkpoint to resume from.
+
+    Never overwrites without being asked, and with --overwrite removes only what an earlier nlm run wrote.
+    """
     output_dir = safe_output_dir(config.output_dir)
     run_dir = path_inside(output_dir, config.run_name)
-    existing = run_dir.exists() and any(run_dir.iterdir())
+    existing = run_dir.is_dir() and any(run_dir.iterdir())
     if existing and config.resume:
         checkpoint = get_last_checkpoint(str(run_dir))
         if checkpoint is None:
@@ -78,17 +86,12 @@ def prepare_run_dir(config: TrainingConfig) -> tuple[Path, str | None]:
     if config.resume:
         raise RunExistsError(f"--resume: {run_dir} does not exist or is empty; there is nothing to resume")
     if existing:
-        if not config.overwrite:
-            finished = (run_dir / "final" / METADATA_FILE).exists()
-            state = "a finished run" if finished else "an unfinished run"
-            raise RunExistsError(
-                f"{run_dir} already holds {state}; pass --resume to continue it, --overwrite to replace it, "
-                "or choose another --run_name"
-            )
-        logger.warning("--overwrite: removing the previous run in %s", run_dir)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, None
+        finished = (run_dir / "final" / METADATA_FILE).exists()
+        state = "a finished run" if finished else "an unfinished run"
+        claim_folder(run_dir, created_by="nlm train", owns=RUN_FOLDER_ENTRIES, overwrite=config.overwrite,
+                     exists_message=f"{run_dir} already holds {state}; pass --resume to continue it, --overwrite to "
+                                    "replace it, or choose another --run_name")
+    return mark_folder(run_dir, "nlm train", RUN_FOLDER_ENTRIES), None
 
 
 def _check_required(config: TrainingConfig) -> None:
@@ -112,6 +115,9 @@ def _check_required(config: TrainingConfig) -> None:
             "teacher_model is required when distillation.alpha > 0: pass --teacher_model (or --teacher_cache DIR), "
             "or --distillation.alpha 0 for plain fine-tuning"
         )
+    # A missing, unreadable or directory data file is a usage error named by its option (exit 2), before models.
+    resolve_train_files(config.train_file)
+    resolve_eval_files(config.eval_file)
 
 
 def _hub(config: TrainingConfig, revision: str | None) -> dict[str, Any]:
@@ -132,12 +138,17 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     logger.info("precision: %s on %s", precision.name, device)
     run_dir = path_inside(safe_output_dir(config.output_dir), config.run_name)
     args = training_arguments(config, run_dir, device.type, precision, log_format)
-    # Under torchrun/accelerate every process runs this; the main one prepares folders and caches first.
+    # Under torchrun/accelerate every process runs this; only the main one checks, clears and marks the run
+    # folder (the others would see its marker as an earlier run), then the others find its checkpoint.
     with args.main_process_first(local=False, desc="run folder"):
-        run_dir, checkpoint = prepare_run_dir(config)
+        if args.process_index == 0:
+            run_dir, checkpoint = prepare_run_dir(config)
+        else:
+            checkpoint = get_last_checkpoint(str(run_dir)) if config.resume else None
     prepare_trackers(config.report_to, config.output_dir, run_dir)
 
     tokenizer = load_tokenizer(config.student_model, **_hub(config, config.student_revision))
+    set_seed(config.seed)  # weights a checkpoint lacks are initialised randomly: same seed, same weights
     student, teacher, vocab_width = load_models(config, tokenizer, device, precision)
     with args.main_process_first(local=False, desc="tokenisation"):
         data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
@@ -152,6 +163,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     objective = build_objective(config, student, teacher)
     check_routes(config, data, plan)
     if config.lora.enabled:
+        set_seed(config.seed)  # LoRA's A matrices are random: seeded here, since the Trainer seeds only later
         student = apply_lora(student, config.lora)
         if config.gradient_checkpointing:
             student.enable_input_require_grads()

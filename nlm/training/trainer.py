@@ -139,8 +139,9 @@ class DistillationTrainer(Trainer):
                     chunk_size=self.chunk_tokens,
                     # A plain Linear head gets hand-written gradients (no head-sized copy per chunk).
                     linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
+                    # The chunks' head products run in the run's precision, as the model's forward does.
+                    autocast=self.accelerator.autocast,
                 )
-            reference = rows
             source_logits = lambda start, end: head(rows[start:end].detach())[..., : self.vocab_width]  # noqa: E731
         else:
             outputs = model(**forward)
@@ -149,7 +150,6 @@ class DistillationTrainer(Trainer):
                       if use_teacher else None)
             sums = self.objective.row_sums(student.float(), signal.all_rows() if signal is not None else None, targets)
             parts = combine_terms(self.objective, sums, targets.numel(), normalizer)
-            reference = student
             source_logits = lambda start, end: student[start:end].detach()  # noqa: E731
         if student_layers and signal is not None:
             # hidden_states[L + 1] is layer L's output; rows as for the logits: [n, H] per layer
@@ -158,7 +158,7 @@ class DistillationTrainer(Trainer):
         loss = parts.total
         if self.args.average_tokens_across_devices and normalizer is not None and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # gradients are averaged over processes afterwards
-        loss = self._guard_finite(loss, reference)
+        loss = self._guard_finite(loss, model)
         self._record(parts, normalizer, inputs)
         if self.source_names and "source" in inputs:
             self._record_sources(source_logits, targets, inputs["source"].unsqueeze(1).expand_as(mask)[mask])
@@ -170,6 +170,7 @@ class DistillationTrainer(Trainer):
         student = tuple(sorted({layer for term in terms for layer in getattr(term, "student_layers", ())}))
         teacher = tuple(sorted({layer for term in terms for layer in getattr(term, "teacher_layers", ())}))
         return student, teacher
+
     def _gathered_teacher_head(self) -> Any:
         """A live teacher sharded by DeepSpeed ZeRO-3 needs its head whole for the chunk loop too."""
         stack = contextlib.ExitStack()
@@ -205,14 +206,26 @@ class DistillationTrainer(Trainer):
             teacher=self.teacher if self.teacher is not None and self.teacher.full_distribution else None,
             chunked=self.loss_impl == "fused", chunk_tokens=self.chunk_tokens,
             model_for_head=self.accelerator.unwrap_model(model),
+            # Every process's per-example sums (repeats that even out the last batch dropped): the figures
+            # and the best-model choice cover the whole eval set, not one process's shard.
+            gather=self.accelerator.gather_for_metrics, autocast=self.accelerator.autocast,
         )
         ce, count = self._eval_sums.ce - before[0], self._eval_sums.tokens - before[1]
         task = torch.tensor(ce / max(count, 1), device=inputs["input_ids"].device)
         return (task, outputs) if return_outputs else task
 
-    def _guard_finite(self, loss: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """Skip the update of a NaN/inf micro-batch; stop after `max_bad_steps` in a row."""
-        if torch.isfinite(loss).item():
+    def _guard_finite(self, loss: torch.Tensor, model: Any) -> torch.Tensor:
+        """Skip the update of a NaN/inf micro-batch; stop after `max_bad_steps` in a row.
+
+        Under DDP every process takes the same decision (one non-finite loss anywhere skips the micro-batch
+        everywhere), and the zero loss that replaces it stays connected to every trainable parameter, so
+        each process's backward runs the same gradient all-reduce and none waits for the others forever.
+        """
+        bad = not bool(torch.isfinite(loss).item())
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([1.0 if bad else 0.0], device=loss.device)
+            bad = bool(self.accelerator.gather(flag).max().item())
+        if not bad:
             self._bad_steps = 0
             return loss
         self._bad_steps += 1
@@ -223,8 +236,10 @@ class DistillationTrainer(Trainer):
                 "stopped, keeping the last saved checkpoint. Lower learning_rate, use fp32/bf16 instead of fp16, "
                 "or check the data"
             )
-        # A zero loss with a graph but no parameter in it: backward runs and leaves every gradient unchanged.
-        return reference.new_zeros((), requires_grad=True)
+        # Zero through the parameters, not through the NaN activations (0·NaN is NaN): every trainable
+        # parameter gets an exact zero gradient, so this micro-batch adds nothing.
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return sum((p.reshape(-1)[:1].sum() for p in trainable), loss.new_zeros(())) * 0.0
 
     def _record(self, parts: LossParts, normalizer: Any, inputs: dict[str, torch.Tensor]) -> None:
         # Parts are normalised per optimiser step; rescale to a per-token mean of this micro-batch for logging.

@@ -52,18 +52,18 @@ def test_lr_scheduler_names_match_transformers():
     assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
 
 
-def test_serve_options_are_server_settings_under_the_same_flags(monkeypatch, tmp_path):
+def test_serve_options_are_server_settings_under_the_same_flags(monkeypatch, tmp_path, model_dirs):
     seen = {}
     monkeypatch.setattr("nlm.inference.server.serve", lambda settings: seen.setdefault("settings", settings))
     config = tmp_path / "serve.yaml"
-    config.write_text(f"model: {tmp_path}\nmax_batch_size: 3\nport: 7000\n")
+    config.write_text(f"model: {model_dirs['student']}\nmax_batch_size: 3\nport: 7000\n")
     monkeypatch.setenv("NLM_SERVE__PORT", "9001")
     monkeypatch.setenv("NLM_KEY_FOR_TEST", "k3y-value-1234")
     assert main(["serve", "--config", str(config), "--request_timeout", "5", "--graceful_shutdown", "2",
                  "--api_key_env", "NLM_KEY_FOR_TEST", "--trust_remote_code"]) == 0
     settings = seen["settings"]
     assert isinstance(settings, ServerSettings)
-    assert (settings.model, settings.max_batch_size, settings.port) == (tmp_path, 3, 9001)
+    assert (settings.model, settings.max_batch_size, settings.port) == (model_dirs["student"], 3, 9001)
     assert (settings.request_timeout_s, settings.graceful_shutdown_s, settings.api_key) == (5.0, 2.0, "k3y-value-1234")
     assert settings.trust_remote_code is True and settings.max_new_tokens_cap == ServerSettings().max_new_tokens_cap
 

@@ -42,3 +42,32 @@ def test_json_log_format_is_one_object_per_line(capsys):
 def test_environment_secrets_lists_only_set_values():
     assert environment_secrets({"NLM_HF_TOKEN": "abcd1234", "OTHER": "x"}) == ["abcd1234"]
     assert environment_secrets({}) == []
+
+
+def test_library_warnings_go_to_debug_ours_to_warning(caplog):
+    import warnings
+    from pathlib import Path
+
+    import nlm
+    from nlm.config import logging_setup
+
+    setup_logging("INFO", "text")
+    logging_setup.hidden_warnings.clear()
+    ours = str(Path(nlm.__file__).parent / "models" / "lora.py")
+    with caplog.at_level(logging.DEBUG):
+        warnings.warn_explicit("old api", FutureWarning, "/venv/site-packages/peft/peft_model.py", 184)
+        warnings.warn_explicit("our call is wrong", UserWarning, ours, 90)
+    levels = {r.getMessage().split(":")[1].strip().split(" (")[0]: r.levelno for r in caplog.records
+              if r.name in ("py.warnings", "nlm.warnings")}
+    assert levels == {"old api": logging.DEBUG, "our call is wrong": logging.WARNING}
+    assert logging_setup.hidden_warnings == {"FutureWarning": 1}
+    logging_setup.hidden_warnings.clear()
+
+
+def test_only_the_main_process_logs_info(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    setup_logging("INFO", "text")
+    assert logging.getLogger().level == logging.WARNING
+    monkeypatch.setenv("RANK", "0")
+    setup_logging("INFO", "text")
+    assert logging.getLogger().level == logging.INFO

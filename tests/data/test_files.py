@@ -5,6 +5,8 @@ from nlm.errors import DataError
 
 
 def test_train_file_wins_over_the_channel(tmp_path):
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    (tmp_path / "b.jsonl").write_text("{}\n")
     assert resolve_train_files(tmp_path / "a.jsonl", {"SM_CHANNEL_TRAIN": str(tmp_path)}) == [tmp_path / "a.jsonl"]
 
 

@@ -36,3 +36,21 @@ def test_quick_demo_trains_and_evaluates_all_three(tmp_path):
     assert "nlm serve --model" in result.stdout and "distillation closed" in result.stdout
     metadata = json.loads((out / "runs" / "student_ce" / "final" / "training_metadata.json").read_text())
     assert metadata["config"]["distillation"]["alpha"] == 0.0
+
+
+def test_demo_never_deletes_a_users_folder_or_files(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("four years of work")
+    for extra in ([], ["--overwrite"]):
+        assert main(["demo", "--data-only", "--output_dir", str(mine), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "was not created by nlm (it holds thesis.txt)" in err and len(err.strip().splitlines()) == 1
+    assert (mine / "thesis.txt").read_text() == "four years of work"
+
+    demo = tmp_path / "demo"
+    assert main(["demo", "--data-only", "--output_dir", str(demo)]) == 0
+    (demo / "thesis.txt").write_text("saved next to the demo")
+    assert main(["demo", "--data-only", "--output_dir", str(demo), "--overwrite"]) == 0
+    assert (demo / "thesis.txt").read_text() == "saved next to the demo"
+    assert (demo / "data" / "heldout.jsonl").is_file()

@@ -175,3 +175,74 @@ def test_student_head_wider_than_the_vocabulary():
     grads_simple = _grads(simple.total, [head.weight])[0]
     torch.testing.assert_close(grads_fused, grads_simple, rtol=1e-5, atol=1e-6)
     assert grads_fused[32:].abs().max() == 0
+
+
+# --- mixed precision, chunk sizing, padded heads --------------------------------------------------------
+
+def _bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("linear", [True, False])
+def test_fused_under_bf16_autocast_matches_the_simple_path_under_autocast(linear):
+    """The simple path's head matmul runs in bf16 inside the model's forward; the fused chunks must too."""
+    student_hidden, head, teacher_hidden, teacher_head, targets = _setup(n=64, hidden=32, vocab=300, seed=3)
+    settings = LossSettings()
+    with _bf16():
+        student_logits = head(student_hidden)  # bf16, as under the Trainer's autocast
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_hidden)
+    simple = distillation_loss(student_logits, teacher_logits, targets)
+    call = head if linear else (lambda x: head(x))  # a non-Linear callable takes the autograd path
+    fused = fused_distillation_loss(student_hidden, call, targets, lambda s, e: teacher_logits[s:e], vocab_width=300,
+                                    settings=settings, chunk_size=16, autocast=_bf16,
+                                    head_parameters=None if linear else [head.weight, head.bias])
+    fp32 = fused_distillation_loss(student_hidden, head, targets, lambda s, e: teacher_logits[s:e], vocab_width=300,
+                                   settings=settings, chunk_size=16)
+    # bf16 keeps 8 bits of mantissa: the fused and simple bf16 losses agree to bf16 rounding of the logits,
+    # and far better than either agrees with fp32.
+    assert abs(fused.total.item() - simple.total.item()) < 1e-4
+    assert abs(fp32.total.item() - simple.total.item()) > 10 * abs(fused.total.item() - simple.total.item())
+    params = [student_hidden, head.weight, head.bias]
+    for a, b in zip(_grads(fused.total, params), _grads(simple.total, params), strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_chunk_size_depends_on_the_device_and_its_free_memory():
+    from nlm.distill.fused import DEFAULT_CHUNK_ELEMENTS, MAX_CHUNK_ELEMENTS, chunk_elements, chunk_rows
+
+    assert chunk_elements("cpu") == DEFAULT_CHUNK_ELEMENTS == chunk_elements(None)
+    assert chunk_rows(32_000, "cpu") == DEFAULT_CHUNK_ELEMENTS // 32_000
+    assert chunk_elements("cuda", free_bytes=256 << 20) == DEFAULT_CHUNK_ELEMENTS  # little free memory: the floor
+    assert chunk_elements("cuda", free_bytes=100 << 30) == MAX_CHUNK_ELEMENTS  # a large card: the cap
+    middle = chunk_elements("cuda", free_bytes=4 << 30)
+    assert DEFAULT_CHUNK_ELEMENTS < middle < MAX_CHUNK_ELEMENTS and middle * 4 * 6 * 8 <= 4 << 30
+
+
+def _head_flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_padded_heads_multiply_only_the_real_vocabulary_rows():
+    from nlm.models.heads import sliced_head
+
+    n, hidden, real, padded = 20, 16, 50, 64
+    student_hidden, head, teacher_hidden, teacher_head, targets = _setup(n=n, hidden=hidden, vocab=padded, teacher_vocab=padded)
+    targets = targets % real  # labels are real tokens
+    settings = LossSettings()
+    rows = dense_teacher_rows(teacher_hidden, sliced_head(teacher_head, real), real, torch.device("cpu"))
+    torch.testing.assert_close(rows(0, n), teacher_head(teacher_hidden)[:, :real])
+    assert _head_flops(lambda: rows(0, n)) == 2 * n * 24 * real  # not 2·n·24·64
+    # The student's logits and hidden-state gradient, and the teacher's logits: each over the V real rows.
+    # (The in-place weight-gradient addmm_ into grad[:V] is not seen by the counter; its rows are checked below.)
+    flops = _head_flops(lambda: fused_distillation_loss(student_hidden, head, targets, rows, vocab_width=real,
+                                                        settings=settings, chunk_size=7).total.backward())
+    assert flops == 2 * n * real * (hidden + hidden + 24)
+    simple = _simple(student_hidden, head, teacher_hidden, teacher_head, targets, real, settings)
+    fused = fused_distillation_loss(student_hidden, head, targets, rows, vocab_width=real, settings=settings, chunk_size=7)
+    torch.testing.assert_close(fused.total, simple.total, rtol=1e-5, atol=1e-6)
+    assert head.weight.grad is not None and head.weight.grad[real:].abs().sum() == 0

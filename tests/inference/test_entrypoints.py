@@ -43,3 +43,22 @@ def test_command_flags_are_range_checked(capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_model_specs_name_each_model(tmp_path):
+    from nlm.inference.settings import parse_model_specs
+
+    (tmp_path / "kd").mkdir()
+    assert parse_model_specs([str(tmp_path / "kd")]) == (("kd", tmp_path / "kd"),)
+    assert parse_model_specs([str(tmp_path / "kd")], "student") == (("student", tmp_path / "kd"),)
+    assert parse_model_specs([f"a={tmp_path / 'kd'}", f"b={tmp_path}/x=y"]) == (("a", tmp_path / "kd"), ("b", tmp_path / "x=y"))
+    odd = tmp_path / "v=2"
+    odd.mkdir()
+    assert parse_model_specs([str(odd)]) == (("v=2", odd),)  # an existing folder with '=' in its name stays a path
+
+
+def test_serve_with_two_models_of_one_name_or_a_missing_folder_is_a_usage_error(tmp_path, capsys):
+    assert main(["serve", "--model", f"a={tmp_path}", "--model", f"a={tmp_path}"]) == 2
+    assert "the name 'a' is used twice" in capsys.readouterr().err
+    assert main(["serve", "--model", f"a={tmp_path}", "--model", f"b={tmp_path / 'missing'}"]) == 2
+    assert f"model folder {tmp_path / 'missing'} not found" in capsys.readouterr().err

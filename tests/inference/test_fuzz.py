@@ -1,7 +1,9 @@
-"""Property test driven by the app's own OpenAPI schema: no request body makes the server answer 5xx."""
+"""Property test driven by the app's own OpenAPI schema: no request body makes the server answer 5xx, on a
+RoPE model with a large context and on a GPT-2 model with absolute positions and only 64 of them."""
 
 import json
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,20 +53,37 @@ def bodies(route: str):
 ROUTES = ["/invocations", "/v1/completions", "/v1/chat/completions"]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@pytest.fixture(params=["served", "served_small_context"])
+def server(request):
+    return request.getfixturevalue(request.param)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
-def test_no_body_yields_a_server_error(served, data):
+def test_no_body_yields_a_server_error(server, data):
     route = data.draw(st.sampled_from(ROUTES))
     body = data.draw(bodies(route))
-    response = served.post(route, content=json.dumps(body), headers={"content-type": "application/json"})
+    response = server.post(route, content=json.dumps(body), headers={"content-type": "application/json"})
     assert response.status_code < 500, (route, body, response.text)
     if response.status_code >= 400:
         error = response.json()["error"]
         assert error["type"] and error["message"]
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=st.binary(max_size=200), route=st.sampled_from(ROUTES))
-def test_raw_bytes_never_yield_a_server_error(served, raw, route):
-    response = served.post(route, content=raw, headers={"content-type": "application/json"})
+def test_raw_bytes_never_yield_a_server_error(server, raw, route):
+    response = server.post(route, content=raw, headers={"content-type": "application/json"})
     assert response.status_code < 500, (route, raw, response.text)
+
+
+def test_small_context_overruns_are_422_naming_the_limit(served_small_context):
+    for body in ({"prompt": "hello", "max_new_tokens": 300}, {"prompt": "the quick brown fox " * 3, "max_new_tokens": 40}):
+        response = served_small_context.post("/invocations", json=body)
+        assert response.status_code == 422 and "context of 64 tokens" in response.json()["error"]["message"], response.text
+    response = served_small_context.post("/v1/completions", json={"prompt": "hello " * 70})
+    assert response.status_code == 422 and "context is 64 tokens" in response.json()["error"]["message"]
+    fitted = served_small_context.post("/invocations", json={"prompt": "the quick brown fox " * 3, "temperature": 0})
+    assert fitted.status_code == 200 and fitted.json()["generation_config"]["max_length"] <= 64
+    sampled = served_small_context.post("/invocations", json={"prompt": "hello", "max_new_tokens": 4}).json()
+    assert sampled["generation_config"]["do_sample"] is True and sampled["generation_config"]["top_p"] == 0.9

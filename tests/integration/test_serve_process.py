@@ -84,11 +84,11 @@ def test_concurrent_requests_all_succeed_and_share_batches(server):
 def test_batched_results_equal_single_results(server):
     base, headers = server["base"], server["headers"]
     prompts = ["the quick brown fox", "hello", "a teacher and a student share one tokenizer", "question: what"]
-    alone = [httpx.post(f"{base}/invocations", json={"prompt": p, "max_new_tokens": 6}, headers=headers).json()["responses"]
+    alone = [httpx.post(f"{base}/invocations", json={"prompt": p, "max_new_tokens": 6}, headers=headers, timeout=60).json()["responses"]
              for p in prompts]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda p: httpx.post(f"{base}/invocations", json={"prompt": p, "max_new_tokens": 6},
-                                                      headers=headers).json()["responses"], prompts))
+                                                      headers=headers, timeout=60).json()["responses"], prompts))
     assert together == alone
 
 

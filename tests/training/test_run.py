@@ -96,8 +96,11 @@ class _Crash(TrainerCallback):
             raise KeyboardInterrupt("simulated crash")
 
 
-def test_resume_gives_the_same_final_weights_as_an_uninterrupted_run(model_dirs, pc_file, tmp_path, monkeypatch):
-    straight = train(_config(model_dirs, pc_file, tmp_path / "a"))
+@pytest.mark.parametrize("extra", [[], ["--lora.enabled", "--lora.r", "4", "--lora.dropout", "0.2"]])
+def test_resume_gives_the_same_final_weights_as_an_uninterrupted_run(model_dirs, pc_file, tmp_path, monkeypatch, extra):
+    # Randomness is present: the data are shuffled every epoch (6 steps of 4 over 24 examples, one reshuffle)
+    # and, in the LoRA case, adapter dropout draws new masks at every step.
+    straight = train(_config(model_dirs, pc_file, tmp_path / "a", *extra))
     import nlm.training.run as run_module
 
     original = run_module.install_callbacks
@@ -108,12 +111,14 @@ def test_resume_gives_the_same_final_weights_as_an_uninterrupted_run(model_dirs,
 
     monkeypatch.setattr(run_module, "install_callbacks", with_crash)
     with pytest.raises(KeyboardInterrupt):
-        train(_config(model_dirs, pc_file, tmp_path / "b"))
+        train(_config(model_dirs, pc_file, tmp_path / "b", *extra))
     monkeypatch.setattr(run_module, "install_callbacks", original)
     with pytest.raises(RunExistsError, match="unfinished run; pass --resume"):
-        train(_config(model_dirs, pc_file, tmp_path / "b"))
-    resumed = train(_config(model_dirs, pc_file, tmp_path / "b", "--resume"))
-    a, b = _weights(straight.final_dir), _weights(resumed.final_dir)
+        train(_config(model_dirs, pc_file, tmp_path / "b", *extra))
+    torch.rand(5)  # the process's random state moves on; the run must not depend on it
+    resumed = train(_config(model_dirs, pc_file, tmp_path / "b", "--resume", *extra))
+    name = "adapter_model.safetensors" if extra else "model.safetensors"
+    a, b = load_file(str(straight.final_dir / name)), load_file(str(resumed.final_dir / name))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
@@ -248,3 +253,48 @@ def test_models_that_post_process_logits_fall_back_to_the_simple_loss(tmp_path, 
         result = train(_config({"teacher": tmp_path / "t", "student": tmp_path / "s"}, pc_file, tmp_path / "out", "--max_steps", "2"))
     assert "post-processes its logits" in caplog.text
     assert json.loads((result.final_dir / "training_metadata.json").read_text())["loss_impl"] == "simple"
+
+
+def test_overwrite_replaces_only_what_an_earlier_run_wrote(model_dirs, pc_file, tmp_path):
+    from nlm.config.paths import MARKER, read_marker
+    from nlm.errors import FolderNotOwnedError
+
+    first = train(_config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "1", "--save_steps", "1"))
+    assert read_marker(first.run_dir)["created_by"] == "nlm train"
+    (first.run_dir / "notes.txt").write_text("why this run matters")
+    second = train(_config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "2", "--save_steps", "2", "--overwrite"))
+    assert sorted(p.name for p in second.run_dir.iterdir()) == [MARKER, "checkpoint-2", "final", "notes.txt"]
+    assert (second.run_dir / "notes.txt").read_text() == "why this run matters"
+
+    mine = tmp_path / "out" / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("four years of work")
+    with pytest.raises(FolderNotOwnedError, match="mine is not empty and was not created by nlm"):
+        train(_config(model_dirs, pc_file, tmp_path / "out", "--run_name", "mine", "--overwrite"))
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.txt"]
+
+
+def test_same_seed_same_adapters_different_seed_different_adapters(model_dirs, pc_file, tmp_path):
+    def adapters(seed, folder):
+        torch.rand(3)  # whatever the process drew before, the seed decides
+        result = train(_config(model_dirs, pc_file, tmp_path / folder, "--max_steps", "2", "--seed", str(seed),
+                               "--lora.enabled", "--lora.r", "4", "--lora.dropout", "0.2"))
+        return load_file(str(result.final_dir / "adapter_model.safetensors"))
+
+    a, b, c = adapters(7, "a"), adapters(7, "b"), adapters(8, "c")
+    assert a.keys() == b.keys() == c.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lora_a = [key for key in a if "lora_A" in key]
+    assert lora_a and all(not torch.equal(a[key], c[key]) for key in lora_a)
+
+
+def test_gradient_accumulation_4x1_equals_one_batch_of_4(model_dirs, pc_file, tmp_path):
+    """Loss normalised by the step's target tokens: 4 micro-batches of 1 == 1 batch of 4 (same examples)."""
+    finals = {}
+    for name, batch, accumulation in (("4x1", "1", "4"), ("1x4", "4", "1")):
+        result = train(_config(model_dirs, pc_file, tmp_path / name, "--max_steps", "3", "--save_strategy", "no",
+                               "--per_device_train_batch_size", batch, "--gradient_accumulation_steps", accumulation))
+        finals[name] = _weights(result.final_dir)
+    for key in finals["4x1"]:
+        torch.testing.assert_close(finals["4x1"][key], finals["1x4"][key], rtol=0, atol=1e-5, msg=key)

@@ -26,7 +26,9 @@ PINNED: dict[str, list[float]] = {
     "fused": [2.8535447120666504, 2.8034448623657227, 2.7583346366882324],
     "simple": [2.8535447120666504, 2.8034448623657227, 2.7583343982696533],
     "jsd": [1.7099013328552246, 1.679822325706482, 1.6527647972106934],
-    "cache": [2.84624981880188, 2.7961699962615967, 2.7510273456573486],
+    # Repinned when main's cache integrity work (issue 9) landed: the top-k log-probabilities are now rounded
+    # down to fp16 and the tail is what they leave, so the cached targets (and these losses) moved by ~2e-5.
+    "cache": [2.846214532852173, 2.796128749847412, 2.7509799003601074],
 }
 
 

@@ -1,0 +1,237 @@
+"""`nlm serve` vs `transformers serve` (without and with `--continuous-batching`) on the same model, side by side.
+
+    .venv/bin/python bench/serve_compare.py [--concurrency 1 8 32] [--max_tokens 32] [--requests 32]
+
+The model: a 6-layer Llama-family config (SmolLM2-135M's widths: 576 hidden, 9 heads, 3 KV heads) with a
+49,152-token vocabulary, random weights, and a word-level tokenizer covering all 49,152 ids (so every id a
+random model picks decodes to one word and is counted once), built into a temporary folder. Each server runs
+as a real process on loopback, CPU, one after the other; for each concurrency C, C closed-loop clients send
+`--requests` POST /v1/completions in total (greedy, `max_tokens` each), then C streaming requests measure the
+time to the first token. Every server gets the same `--threads` (OMP_NUM_THREADS, default 1). Completion tokens come from each answer's `usage` (or, when streaming, its words).
+Then the memory of an `nlm serve` process with 1 and with 3 LoRA students of the same base (one base copy,
+PEFT adapters) gives the memory each extra student costs. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+VOCAB = 49152
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_model(folder: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=576, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=9,
+                         num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+
+
+def build_students(base: Path, root: Path, count: int) -> list[Path]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folders = []
+    for index in range(count):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                               LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        model.peft_config["default"].base_model_name_or_path = str(base)
+        folder = root / f"student{index}"
+        model.save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # set from --threads in main(); the same for every server
+
+
+def start(command: list[str], health: str, port: int) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **THREADS})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[:4]} exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base}{health}", timeout=2).status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"{command[:4]} did not start")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def prompt(index: int) -> str:
+    return " ".join(f"w{(index * 7919 + k * 104729) % (VOCAB - 3) + 3}" for k in range(20))
+
+
+async def closed_loop(base: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    latencies: list[float] = []
+    tokens = 0
+    counter = iter(range(requests))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        for index in counter:
+            body = {"model": model, "prompt": prompt(index), "max_tokens": max_tokens, "temperature": 0}
+            started = time.perf_counter()
+            response = await http.post(f"{base}/v1/completions", json=body)
+            latencies.append(time.perf_counter() - started)
+            response.raise_for_status()
+            tokens += response.json()["usage"]["completion_tokens"]
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"completion_tokens_per_s": round(tokens / elapsed, 1), "requests": requests, "completion_tokens": tokens,
+            "p50_latency_s": round(statistics.median(latencies), 3),
+            "p99_latency_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3)}
+
+
+async def streaming_ttft(base: str, model: str, concurrency: int, max_tokens: int) -> dict:
+    firsts: list[float] = []
+
+    async def one(index: int, http: httpx.AsyncClient) -> None:
+        body = {"model": model, "prompt": prompt(1000 + index), "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        started = time.perf_counter()
+        async with http.stream("POST", f"{base}/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("text"):
+                    firsts.append(time.perf_counter() - started)
+                    break
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as http:
+        await asyncio.gather(*(one(i, http) for i in range(concurrency)))
+    firsts.sort()
+    return {"ttft_p50_s": round(statistics.median(firsts), 3) if firsts else None,
+            "ttft_p99_s": round(firsts[min(len(firsts) - 1, int(0.99 * len(firsts)))], 3) if firsts else None}
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def lora_memory(base_folder: Path, root: Path) -> dict:
+    students = build_students(base_folder, root, 3)
+    figures = {}
+    for count in (1, 3):
+        port = free_port()
+        command = [sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--port", str(port), "--device", "cpu"]
+        for index, folder in enumerate(students[:count]):
+            command += ["--model", f"s{index}={folder}"]
+        process, _ = start(command, "/ping", port)
+        time.sleep(2)
+        figures[count] = rss_mib(process.pid)
+        stop(process)
+    port = free_port()
+    process, _ = start([sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--port", str(port), "--device", "cpu",
+                        "--model", f"base={base_folder}"], "/ping", port)
+    time.sleep(2)
+    base_rss = rss_mib(process.pid)
+    stop(process)
+    return {"rss_base_only_mib": round(base_rss, 1), "rss_1_student_mib": round(figures[1], 1),
+            "rss_3_students_mib": round(figures[3], 1), "mib_per_extra_student": round((figures[3] - figures[1]) / 2, 1),
+            "lora": "r=16 on q,k,v,o"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max_tokens", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least the concurrency)")
+    parser.add_argument("--servers", nargs="+", default=["nlm", "transformers", "transformers_cb"])
+    parser.add_argument("--skip_lora", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads of every server (OMP_NUM_THREADS); on a shared, oversubscribed CPU more "
+                             "than 1 makes each op wait for descheduled sibling threads")
+    args = parser.parse_args()
+    THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    transformers_cli = str(Path(sys.executable).with_name("transformers"))
+    results: dict = {"model": "llama 6x576, vocab 49152, random weights", "max_tokens": args.max_tokens,
+                     "cpu_count": os.cpu_count(), "server_threads": args.threads, "load_average": os.getloadavg()[0],
+                     "servers": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        build_model(folder)
+        for server in args.servers:
+            port = free_port()
+            if server == "nlm":
+                command = [sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--model", str(folder),
+                           "--port", str(port), "--device", "cpu", "--max_new_tokens_cap", "4096", "--request_timeout", "3600"]
+                health = "/ping"
+            else:
+                command = [transformers_cli, "serve", str(folder), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu"]
+                command += ["--continuous-batching"] if server == "transformers_cb" else []
+                health = "/health"
+            process, base = start(command, health, port)
+            try:
+                name = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+                asyncio.run(closed_loop(base, name, 2, 2, 4))  # warm-up
+                levels = {}
+                for concurrency in args.concurrency:
+                    figures = asyncio.run(closed_loop(base, name, concurrency, max(args.requests, concurrency), args.max_tokens))
+                    figures.update(asyncio.run(streaming_ttft(base, name, concurrency, args.max_tokens)))
+                    levels[str(concurrency)] = figures
+                    print(json.dumps({server: {concurrency: figures}}), file=sys.stderr, flush=True)
+                results["servers"][server] = levels
+            finally:
+                stop(process)
+        if "nlm" in results["servers"] and "transformers_cb" in results["servers"]:
+            results["nlm_vs_transformers_cb_tokens_per_s"] = {
+                c: round(results["servers"]["nlm"][c]["completion_tokens_per_s"]
+                         / results["servers"]["transformers_cb"][c]["completion_tokens_per_s"], 2)
+                for c in results["servers"]["nlm"] if c in results["servers"]["transformers_cb"]}
+        if not args.skip_lora:
+            results["lora_students"] = lora_memory(folder, Path(tmp))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
