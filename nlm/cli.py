@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "config show": "nlm.commands.config_show",
     "data inspect": "nlm.commands.data_inspect",
     "data mix": "nlm.commands.data_mix",
+    "data select": "nlm.commands.data_select",
     "pipeline run": "nlm.commands.pipeline_run",
     "export": "nlm.commands.export",
     "publish": "nlm.commands.publish",

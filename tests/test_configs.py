@@ -61,6 +61,9 @@ def test_each_config_trains_with_tiny_local_models(path, model_dirs, pc_file, tm
         import json
 
         swap += ["--teachers", json.dumps([{**spec, "model": str(model_dirs["teacher"]), "device": None} for spec in data["teachers"]])]
+    if "train_mixture" in data:  # the same tiny file as two weighted sources
+        i = swap.index("--train_file")
+        swap[i:i + 2] = ["--train_mixture", f'[{{"path": "{pc_file}", "weight": 3, "name": "a"}}, {{"path": "{pc_file}", "name": "b"}}]']
     if "eval_file" in data:
         swap += ["--eval_file", str(pc_file)]
     result = train(load_config(swap, path).config)

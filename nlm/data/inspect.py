@@ -56,3 +56,27 @@ def format_report(path: Path, report: dict[str, Any]) -> str:
         lines.append(f"  tokens:  p50 {t['p50']}  p90 {t['p90']}  p95 {t['p95']}  p99 {t['p99']}  max {t['max']}")
         lines.append(f"  would be truncated at max_seq_length={t['max_seq_length']}: {report['would_truncate']}")
     return "\n".join(lines)
+
+
+def inspect_sources(specs: list[tuple[str, float, list[Path]]], tokenizer: Any | None = None,
+                    settings: TokenizeSettings | None = None) -> dict[str, Any]:
+    """Per-source counts of a training mixture: (name, weight, files) -> the file report summed per source,
+    with the weight and the sampling probability it stands for."""
+    total = sum(weight for _, weight, _ in specs)
+    sources = []
+    for name, weight, files in specs:
+        reports = [inspect_file(path, tokenizer, settings) for path in files]
+        sources.append({
+            "name": name, "weight": weight, "probability": round(weight / total, 6), "files": [str(p) for p in files],
+            "lines": sum(r["lines"] for r in reports), "valid": sum(r["valid"] for r in reports),
+            "skipped": sum(sum(r["skipped"].values()) for r in reports),
+        })
+    return {"sources": sources, "valid": sum(s["valid"] for s in sources)}
+
+
+def format_sources(report: dict[str, Any]) -> str:
+    lines = [f"{'source':<20} {'weight':>8} {'p':>7} {'records':>9} {'skipped':>8}  files"]
+    for s in report["sources"]:
+        lines.append(f"{s['name']:<20} {s['weight']:>8g} {s['probability']:>7.3f} {s['valid']:>9} {s['skipped']:>8}  "
+                     + ", ".join(s["files"]))
+    return "\n".join(lines)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,32 +15,14 @@ from nlm.config.paths import claim_folder, mark_folder, path_inside
 from nlm.config.settings import TrainingConfig
 from nlm.data.tokenize import TokenizeSettings
 from nlm.demo.report import write_report
-from nlm.demo.task import build_demo_data, corpus, write_jsonl
+from nlm.demo.task import write_jsonl
+from nlm.demo.tasks import DemoBudget, DemoTaskSpec, get_task  # noqa: F401  (DemoBudget: re-exported)
 from nlm.models.loading import count_parameters
 from nlm.models.scratch import build_causal_lm, build_tokenizer
 from nlm.training.evaluate import evaluate_model
 from nlm.training.run import train
 
 logger = logging.getLogger("nlm.demo")
-
-
-@dataclass(frozen=True)
-class DemoBudget:
-    """Model sizes and steps; `quick` is the same pipeline with fewer steps, for tests."""
-
-    teacher_layers: int = 4
-    teacher_hidden: int = 128
-    student_layers: int = 2
-    student_hidden: int = 64
-    teacher_epochs: float = 4.0
-    student_epochs: float = 30.0
-    teacher_lr: float = 2e-3
-    student_lr: float = 2e-3
-    batch_size: int = 32
-
-    @classmethod
-    def quick(cls) -> DemoBudget:
-        return cls(teacher_epochs=1.0, student_epochs=2.0, teacher_hidden=64, teacher_layers=2, student_hidden=32)
 
 
 class _Phases:
@@ -73,14 +54,15 @@ def prepare_output(output_dir: Path, overwrite: bool) -> Path:
                                        "--output_dir to write elsewhere")
 
 
-def write_demo_data(root: Path, seed: int) -> dict[str, Path]:
-    data = build_demo_data(seed)
+def write_demo_data(root: Path, seed: int, task: DemoTaskSpec | None = None) -> dict[str, Path]:
+    task = task or get_task("colours")
+    data = task.build_data(seed)
     files = {
         "teacher_train": write_jsonl(path_inside(root, "data/teacher_train.jsonl"), data.teacher_train),
         "student_train": write_jsonl(path_inside(root, "data/student_train.jsonl"), data.student_train),
         "heldout": write_jsonl(path_inside(root, "data/heldout.jsonl"), data.heldout),
     }
-    tokenizer = build_tokenizer(corpus(data), vocab_size=400)
+    tokenizer = build_tokenizer(task.corpus(data), vocab_size=400)
     tokenizer.save_pretrained(path_inside(root, "tokenizer"))
     logger.info("demo data: %d teacher examples, %d student examples, %d held-out", len(data.teacher_train),
                 len(data.student_train), len(data.heldout))
@@ -101,7 +83,8 @@ def initial_model(root: Path, name: str, layers: int, hidden: int, seed: int) ->
 
 
 def _train(root: Path, run_name: str, student: Path, train_file: Path, epochs: float, lr: float, batch: int, seed: int,
-           teacher: Path | None, log_format: str) -> tuple[Path, float, list[dict]]:
+           teacher: Path | None, log_format: str, distillation: dict[str, Any] | None = None
+           ) -> tuple[Path, float, list[dict]]:
     import json
 
     config = TrainingConfig(
@@ -120,7 +103,7 @@ def _train(root: Path, run_name: str, student: Path, train_file: Path, epochs: f
         save_strategy="no",
         logging_steps=10,
         device_preference=["cpu"],
-        distillation={"alpha": 0.5 if teacher else 0.0},
+        distillation={"alpha": 0.5 if teacher else 0.0, **(distillation or {})},
     )
     started = time.perf_counter()
     result = train(config, log_format=log_format)
@@ -130,17 +113,25 @@ def _train(root: Path, run_name: str, student: Path, train_file: Path, epochs: f
 
 
 def run_demo(output_dir: Path, seed: int = 0, quick: bool = False, overwrite: bool = False, data_only: bool = False,
-             log_format: str = "text") -> dict[str, Any]:
+             log_format: str = "text", task: str = "colours") -> dict[str, Any]:
     """Run the whole demo; returns the report (also written as report.json/report.md/curves.png)."""
-    budget = DemoBudget.quick() if quick else DemoBudget()
+    spec = get_task(task)
+    budget = spec.quick_budget if quick else spec.budget
     root = prepare_output(output_dir, overwrite)
+    # (key, phase name, distillation overrides, uses the teacher); every student has the same budget.
+    students: list[tuple[str, str, dict[str, Any] | None, bool]] = [("student_kd", "distilling the student", None, True)]
+    if spec.on_policy is not None:
+        students.append(("student_on_policy", f"distilling the on-policy student (lmbda={spec.on_policy['lmbda']})",
+                         spec.on_policy, True))
+    students.append(("student_ce", "fine-tuning the baseline student (alpha=0)", None, False))
+    student_weight = 0.3 / len(students)
     phases = _Phases(
-        ["writing data and tokenizer", "training the teacher on the full pool", "distilling the student",
-         "fine-tuning the baseline student (alpha=0)", "evaluating all three on held-out prompts"],
-        [0.02, 0.6, 0.2, 0.1, 0.08],
+        ["writing data and tokenizer", "training the teacher on the full pool", *[s[1] for s in students],
+         f"evaluating all {len(students) + 1} on held-out prompts"],
+        [0.02, 0.6, *[student_weight] * len(students), 0.08],
     )
     phases.next()
-    files = write_demo_data(root, seed)
+    files = write_demo_data(root, seed, spec)
     if data_only:
         print(f"demo data written to {root / 'data'} and tokenizer to {root / 'tokenizer'}")
         return {"data": {k: str(v) for k, v in files.items()}, "tokenizer": str(root / "tokenizer")}
@@ -151,18 +142,21 @@ def run_demo(output_dir: Path, seed: int = 0, quick: bool = False, overwrite: bo
     phases.next()
     teacher, teacher_s, teacher_log = _train(root, "teacher", teacher_init, files["teacher_train"], budget.teacher_epochs,
                                              budget.teacher_lr, budget.batch_size, seed, None, log_format)
-    phases.next()
-    kd, kd_s, kd_log = _train(root, "student_kd", student_init, files["student_train"], budget.student_epochs,
-                              budget.student_lr, budget.batch_size, seed, teacher, log_format)
-    phases.next()
-    ce, ce_s, ce_log = _train(root, "student_ce", student_init, files["student_train"], budget.student_epochs,
-                              budget.student_lr, budget.batch_size, seed, None, log_format)
+    runs = {"teacher": (teacher, teacher_s)}
+    histories = {"teacher": teacher_log}
+    for key, _, distillation, distilled in students:
+        phases.next()
+        folder, seconds, history = _train(root, key, student_init, files["student_train"], budget.student_epochs,
+                                          budget.student_lr, budget.batch_size, seed, teacher if distilled else None,
+                                          log_format, distillation)
+        runs[key], histories[key] = (folder, seconds), history
     phases.next()
     settings = TokenizeSettings(max_seq_length=64)
-    results = {}
-    for name, folder, seconds in (("teacher", teacher, teacher_s), ("student_kd", kd, kd_s), ("student_ce", ce, ce_s)):
+    results: dict[str, Any] = {}
+    for name, (folder, seconds) in runs.items():
         metrics = evaluate_model(folder, files["heldout"], teacher_path=teacher if name != "teacher" else None,
-                                 batch_size=64, settings=settings, device="cpu", exact_match=True, max_new_tokens=4)
+                                 batch_size=64, settings=settings, device="cpu", exact_match=True,
+                                 max_new_tokens=spec.eval_max_new_tokens)
         from transformers import AutoModelForCausalLM
 
         params = count_parameters(AutoModelForCausalLM.from_pretrained(folder))[1]
@@ -173,7 +167,10 @@ def run_demo(output_dir: Path, seed: int = 0, quick: bool = False, overwrite: bo
         }
     gap = results["teacher"]["accuracy"] - results["student_ce"]["accuracy"]
     results["gap_closed"] = (results["student_kd"]["accuracy"] - results["student_ce"]["accuracy"]) / gap if gap > 0 else None
-    results["seed"], results["quick"] = seed, quick
+    if spec.on_policy is not None:
+        results["student_on_policy"]["lmbda"] = spec.on_policy["lmbda"]
+        results["on_policy_gain"] = results["student_on_policy"]["accuracy"] - results["student_kd"]["accuracy"]
+    results["task"], results["seed"], results["quick"] = spec.name, seed, quick
     results["data"] = {k: str(v) for k, v in files.items()}
-    write_report(root, results, {"teacher": teacher_log, "student_kd": kd_log, "student_ce": ce_log})
+    write_report(root, results, histories)
     return results

@@ -91,19 +91,20 @@ def evaluate_across_tokenizers(model: Any, tokenizer: Any, teacher_model: Any, t
                                settings: TokenizeSettings, batch_size: int, device: torch.device) -> dict[str, Any]:
     """A teacher with another tokenizer: the student's token metrics, both models' bits per byte of the same
     target text, and the aligned ULD divergence (docs/CROSS_TOKENIZER.md)."""
-    data = tokenize_records([data_file], tokenizer, settings, cache_root=None, teacher_tokenizer=teacher_tokenizer)
-    collate = PaddingCollator(tokenizer.pad_token_id or 0, teacher_pad_token_id=teacher_tokenizer.pad_token_id or 0)
-    loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=collate)
     student_width = own_vocab_width(tokenizer, model, "student")
     teacher_width = own_vocab_width(teacher_tokenizer, teacher_model, "teacher")
     sums, cross = EvalSums(), CrossEvalSums()
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        score_batch(sums, model, batch, student_width, teacher=None, chunked=True)
-        score_cross_batch(cross, model, teacher_model, batch, student_width, teacher_width, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="nlm-eval-") as scratch:  # memory-mapped, as in training
+        data = tokenize_records([data_file], tokenizer, settings, cache_root=Path(scratch), teacher_tokenizer=teacher_tokenizer)
+        collate = PaddingCollator(tokenizer.pad_token_id or 0, teacher_pad_token_id=teacher_tokenizer.pad_token_id or 0)
+        for batch in DataLoader(data.dataset, batch_size=batch_size, collate_fn=collate):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            score_batch(sums, model, batch, student_width, teacher=None, chunked=True)
+            score_cross_batch(cross, model, teacher_model, batch, student_width, teacher_width, tokenizer)
+        examples = len(data.dataset)
     result = sums.metrics()
     result.update(cross.metrics())
-    result["examples"] = len(data.dataset)
+    result["examples"] = examples
     return result
 
 

@@ -159,7 +159,8 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         {"student": student, "teacher": teacher_models[0] if len(teacher_models) == 1 else None},
         {"student": config.student_model, "teacher": config.teacher_model}, vocab_width,
         tokenizer.pad_token_id or 0, config.per_device_eval_batch_size, path_inside(config.output_dir, ".cache/tokenized")))
-    loss_impl = choose_loss_impl(config.loss_impl, student, teacher, data.train[0]["input_ids"])
+    loss_impl = choose_loss_impl(config.loss_impl, student, teacher, data.train[0]["input_ids"],
+                                 data.train[0].get("teacher_input_ids"))
     objective = build_objective(config, student, teacher)
     check_routes(config, data, plan)
     if config.lora.enabled:
@@ -289,14 +290,20 @@ def check_routes(config: TrainingConfig, data: PreparedData, plan: OrderPlan | N
                         f"train_mixture source named after a teacher ({', '.join(config.route_teachers)})")
 
 
-def choose_loss_impl(requested: str, student: Any, teacher: Any, sample_ids: list[int]) -> str:
-    """The fused loss needs logits == head(hidden); models that soft-cap or scale logits use the simple path."""
+def choose_loss_impl(requested: str, student: Any, teacher: Any, sample_ids: list[int],
+                     teacher_sample_ids: list[int] | None = None) -> str:
+    """The fused loss needs logits == head(hidden); models that soft-cap or scale logits use the simple path.
+
+    A teacher with its own tokenizer (cross-tokenizer) is checked on its own token ids."""
     if requested != "fused":
         return requested
-    ids = torch.tensor([sample_ids[:8]])  # a few tokens: the check runs before the student reaches its device
-    checks = [("student", student)] + ([("teacher", model) for model in teacher.models()] if teacher is not None else [])
-    for role, model in checks:
-        if not head_reproduces_logits(model, ids.to(next(model.parameters()).device)):
+    # A few tokens: the check runs before the student reaches its device.
+    ids = torch.tensor([sample_ids[:8]])
+    teacher_ids = torch.tensor([teacher_sample_ids[:8]]) if teacher_sample_ids else ids
+    checks = [("student", student, ids)] + ([("teacher", model, teacher_ids) for model in teacher.models()]
+                                            if teacher is not None else [])
+    for role, model, sample in checks:
+        if not head_reproduces_logits(model, sample.to(next(model.parameters()).device)):
             logger.warning("the %s post-processes its logits (e.g. soft-capping): using loss_impl=simple", role)
             return "simple"
     return "fused"

@@ -38,6 +38,40 @@ def test_quick_demo_trains_and_evaluates_all_three(tmp_path):
     assert metadata["config"]["distillation"]["alpha"] == 0.0
 
 
+def test_unknown_task_is_a_usage_error_naming_the_choices(tmp_path, capsys):
+    assert main(["demo", "--task", "nope", "--data-only", "--output_dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "--task" in err and "colours" in err and "reverse" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_data_only_reverse_task_writes_its_own_data(tmp_path):
+    assert main(["demo", "--task", "reverse", "--data-only", "--output_dir", str(tmp_path / "d")]) == 0
+    row = json.loads((tmp_path / "d" / "data" / "heldout.jsonl").read_text().splitlines()[0])
+    assert row["prompt"].startswith("reverse: ") and row["completion"].split() == row["prompt"].split()[1:][::-1]
+
+
+@pytest.mark.slow
+def test_quick_reverse_demo_reports_on_policy_next_to_off_policy(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "nlm.cli", "demo", "--task", "reverse", "--quick", "--output_dir",
+                             str(out), "--seed", "0"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "reverse"
+    for key in ("teacher", "student_kd", "student_on_policy", "student_ce"):
+        assert 0 <= report[key]["accuracy"] <= 1 and report[key]["loss"] > 0
+    assert report["on_policy_gain"] == report["student_on_policy"]["accuracy"] - report["student_kd"]["accuracy"]
+    on_policy = json.loads((out / "runs" / "student_on_policy" / "final" / "training_metadata.json").read_text())
+    off_policy = json.loads((out / "runs" / "student_kd" / "final" / "training_metadata.json").read_text())
+    assert on_policy["config"]["distillation"]["lmbda"] == report["student_on_policy"]["lmbda"] > 0
+    assert off_policy["config"]["distillation"]["lmbda"] == 0
+    for key in ("num_train_epochs", "learning_rate", "per_device_train_batch_size", "student_model", "train_file"):
+        assert on_policy["config"][key] == off_policy["config"][key]  # the same budget
+    assert "on-policy student (lmbda=" in result.stdout and "on-policy minus off-policy" in result.stdout
+    assert "on-policy student" in (out / "report.md").read_text()
+
+
 def test_demo_never_deletes_a_users_folder_or_files(tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()

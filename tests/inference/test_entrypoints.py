@@ -60,5 +60,9 @@ def test_model_specs_name_each_model(tmp_path):
 def test_serve_with_two_models_of_one_name_or_a_missing_folder_is_a_usage_error(tmp_path, capsys):
     assert main(["serve", "--model", f"a={tmp_path}", "--model", f"a={tmp_path}"]) == 2
     assert "the name 'a' is used twice" in capsys.readouterr().err
-    assert main(["serve", "--model", f"a={tmp_path}", "--model", f"b={tmp_path / 'missing'}"]) == 2
-    assert f"model folder {tmp_path / 'missing'} not found" in capsys.readouterr().err
+    assert main(["serve", "--model", f"b={tmp_path / 'missing'}", "--model", f"a={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "missing") in err and "not found" in err and len(err.strip().splitlines()) == 1
+    # a folder that exists but holds no model is named too (checked before the server starts)
+    assert main(["serve", "--model", f"a={tmp_path}"]) == 2
+    assert f"{tmp_path} is not a model folder" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def test_malformed_pipelines_are_one_line_errors(tmp_path, document, message):
 def test_the_example_pipeline_loads():
     from pathlib import Path
 
-    pipeline = load_pipeline(Path(__file__).resolve().parents[2] / "configs" / "pipelines" / "team.yaml")
+    pipeline = load_pipeline(Path(__file__).resolve().parents[2] / "configs" / "pipeline.yaml")
     assert [a.name for a in pipeline.agents] == ["full", "lora", "reverse_kl"] and pipeline.teacher_cache.top_k == 64
     assert pipeline.agents[1].document["lora"] == {"enabled": True, "r": 16}
 

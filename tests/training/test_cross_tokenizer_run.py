@@ -32,6 +32,18 @@ def _config(teacher, model_dirs, data, out, *extra):
     ]).config
 
 
+@pytest.mark.slow
+def test_a_teacher_with_a_smaller_vocabulary_than_the_student(model_dirs, pc_file, tmp_path):
+    """Each model is only ever fed its own token ids (a student id past the teacher's vocabulary would crash)."""
+    folder = tmp_path / "small_teacher"
+    tokenizer = build_tokenizer(CORPUS, vocab_size=120)
+    build_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, num_layers=1, seed=5).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    result = train(_config(folder, model_dirs, pc_file, tmp_path / "out", "--distillation.cross_tokenizer", "uld",
+                           "--max_steps", "2"))
+    assert (result.final_dir / "training_metadata.json").is_file()
+
+
 def test_different_tokenizers_are_refused_naming_the_option(other_teacher, model_dirs, pc_file, tmp_path):
     with pytest.raises(VocabularyMismatchError, match="distillation.cross_tokenizer to uld or hybrid") as info:
         train(_config(other_teacher, model_dirs, pc_file, tmp_path / "out"))

@@ -137,3 +137,45 @@ def test_data_mix_writes_records_verbatim_with_their_source(tmp_path, model_dirs
     assert "math: 12" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="already exists"):
         run_mix(MixOptions(config=str(config), output=str(output)))
+    from nlm.cli import main
+
+    assert main(["data", "mix", "--config", str(config), "--output", str(output), "--epoch", "1", "--overwrite"]) == 0
+    assert [json.loads(line) for line in output.read_text().splitlines()] == rows  # the same order again
+    assert main(["data", "mix", "--config", str(config), "--output", str(output), "--epoch", "-1"]) == 2
+
+
+def test_student_loss_curriculum_scores_once_and_reuses_the_cache(tmp_path, model_dirs, tokenizer, monkeypatch):
+    import nlm.distill.scoring as scoring
+    from nlm.models.loading import load_causal_lm
+    from nlm.training.order import model_scorer
+
+    a, _ = _sources(tmp_path)
+    config = load_config([], _yaml(tmp_path, model_dirs, f"train_file: {a}\ncurriculum: {{by: student_loss}}\n")).config
+    student = load_causal_lm(str(model_dirs["student"]))
+    cache = tmp_path / "cache"
+    data = prepare_datasets(config, tokenizer, cache)
+
+    def scorer():
+        return model_scorer({"student": student}, {"student": str(model_dirs["student"])}, len(tokenizer), 0, 8, cache)
+
+    plan = build_order(config, data, scorer=scorer())
+    losses = scoring.score_examples(data.train, student=student, vocab_width=len(tokenizer))["student_loss"]
+    assert np.all(np.diff(losses[plan.ranking[0]]) >= 0)  # easiest (lowest loss) first
+    assert len(list((cache / "scores").glob("*.npy"))) == 1
+    monkeypatch.setattr(scoring, "score_examples", lambda *a, **k: pytest.fail("scores should come from the cache"))
+    again = build_order(config, prepare_datasets(config, tokenizer, cache), scorer=scorer())
+    np.testing.assert_array_equal(again.epoch_order(0), plan.epoch_order(0))
+    config = load_config([], _yaml(tmp_path, model_dirs, f"train_file: {a}\ncurriculum: {{by: teacher_loss}}\n")).config
+    with pytest.raises(ConfigError, match="teacher_loss: needs teacher_model"):
+        build_order(config, prepare_datasets(config, tokenizer, cache), scorer=scorer())
+
+
+@pytest.mark.slow
+def test_mixture_holds_out_eval_from_each_source_and_evaluates(tmp_path, model_dirs):
+    config = load_config(["--max_steps", "2", "--eval_split", "0.25", "--eval_strategy", "steps", "--eval_steps", "2"],
+                         _mixture(tmp_path, model_dirs, "curriculum: {by: length}\n")).config
+    result = train(config)
+    assert np.isfinite(result.metrics["eval_loss"])
+    metadata = json.loads((result.final_dir / "training_metadata.json").read_text())
+    assert metadata["data"]["eval_examples"] == 10 + 5  # a quarter of 40 and of 20
+    assert metadata["data"]["order"]["curriculum"] is True
