@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "generate": "nlm.commands.generate",
     "teacher-cache": "nlm.commands.teacher_cache",
     "teacher-generate": "nlm.commands.teacher_generate",
+    "init-student": "nlm.commands.init_student",
     "serve": "nlm.commands.serve",
     "demo": "nlm.commands.demo",
     "config show": "nlm.commands.config_show",

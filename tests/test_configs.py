@@ -41,6 +41,8 @@ def test_each_config_loads_and_says_what_it_is_for(path):
         if key in data:
             assert re.fullmatch(r"[\w.-]+/[\w.-]+", data[key]), f"{key} names a hub model"
             assert getattr(config, key) == data[key]
+    for spec in data.get("teachers", []):
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+", spec["model"]), "teachers name hub models"
 
 
 @pytest.mark.slow
@@ -55,6 +57,10 @@ def test_each_config_trains_with_tiny_local_models(path, model_dirs, pc_file, tm
             "--teacher_precision", "fp32", "--eval_steps", "1", "--save_steps", "1", "--report_to", "none"]
     if "teacher_model" in data:
         swap += ["--teacher_model", str(model_dirs["teacher"])]
+    if "teachers" in data:  # the same tiny teacher twice, as local folders, on the CPU
+        import json
+
+        swap += ["--teachers", json.dumps([{**spec, "model": str(model_dirs["teacher"]), "device": None} for spec in data["teachers"]])]
     if "train_mixture" in data:  # the same tiny file as two weighted sources
         i = swap.index("--train_file")
         swap[i:i + 2] = ["--train_mixture", f'[{{"path": "{pc_file}", "weight": 3, "name": "a"}}, {{"path": "{pc_file}", "name": "b"}}]']

@@ -67,9 +67,11 @@ def run(options: Options) -> int:  # type: ignore[valid-type]
             raise ConfigError(f"--api_key_env {key_variable}: that environment variable is not set or empty")
         register_secret(api_key)
     settings = ServerSettings(**values, api_key=api_key)
-    if settings.model.exists():  # a run folder, a cache or a file: say so before the server starts
+    paths = [path for _name, path in settings.served_models]
+    if all(path.exists() for path in paths):  # a missing one is reported by serve(), naming it
         from nlm.models.loading import check_model_path
 
-        check_model_path(settings.model)
+        for path in paths:  # a run folder, a cache or a file: say so before the server starts
+            check_model_path(path)
     serve(settings)
     return 0

@@ -54,6 +54,34 @@ class LoRAConfig(BaseModel):
         return value
 
 
+class TeacherSpec(BaseModel):
+    """One teacher of several (issue 12): `teachers: [{model: ..., weight: ...}, ...]`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = Field(description="Hugging Face hub id or local folder; must share the student's tokenizer.")
+    weight: float = Field(1.0, ge=0, description="Mixture weight (normalised over all teachers).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    device: str | None = Field(None, description="This teacher's device (e.g. cuda:1); default: teacher_device or the student's.")
+    name: str | None = Field(None, description="Name records use in their `teacher` field to route to it; default: model.")
+
+    @property
+    def route_name(self) -> str:
+        return self.name or self.model
+
+
+class HiddenStatesConfig(BaseModel):
+    """Layer-wise distillation (issue 12): match student hidden states to the teacher's at target tokens."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    weight: float = Field(0.0, ge=0, description="Weight of the hidden-state term; 0 turns it off.")
+    loss: Literal["mse", "cosine"] = Field("mse", description="mse (after projection) or cosine (1 - cos).")
+    layers: dict[int, int] | Literal["auto"] = Field(
+        "auto", description="{student_layer: teacher_layer}, 0-based; auto maps student layers evenly onto the teacher's."
+    )
+
+
 class DistillationConfig(BaseModel):
     """The loss: (1-alpha)·CE(student, label) + alpha·temperature²·divergence(teacher, student)."""
 
@@ -70,6 +98,26 @@ class DistillationConfig(BaseModel):
         "tokens both vocabularies spell alike, ULD for the rest). Ignored when the tokenizers are equal.")
     hybrid_matched_weight: float = Field(1.0, ge=0, description="hybrid: weight of the exact KL over matched tokens.")
     hybrid_unmatched_weight: float = Field(1.0, ge=0, description="hybrid: weight of the ULD term over unmatched tokens.")
+
+    # Issue 12: several teachers, adaptive temperature, hidden states.
+    teacher_mixture: Literal["average", "route"] = Field(
+        "average", description="With `teachers`: average their softened distributions, or route each example to one."
+    )
+    temperature_mode: Literal["fixed", "entropy", "learned"] = Field(
+        "fixed", description="fixed: `temperature`; entropy: per token, to reach target_entropy; learned: one trained scalar."
+    )
+    target_entropy: float = Field(1.0, gt=0, description="Entropy (nats) of the teacher's softened distribution in entropy mode.")
+    temperature_min: float = Field(0.5, gt=0, description="Lower bound of an adaptive temperature.")
+    temperature_max: float = Field(8.0, gt=0, le=100, description="Upper bound of an adaptive temperature.")
+    hidden_states: HiddenStatesConfig = Field(default_factory=HiddenStatesConfig)
+
+    @model_validator(mode="after")
+    def _temperature_bounds(self) -> DistillationConfig:
+        if self.temperature_min >= self.temperature_max:
+            raise ValueError("temperature_min must be below temperature_max")
+        if self.temperature_mode == "learned" and not self.temperature_min < self.temperature < self.temperature_max:
+            raise ValueError("temperature_mode=learned starts at temperature, which must lie between temperature_min and temperature_max")
+        return self
 
     # On-policy (GKD) and sequence-level distillation (issue 11); TRL's names. See nlm/training/policy.py.
     lmbda: float = Field(
@@ -149,6 +197,9 @@ class TrainingConfig(BaseSettings):
         None, description="Hugging Face token for private models (environment NLM_HF_TOKEN or --hf_token only)."
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repository.")
+    teachers: list[TeacherSpec] = Field(
+        default_factory=list, description="Several teachers (see distillation.teacher_mixture); excludes teacher_model."
+    )
 
     # Data
     train_file: Path | None = Field(None, description="Training JSONL; else every *.jsonl in $SM_CHANNEL_TRAIN.")
@@ -261,6 +312,10 @@ class TrainingConfig(BaseSettings):
             raise ValueError("resume and overwrite exclude each other: pick one")
         if self.eval_file is not None and self.eval_split > 0:
             raise ValueError("give eval_file or eval_split, not both")
+        if self.teachers and self.teacher_model:
+            raise ValueError("give teacher_model or teachers, not both (teacher_model is the one-teacher shorthand)")
+        if self.teachers and self.teacher_cache:
+            raise ValueError("teacher_cache replaces the teachers: give one or the other (build the cache from `teachers`)")
         if self.load_best_model_at_end and self.eval_strategy == "no":
             raise ValueError("load_best_model_at_end needs eval_strategy 'steps' or 'epoch'")
         # A cache holds the teacher's view of the dataset's text only; it cannot score generated text.
@@ -306,6 +361,13 @@ class TrainingConfig(BaseSettings):
         except UnsafePathError as exc:
             raise ValueError(f"run_name {self.run_name!r}: {exc}") from None
         return self
+
+    @property
+    def route_teachers(self) -> tuple[str, ...]:
+        """Teacher names records route to (distillation.teacher_mixture: route), in `teachers` order."""
+        if self.teachers and self.distillation.teacher_mixture == "route":
+            return tuple(spec.route_name for spec in self.teachers)
+        return ()
 
     @property
     def run_dir(self) -> Path:

@@ -47,6 +47,7 @@ def tokenize_settings(config: TrainingConfig) -> TokenizeSettings:
         completion_only_loss=config.completion_only_loss,
         prompt_separator=config.prompt_separator,
         max_line_bytes=config.max_line_bytes,
+        route_teachers=config.route_teachers,
     )
 
 

@@ -52,9 +52,24 @@ class _Skip(Exception):
         self.reason = reason
 
 
+# Fields that say which teacher scores a record (distillation.teacher_mixture: route): `teacher`, else the
+# data source's name when a mixture of data sources sets one.
+ROUTE_FIELDS = ("teacher", "_source")
+
+
 def normalise_record(obj: Any, prompts_only: bool = False) -> dict[str, str]:
-    """Check one parsed JSON value and return it as a flat record of strings (the dataset's row schema).
+    """Check one parsed JSON value and return it as a flat record of strings (the dataset's row schema);
+    a routing field (`teacher`) is kept when present.
     With `prompts_only` (inputs to generation), {"prompt": str} alone is a record with an empty completion."""
+    record = _normalise(obj, prompts_only)
+    for name in ROUTE_FIELDS:
+        if isinstance(obj.get(name), str):
+            record["teacher"] = obj[name]
+            break
+    return record
+
+
+def _normalise(obj: Any, prompts_only: bool) -> dict[str, str]:
     if not isinstance(obj, dict):
         raise _Skip("not_object", f"expected a JSON object, found {type(obj).__name__}")
     if "messages" in obj:

@@ -50,6 +50,8 @@ class TokenizeSettings:
     completion_only_loss: bool = True
     prompt_separator: str = "\n"
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    # Teacher names for route mode: each example gets a `teacher` column, its record's teacher's position.
+    route_teachers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -77,6 +79,24 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
     digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def features(settings: TokenizeSettings) -> datasets.Features:
+    if not settings.route_teachers:
+        return FEATURES
+    return datasets.Features({**FEATURES, "teacher": datasets.Value("int32")})
+
+
+def _route(record: dict[str, str], settings: TokenizeSettings, where: str) -> int:
+    """The position of the record's `teacher` among the route names; -1 when the record names none (it is
+    then routed by its data source's name, or refused when it has none)."""
+    name = record.get("teacher")
+    if name is None:
+        return -1
+    if name not in settings.route_teachers:
+        raise DataError(f"{where}: the record has teacher {name!r}; with distillation.teacher_mixture=route a record's "
+                        f"'teacher' must be one of {', '.join(settings.route_teachers)}")
+    return settings.route_teachers.index(name)
 
 
 def _finish(input_ids: list[int], labels: list[int], settings: TokenizeSettings, stats: TokenizeStats,
@@ -163,6 +183,8 @@ def _examples(
                 example.update(teacher_columns(records[i], tokenizer, teacher_tokenizer, settings.prompt_separator,
                                                example["labels"], settings.max_seq_length))
             if example is not None:
+                if settings.route_teachers:
+                    example["teacher"] = _route(records[i], settings, f"{paths[places[i][0]]} line {places[i][1]}")
                 yield example
 
     for file_index, line, record in iter_numbered_records(paths, read_stats, settings.max_line_bytes):
@@ -214,7 +236,7 @@ def tokenize_records(
             _examples,
             gen_kwargs={"paths": list(paths), "tokenizer": tokenizer, "settings": settings, "read_stats": read_stats, "stats": stats,
                         "teacher_tokenizer": teacher_tokenizer},
-            features=FEATURES if teacher_tokenizer is None else PAIRED_FEATURES,
+            features=features(settings) if teacher_tokenizer is None else PAIRED_FEATURES,
             cache_dir=scratch,
             # A fresh fingerprint each build: our own cache key decides reuse, not datasets' hashing of the generator.
             fingerprint=hashlib.sha256(f"{key}{id(stats)}".encode()).hexdigest(),
@@ -279,6 +301,8 @@ class PaddingCollator:
         tensors: dict[str, Any] = {name: torch.tensor(rows, dtype=torch.long) for name, rows in batch.items()}
         if "index" in examples[0]:  # the example's position in the training data, for the teacher cache
             tensors["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+        if "teacher" in examples[0]:  # the teacher scoring each example (teacher_mixture: route)
+            tensors["teacher"] = torch.tensor([e["teacher"] for e in examples], dtype=torch.long)
         if "source" in examples[0]:  # the example's mixture source: per-source loss, multi-teacher routing
             tensors["source"] = torch.tensor([e["source"] for e in examples], dtype=torch.long)
             tensors["source_name"] = [e["source_name"] for e in examples]

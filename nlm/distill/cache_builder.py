@@ -2,11 +2,13 @@
 
 Batched, resumable (finished shards are kept and skipped on a rerun), with a progress line per shard.
 The teacher's logits are computed chunk-wise from its hidden states, so a large vocabulary never needs a
-full [batch, seq, vocab] tensor.
+full [batch, seq, vocab] tensor. With several teachers (`teachers:`) the cache stores their mixture at
+the cache's temperature, and its fingerprint records every teacher with its weight.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import nlm
 from nlm.config.paths import claim_folder, mark_folder, require_owned, safe_output_dir
@@ -35,10 +36,13 @@ from nlm.distill.cache import (
     write_manifest,
 )
 from nlm.distill.fused import chunk_rows
+from nlm.distill.targets import target_logp
+from nlm.distill.teacher import Teacher
+from nlm.distill.teacher_loading import load_teacher, teacher_specs
 from nlm.errors import ConfigError, RunExistsError
-from nlm.models.device import resolve_precision, select_device, teacher_dtype
-from nlm.models.heads import capture_hidden, head_reproduces_logits, sliced_head
-from nlm.models.loading import freeze, load_causal_lm, load_tokenizer, model_revision
+from nlm.models.device import resolve_precision, select_device
+from nlm.models.heads import head_reproduces_logits
+from nlm.models.loading import load_tokenizer, model_revision
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ def cache_fingerprint(config: TrainingConfig, tokenizer: Any, top_k: int) -> dic
         "max_seq_length": settings.max_seq_length,
         "completion_only_loss": settings.completion_only_loss,
         "prompt_separator": settings.prompt_separator,
-        "tokenize_settings": asdict(settings),
+        "tokenize_settings": json.loads(json.dumps(asdict(settings))),  # as the manifest stores it (tuples as lists)
         "data_files": list(files_fingerprint(resolve_train_files(config.train_file)).values()),  # in order
         "top_k": top_k,
         "nlm_version": nlm.__version__,
@@ -67,6 +71,9 @@ def cache_fingerprint(config: TrainingConfig, tokenizer: Any, top_k: int) -> dic
     if config.teacher_model:
         fingerprint["teacher_model"] = config.teacher_model
         fingerprint["teacher_weights"] = weights_fingerprint(config.teacher_model, config.teacher_revision)
+    if config.teachers:
+        fingerprint["teachers"] = [{"model": t.model, "weight": t.weight, "revision": t.revision} for t in config.teachers]
+        fingerprint["teacher_mixture"] = config.distillation.teacher_mixture
     return fingerprint
 
 
@@ -87,39 +94,44 @@ def rounded_targets(top_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def _shard_rows(teacher: Any, batches: list[dict], width: int, temperature: float, top_k: int, dtype: torch.dtype,
+def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k: int, dtype: torch.dtype,
                 device: torch.device) -> ShardRows:
     ids, logp, tail, offsets = [], [], [], [0]
-    rows_per_chunk = chunk_rows(width, device)
+    rows_per_chunk = chunk_rows(teacher.vocab_width, device)
     for batch in batches:
-        input_ids = batch["input_ids"].to(device)
         mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [b, s-1]: the positions the loss trains on
-        with capture_hidden(teacher) as (store, _):
-            teacher(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False)
-        hidden = store["hidden"][:, :-1]
-        head = sliced_head(teacher, width)  # weight[:V] only: a padded head's extra rows are never multiplied
-        for row in range(input_ids.shape[0]):
-            selected = hidden[row][mask[row].to(device)]  # [t, H]
-            for start in range(0, selected.shape[0], rows_per_chunk):
-                logits = head(selected[start:start + rows_per_chunk]).float()
-                top = F.log_softmax(logits / temperature, dim=-1).topk(top_k, dim=-1)
-                ids.append(top.indices.to("cpu", dtype))
-                stored, rest = rounded_targets(top.values)
-                logp.append(stored.cpu())
-                tail.append(rest.cpu())
+        signal = teacher.signal(batch, mask, device)
+        for start in range(0, signal.count, rows_per_chunk):
+            rows = signal.rows(start, min(start + rows_per_chunk, signal.count))
+            top = target_logp(rows, temperature).topk(top_k, dim=-1)
+            ids.append(top.indices.to("cpu", dtype))
+            stored, rest = rounded_targets(top.values)
+            logp.append(stored.cpu())
+            tail.append(rest.cpu())
+        for row in range(mask.shape[0]):
             offsets.append(offsets[-1] + int(mask[row].sum()))
     return ShardRows(torch.cat(ids), torch.cat(logp), torch.cat(tail), torch.tensor(offsets, dtype=torch.int64))
+
+
+def _weights_fingerprint(config: TrainingConfig, teacher: Teacher) -> str | list[str]:
+    specs = teacher_specs(config)
+    found = [model_revision(model) or weights_fingerprint(spec.model, spec.revision)
+             for model, spec in zip(teacher.models(), specs, strict=True)]
+    return found if config.teachers else found[0]
 
 
 def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, batch_size: int = 8,
                         shard_examples: int = 1024, overwrite: bool = False) -> dict[str, Any]:
     """Write (or finish) the cache for `config`'s teacher and training data; returns the manifest."""
-    if not config.teacher_model:
-        raise ConfigError("teacher-cache needs the teacher: pass --teacher MODEL (or --teacher_model)")
+    specs = teacher_specs(config)
+    if not specs:
+        raise ConfigError("teacher-cache needs the teacher: pass --teacher MODEL (or --teacher_model, or teachers in the config)")
+    if config.distillation.teacher_mixture == "route" and config.teachers:
+        raise ConfigError("teacher-cache stores one target per token: use teacher_mixture=average, or cache each teacher apart")
     train_files = resolve_train_files(config.train_file)  # a missing data file fails before the teacher loads
     output = safe_output_dir(output)
-    hub = {"revision": config.teacher_revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
-    tokenizer = load_tokenizer(config.teacher_model, **hub)
+    hub = {"revision": specs[0].revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
+    tokenizer = load_tokenizer(specs[0].model, **hub)
     width = len(tokenizer)
     if not 1 <= top_k < width:
         raise ConfigError(f"top_k = {top_k}: expected 1 <= top_k < vocabulary size {width}")
@@ -142,11 +154,9 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
 
     device = select_device(config.device_preference, config.device)
     precision = resolve_precision(config.precision, device)
-    if config.teacher_device:  # the teacher's own device, as in training (a clear error when it does not exist)
-        device = select_device(forced=config.teacher_device)
-    teacher = freeze(load_causal_lm(config.teacher_model, dtype=teacher_dtype(config.teacher_precision, precision, device), **hub))
-    teacher.to(device)
-    teacher_weights = model_revision(teacher) or fingerprint["teacher_weights"]
+    teacher = load_teacher(config, tokenizer, None, device, precision)  # on teacher_device when set
+    assert teacher is not None
+    teacher_weights = _weights_fingerprint(config, teacher)
     if existing is not None and existing.get("teacher_weights") != teacher_weights:
         raise RunExistsError(
             f"teacher cache {output} was started from other teacher weights ({existing.get('teacher_weights')}, now "
@@ -159,11 +169,13 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
                             cache_root=tokenized_root)
     dataset = data.dataset
     sample = torch.tensor([dataset[0]["input_ids"]], device=device)
-    if not head_reproduces_logits(teacher, sample):
-        raise ConfigError(f"{config.teacher_model} post-processes its logits (soft-capping or scaling); the cache cannot be built from its head")
+    for spec, model in zip(specs, teacher.models(), strict=True):
+        if not head_reproduces_logits(model, sample.to(next(model.parameters()).device)):
+            raise ConfigError(f"{spec.model} post-processes its logits (soft-capping or scaling); the cache cannot be built from its head")
 
     manifest = existing or {
-        "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "teacher_weights": teacher_weights,
+        "format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
+        "teacher_weights": teacher_weights, "teachers": teacher.describe().get("teachers"),
         "top_k": top_k, "temperature": config.distillation.temperature, "vocab_size": width,
         "id_dtype": str(id_dtype(width)).removeprefix("torch."), "bytes_per_token": bytes_per_token(top_k, width),
         "examples": len(dataset), "tokens": 0, "shards": [], "complete": False,
@@ -176,7 +188,7 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     while done < len(dataset):
         end = min(done + shard_examples, len(dataset))
         batches = [collate([dataset[i] for i in range(s, min(s + batch_size, end))]) for s in range(done, end, batch_size)]
-        rows = _shard_rows(teacher, batches, width, config.distillation.temperature, top_k, id_dtype(width), device)
+        rows = _shard_rows(teacher, batches, config.distillation.temperature, top_k, id_dtype(width), device)
         name = f"shard-{len(manifest['shards']):05d}.safetensors"
         save_shard(output / name, rows)
         manifest["shards"].append({"file": name, "first_example": done, "examples": end - done, "tokens": int(rows.ids.shape[0])})

@@ -76,6 +76,18 @@ class AlignedTeacher:
     example; `cross` and `vocab_map` say which divergence compares the two vocabularies.
     """
 
+    # The Teacher protocol's attributes (nlm.distill.teacher); the trainer takes this teacher's own
+    # cross-tokenizer path, as its rows follow another tokenisation.
+    batch_columns: tuple[str, ...] = ()
+    full_distribution = False
+    hidden_layers = 0
+
+    def models(self) -> list[Any]:
+        return [self.model]
+
+    def hidden_size(self) -> int:
+        raise ValueError("hidden-state distillation needs a teacher sharing the student's tokenizer")
+
     def __init__(self, model: Any, device: torch.device | str, vocab_width: int, tokenizer: Any = None,
                  cross: CrossSettings | None = None, vocab_map: VocabMap | None = None) -> None:
         from nlm.models.loading import freeze

@@ -9,10 +9,35 @@ library offers all five with safe handling of zero teacher mass; the forms follo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
+
+@dataclass(frozen=True)
+class RegisteredDivergence:
+    function: Callable[..., torch.Tensor]  # (teacher_logp [n, v], student_logp [n, v], **options) -> [n]
+    options: dict[str, str] = field(default_factory=dict)  # the function's keyword -> its `distillation.*` field
+
+
+REGISTRY: dict[str, RegisteredDivergence] = {}
+
+
+def register_divergence(name: str, **options: str) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Decorator: make `function(teacher_logp, student_logp, **options)` selectable as `distillation.divergence: name`.
+
+    `options` maps a keyword of the function to the `distillation.*` setting that supplies it, e.g.
+    `register_divergence("jsd", beta="jsd_beta")`.
+    """
+
+    def add(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in REGISTRY:
+            raise ValueError(f"divergence {name!r} is already registered")
+        REGISTRY[name] = RegisteredDivergence(function, dict(options))
+        return function
+
+    return add
 
 
 def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
@@ -28,11 +53,13 @@ def _floor(logp: torch.Tensor) -> torch.Tensor:
     return logp.clamp_min(math.log(torch.finfo(logp.dtype).tiny))
 
 
+@register_divergence("forward_kl")
 def forward_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     """KL(p || q): mass-covering; the student is pushed to cover every token the teacher likes."""
     return _kl(teacher_logp, student_logp)
 
 
+@register_divergence("reverse_kl")
 def reverse_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     """KL(q || p): mode-seeking; the student is pushed off tokens the teacher rules out."""
     return _kl(student_logp, _floor(teacher_logp))
@@ -43,17 +70,20 @@ def _mixture_logp(a_logp: torch.Tensor, b_logp: torch.Tensor, weight_a: float) -
     return torch.logaddexp(a_logp + math.log(weight_a), b_logp + math.log1p(-weight_a))
 
 
+@register_divergence("jsd", beta="jsd_beta")
 def jsd(teacher_logp: torch.Tensor, student_logp: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
     """Generalised Jensen-Shannon: β·KL(p || m) + (1-β)·KL(q || m) with m = β·p + (1-β)·q."""
     mixture = _mixture_logp(teacher_logp, student_logp, beta)
     return beta * _kl(teacher_logp, mixture) + (1 - beta) * _kl(student_logp, mixture)
 
 
+@register_divergence("tvd")
 def tvd(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     """Total variation: half the L1 distance between the two distributions."""
     return 0.5 * (teacher_logp.exp() - student_logp.exp()).abs().sum(-1)
 
 
+@register_divergence("skew_kl", skew="skew_lambda")
 def skew_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, skew: float = 0.1) -> torch.Tensor:
     """Skew KL: KL(p || λ·p + (1-λ)·q); λ=0 is forward KL, and λ>0 bounds it when q misses p's mass."""
     if skew == 0:
@@ -61,18 +91,17 @@ def skew_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, skew: float 
     return _kl(teacher_logp, _mixture_logp(teacher_logp, student_logp, skew))
 
 
-def token_divergence(
-    kind: str, teacher_logp: torch.Tensor, student_logp: torch.Tensor, *, jsd_beta: float = 0.5, skew_lambda: float = 0.1
-) -> torch.Tensor:
-    """Dispatch by name; the names are those of `distillation.divergence`."""
-    if kind == "forward_kl":
-        return forward_kl(teacher_logp, student_logp)
-    if kind == "reverse_kl":
-        return reverse_kl(teacher_logp, student_logp)
-    if kind == "jsd":
-        return jsd(teacher_logp, student_logp, jsd_beta)
-    if kind == "tvd":
-        return tvd(teacher_logp, student_logp)
-    if kind == "skew_kl":
-        return skew_kl(teacher_logp, student_logp, skew_lambda)
-    raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(DIVERGENCES)}")
+def token_divergence(kind: str, teacher_logp: torch.Tensor, student_logp: torch.Tensor, **settings: float) -> torch.Tensor:
+    """Look the divergence up by name (the names of `distillation.divergence`) and apply it per row.
+
+    `settings` are `distillation.*` values (jsd_beta, skew_lambda, ...); each divergence takes the ones it
+    registered, with the config's defaults when absent.
+    """
+    entry = REGISTRY.get(kind)
+    if entry is None:
+        raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(REGISTRY)}")
+    settings = {"jsd_beta": 0.5, "skew_lambda": 0.1, **settings}
+    return entry.function(teacher_logp, student_logp, **{param: settings[field] for param, field in entry.options.items()})
+
+
+DIVERGENCES = tuple(REGISTRY)  # the built-in names, in registration order

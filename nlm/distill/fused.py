@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from nlm.distill.loss import LossParts, LossSettings, SparseTargets, combine, summed_parts
+from nlm.distill.loss import LossParts, LossSettings, combine_terms, objective_from_settings
+from nlm.distill.objective import Objective
+from nlm.distill.targets import SparseTargets, TeacherTargets
 
 # Elements of one [chunk, V] logits tensor: 2**22 floats = 16 MiB; the chunk's handful of temporaries stay
 # well under 100 MiB whatever the vocabulary. On a GPU a chunk may be larger (fewer, larger matmuls use the
@@ -30,7 +32,7 @@ MAX_CHUNK_ELEMENTS = 1 << 26
 # teacher's, gradient), and the share of free memory one chunk may take.
 _CHUNK_COPIES, _FREE_SHARE = 6, 8
 
-TeacherRows = Callable[[int, int], "torch.Tensor | SparseTargets | None"]
+TeacherRows = Callable[[int, int], "TeacherTargets | None"]
 Autocast = Callable[[], AbstractContextManager]
 
 
@@ -55,52 +57,51 @@ def _no_autocast() -> AbstractContextManager:
 
 
 class _FusedLoss(torch.autograd.Function):
+    """Inputs: hidden [n, H], the spec, then the head's trainable parameters and the objective's own
+    (e.g. a learned temperature). Outputs: the total and one detached sum per row term."""
+
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, spec: dict, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         head: Callable[[torch.Tensor], torch.Tensor] = spec["head"]
         teacher_rows: TeacherRows = spec["teacher_rows"]
         targets: torch.Tensor = spec["targets"]
-        settings: LossSettings = spec["settings"]
+        objective: Objective = spec["objective"]
         width, rows = spec["width"], spec["rows"]
-        weights = spec["weights"]  # d total / d (task_sum, distill_sum)
+        weights = spec["weights"]  # d total / d (each row term's sum)
         needs_grad = spec["needs_grad"]
+        head_count = spec["head_count"]  # params[:head_count] belong to the head, the rest to the objective
         n = hidden.shape[0]
-        task_total = hidden.new_zeros((), dtype=torch.float32)
-        distill_total = hidden.new_zeros((), dtype=torch.float32)
+        totals = [hidden.new_zeros((), dtype=torch.float32) for _ in weights]
         grad_hidden = torch.zeros_like(hidden) if needs_grad else None
         grad_params = [torch.zeros_like(p) for p in params] if needs_grad else []
         linear = spec["linear"]
         for start in range(0, n, rows):
             end = min(start + rows, n)
             if linear is not None:
-                task_sum, distill_sum = _linear_chunk(hidden[start:end], linear, params, grad_hidden, grad_params,
-                                                      start, end, teacher_rows, targets, settings, width, weights, needs_grad,
-                                                      spec["autocast"])
-                task_total += task_sum
-                distill_total += distill_sum
-                continue
-            chunk = hidden[start:end].detach().requires_grad_(needs_grad)
-            with torch.enable_grad() if needs_grad else torch.no_grad():
-                with spec["autocast"]():  # the head product in the run's precision; sums below in fp32
-                    logits = head(chunk)[..., :width]
-                logits = logits.float()  # [c, V]
-                task_sum, distill_sum = summed_parts(logits, teacher_rows(start, end), targets[start:end], settings)
-                if needs_grad:
-                    objective = weights[0] * task_sum + weights[1] * distill_sum
-                    grads = torch.autograd.grad(objective, [chunk, *params], allow_unused=True)
-                    grad_hidden[start:end] = grads[0]
-                    for accumulated, grad in zip(grad_params, grads[1:], strict=True):
-                        if grad is not None:
-                            accumulated += grad
-            task_total += task_sum.detach()
-            distill_total += distill_sum.detach()
-            del logits  # free this chunk's logits before the next one
+                sums = _linear_chunk(hidden[start:end], linear, params, head_count, grad_hidden, grad_params,
+                                     start, end, teacher_rows, targets, objective, width, weights, needs_grad,
+                                     spec["autocast"])
+            else:
+                chunk = hidden[start:end].detach().requires_grad_(needs_grad)
+                with torch.enable_grad() if needs_grad else torch.no_grad():
+                    with spec["autocast"]():  # the head product in the run's precision; sums below in fp32
+                        logits = head(chunk)[..., :width]
+                    logits = logits.float()  # [c, V]
+                    sums = objective.row_sums(logits, teacher_rows(start, end), targets[start:end])
+                    if needs_grad:
+                        grads = torch.autograd.grad(_weighted(weights, sums), [chunk, *params], allow_unused=True)
+                        grad_hidden[start:end] = grads[0]
+                        for accumulated, grad in zip(grad_params, grads[1:], strict=True):
+                            if grad is not None:
+                                accumulated += grad
+                del logits  # free this chunk's logits before the next one
+            for total, part in zip(totals, sums, strict=True):
+                total += part.detach()
         if needs_grad:
             ctx.save_for_backward(grad_hidden, *grad_params)
         ctx.needs_grad = needs_grad
-        ctx.mark_non_differentiable(task_total, distill_total)
-        total = weights[0] * task_total + weights[1] * distill_total
-        return total, task_total, distill_total
+        ctx.mark_non_differentiable(*totals)
+        return (_weighted(weights, totals), *totals)
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
@@ -111,11 +112,17 @@ class _FusedLoss(torch.autograd.Function):
         return (grad_hidden.mul_(grad_total), None, *[g.mul_(grad_total) for g in grad_params])
 
 
+def _weighted(weights: list[float], sums: list[torch.Tensor]) -> torch.Tensor:
+    total = weights[0] * sums[0]
+    for weight, part in zip(weights[1:], sums[1:], strict=True):
+        total = total + weight * part
+    return total
+
+
 def _linear_chunk(hidden: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None], params: tuple[torch.Tensor, ...],
-                  grad_hidden: torch.Tensor | None, grad_params: list[torch.Tensor], start: int, end: int,
-                  teacher_rows: TeacherRows, targets: torch.Tensor, settings: LossSettings, width: int,
-                  weights: tuple[float, float], needs_grad: bool, autocast: Autocast = _no_autocast
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  head_count: int, grad_hidden: torch.Tensor | None, grad_params: list[torch.Tensor], start: int, end: int,
+                  teacher_rows: TeacherRows, targets: torch.Tensor, objective: Objective, width: int,
+                  weights: list[float], needs_grad: bool, autocast: Autocast = _no_autocast) -> list[torch.Tensor]:
     """A plain linear head: gradients by hand (addmm into the accumulators), so no chunk allocates a
     head-sized gradient — with autograd each chunk would, which dominates time at large vocabularies.
 
@@ -125,28 +132,31 @@ def _linear_chunk(hidden: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor
     to the logits are fp32.
     """
     weight, bias = linear
+    extra = params[head_count:]
     rows_weight = weight[:width]
     with autocast():
         raw = torch.nn.functional.linear(hidden, rows_weight, bias[:width] if bias is not None else None)
     logits = raw.float().requires_grad_(needs_grad)  # [c, V]
     with torch.enable_grad() if needs_grad else torch.no_grad():
-        task_sum, distill_sum = summed_parts(logits, teacher_rows(start, end), targets[start:end], settings)
+        sums = objective.row_sums(logits, teacher_rows(start, end), targets[start:end])
         if needs_grad:
-            objective = weights[0] * task_sum + weights[1] * distill_sum
-            (grad_logits,) = torch.autograd.grad(objective, [logits])
+            grad_logits, *grad_extra = torch.autograd.grad(_weighted(weights, sums), [logits, *extra], allow_unused=True)
     if needs_grad:
         assert grad_hidden is not None
         grad_logits = grad_logits.to(weight.dtype)
         with autocast():
             grad_hidden[start:end] = (grad_logits @ rows_weight).to(grad_hidden.dtype)
-        for param, accumulated in zip(params, grad_params, strict=True):
+        for param, accumulated in zip(params[:head_count], grad_params[:head_count], strict=True):
             if param is weight:
                 # In place and in fp32 (the master weights' dtype) even under autocast: a low-precision product
                 # would need a head-sized temporary per chunk; fp32 accumulation is also the more exact one.
                 accumulated[:width].addmm_(grad_logits.T, hidden.to(weight.dtype))
             elif param is bias:
                 accumulated[:width] += grad_logits.sum(0)
-    return task_sum.detach(), distill_sum.detach()
+        for accumulated, grad in zip(grad_params[head_count:], grad_extra, strict=True):
+            if grad is not None:
+                accumulated += grad
+    return [part.detach() for part in sums]
 
 
 def fused_distillation_loss(
@@ -156,27 +166,33 @@ def fused_distillation_loss(
     teacher_rows: TeacherRows,
     *,
     vocab_width: int,
-    settings: LossSettings,
+    settings: LossSettings | None = None,
+    objective: Objective | None = None,
     normalizer: float | torch.Tensor | None = None,
     head_parameters: list[torch.Tensor] | None = None,
     chunk_size: int | None = None,
     linear_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     autocast: Autocast | None = None,
 ) -> LossParts:
-    """Same value and gradients as `distillation_loss` on the full logits, computed chunk by chunk.
+    """Same value and gradients as the simple engine on the full logits, computed chunk by chunk.
 
     student_hidden: [n, H] final hidden states of the n target tokens (after the model's last norm).
     student_head: maps [c, H] -> [c, >=V] logits (the model's output embedding, adapters included).
-    targets: [n] labels. teacher_rows(start, end): the teacher's [end-start, V] logits on the student's
-    device, or cached SparseTargets, or None when α = 0.
-    `head_parameters` defaults to the head module's trainable parameters; their gradients are returned
-    through autograd like any other. `linear_head=(weight, bias)` says the head is exactly
-    `F.linear(x, weight, bias)`: its gradients are then accumulated in place, without per-chunk copies.
-    A plain `nn.Linear` head is recognised by itself. `autocast` is the run's mixed-precision context
-    (e.g. `accelerator.autocast`): each chunk's head products run under it, as the simple path's do inside
-    the model's forward, while sums and log-softmax stay fp32. The default chunk size depends on the
-    device (`chunk_rows`). `total` is differentiable; `task` and `distill` are for logging.
+    targets: [n] labels. teacher_rows(start, end): the teacher's targets for those rows on the student's
+    device (logits [c, V], a teacher mixture, or cached SparseTargets), or None when no term needs them.
+    The loss is `objective`'s row terms, or the `settings` shorthand ([ce: 1-α, kd: α·τ²]).
+    `head_parameters` defaults to the head module's trainable parameters; their gradients (and those of
+    the objective's own parameters) are returned through autograd like any other. `linear_head=(weight,
+    bias)` says the head is exactly `F.linear(x, weight, bias)`: its gradients are then accumulated in
+    place, without per-chunk copies. A plain `nn.Linear` head is recognised by itself. `autocast` is the
+    run's mixed-precision context (e.g. `accelerator.autocast`): each chunk's head products run under it,
+    as the simple path's do inside the model's forward, while sums and log-softmax stay fp32. The default
+    chunk size depends on the device (`chunk_rows`). `total` is differentiable; the parts are for logging.
     """
+    if objective is None:
+        objective = objective_from_settings(settings or LossSettings())
+    if not objective.fused_supported:
+        raise ValueError("this objective has a term the fused engine cannot chunk; use loss_impl=simple")
     n = student_hidden.shape[0]
     if linear_head is None and type(student_head) is nn.Linear:
         linear_head = (student_head.weight, student_head.bias)
@@ -187,21 +203,23 @@ def fused_distillation_loss(
             head_parameters = [p for p in student_head.parameters() if p.requires_grad]
         else:
             head_parameters = []
+    extra = [p for p in objective.parameters() if p.requires_grad]
+    params = [*head_parameters, *extra]
     denominator = normalizer if normalizer is not None else max(n, 1)
     denominator_value = float(denominator)
-    weights = ((1 - settings.alpha) / denominator_value, settings.alpha * settings.temperature**2 / denominator_value)
     spec = {
-        "head": student_head, "teacher_rows": teacher_rows, "targets": targets, "settings": settings,
+        "head": student_head, "teacher_rows": teacher_rows, "targets": targets, "objective": objective,
         "width": vocab_width, "rows": chunk_size or chunk_rows(vocab_width, student_hidden.device),
-        "weights": weights, "linear": linear_head, "autocast": autocast or _no_autocast,
-        "needs_grad": torch.is_grad_enabled() and (student_hidden.requires_grad or any(p.requires_grad for p in head_parameters)),
+        "weights": [t.weight / denominator_value for t in objective.row_terms], "head_count": len(head_parameters),
+        "linear": linear_head, "autocast": autocast or _no_autocast,
+        "needs_grad": torch.is_grad_enabled() and (student_hidden.requires_grad or any(p.requires_grad for p in params)),
     }
     if n == 0:
         zero = student_hidden.sum() * 0.0
         return LossParts(total=zero, task=zero.detach(), distill=zero.detach(), tokens=0)
-    total, task_sum, distill_sum = _FusedLoss.apply(student_hidden, spec, *head_parameters)
-    parts = combine(task_sum, distill_sum, n, settings, denominator)
-    return LossParts(total=total, task=parts.task, distill=parts.distill, tokens=n)
+    total, *sums = _FusedLoss.apply(student_hidden, spec, *params)
+    parts = combine_terms(objective, sums, n, denominator)
+    return LossParts(total=total, task=parts.task, distill=parts.distill, tokens=n, terms=parts.terms)
 
 
 def dense_teacher_rows(teacher_hidden: torch.Tensor, teacher_head: Callable[[torch.Tensor], torch.Tensor],

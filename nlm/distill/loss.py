@@ -1,22 +1,25 @@
-"""The distillation objective at each target token:
+"""The distillation objective at each target token (the shorthand of `nlm.distill.objective`):
 
     total = (1 - α)·CE(student, label) + α·τ²·D(softmax(teacher/τ), softmax(student/τ))
 
 averaged over tokens whose label is not `ignore_index`. The τ² factor keeps the gradient scale of the
 soft term independent of τ (Hinton et al., 2015). Both terms stay in the autograd graph.
 
-Two teacher forms share one summation: dense teacher logits, or a sparse target read from the teacher
-cache (top-k log-probabilities plus the remaining mass, see docs/TEACHER_CACHE.md).
+Teacher targets come in the row forms of `nlm.distill.targets` (dense logits, a mixture of teachers, or
+sparse cached top-k). This module is the simple engine: full logits of the target rows at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from nlm.distill.divergences import token_divergence
+from nlm.distill.objective import CrossEntropyTerm, DistillationTerm, Objective, WeightedTerm
+from nlm.distill.targets import SparseTargets, TeacherTargets, tail_logp
+
+__all__ = ["LossParts", "LossSettings", "SparseTargets", "combine", "combine_terms", "distillation_loss",
+           "objective_from_settings", "select_targets", "summed_parts", "tail_logp"]
 
 
 @dataclass
@@ -25,6 +28,7 @@ class LossParts:
     task: torch.Tensor  # CE part, before the (1-α) weight (differentiable in the simple path)
     distill: torch.Tensor  # divergence part, before the α·τ² weight (differentiable in the simple path)
     tokens: int  # target tokens that contributed
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # every term's mean, before its weight
 
 
 @dataclass(frozen=True)
@@ -40,48 +44,20 @@ class LossSettings:
         return cls(**{name: getattr(config, name) for name in ("alpha", "temperature", "divergence", "jsd_beta", "skew_lambda")})
 
 
-@dataclass
-class SparseTargets:
-    """Teacher targets for n tokens from the cache: top-k ids, their log-probs at τ, log of the remaining mass."""
-
-    ids: torch.Tensor  # [n, k] int64
-    logp: torch.Tensor  # [n, k] float
-    tail_logp: torch.Tensor  # [n] float
-
-    def rows(self, start: int, end: int) -> SparseTargets:
-        return SparseTargets(self.ids[start:end], self.logp[start:end], self.tail_logp[start:end])
-
-
-def tail_logp(top_logp: torch.Tensor) -> torch.Tensor:
-    """log(1 - Σ exp(top_logp)) per row: the mass outside the top-k [n, k], as log(-expm1(logsumexp)) so
-    it stays accurate when the top-k hold nearly all the mass (the clamp keeps it finite when they hold all)."""
-    covered = torch.logsumexp(top_logp, dim=-1).clamp(max=-1e-7)
-    return torch.log(-torch.expm1(covered))
-
-
-def _bucket_logp(student_logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The student's log-probs over the teacher's k tokens plus one tail bucket: [n, k+1]."""
-    top = student_logp.gather(-1, ids)  # [n, k]
-    return torch.cat([top, tail_logp(top).unsqueeze(-1)], dim=-1)
+def objective_from_settings(settings: LossSettings) -> Objective:
+    """`[ce: 1-α, kd: α·τ²]` with a fixed temperature."""
+    kd = DistillationTerm(settings.divergence, settings.temperature, jsd_beta=settings.jsd_beta,
+                          skew_lambda=settings.skew_lambda)
+    return Objective([WeightedTerm(CrossEntropyTerm(), 1 - settings.alpha),
+                      WeightedTerm(kd, settings.alpha * settings.temperature**2)])
 
 
 def summed_parts(
-    student: torch.Tensor, teacher: torch.Tensor | SparseTargets | None, targets: torch.Tensor, settings: LossSettings
+    student: torch.Tensor, teacher: TeacherTargets | None, targets: torch.Tensor, settings: LossSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ CE, Σ divergence) over the rows of `student` [n, v] (fp32/fp64) and their targets [n]."""
-    task = F.cross_entropy(student, targets, reduction="sum")
-    if settings.alpha == 0 or teacher is None:
-        return task, student.new_zeros(())
-    student_logp = F.log_softmax(student / settings.temperature, dim=-1)
-    if isinstance(teacher, SparseTargets):
-        # Both distributions coarsened to k+1 buckets (the teacher's top-k tokens and "everything else").
-        student_logp = _bucket_logp(student_logp, teacher.ids)
-        teacher_logp = torch.cat([teacher.logp, teacher.tail_logp.unsqueeze(-1)], dim=-1).to(student.dtype)
-    else:
-        teacher_logp = F.log_softmax(teacher.to(student.dtype) / settings.temperature, dim=-1)
-    per_token = token_divergence(settings.divergence, teacher_logp, student_logp,
-                                 jsd_beta=settings.jsd_beta, skew_lambda=settings.skew_lambda)
-    return task, per_token.sum()
+    task, distill = objective_from_settings(settings).row_sums(student, teacher, targets)
+    return task, distill
 
 
 def select_targets(
@@ -96,17 +72,43 @@ def select_targets(
     return student, teacher.to(student.device), labels[keep]
 
 
+def combine_terms(objective: Objective, sums: list[torch.Tensor], count: int,
+                  normalizer: float | torch.Tensor | None) -> LossParts:
+    """Weighted total of the row terms' sums, each divided by the normaliser (default: the token count)."""
+    denominator = normalizer if normalizer is not None else max(count, 1)
+    means = [s / denominator for s in sums]
+    total = None
+    for weighted, mean in zip(objective.row_terms, means, strict=True):
+        total = weighted.weight * mean if total is None else total + weighted.weight * mean
+    terms = {w.term.name: m for w, m in zip(objective.row_terms, means, strict=True)}
+    zero = means[0].new_zeros(()) if means else torch.zeros(())
+    return LossParts(total=total if total is not None else zero, task=terms.get("ce", zero),
+                     distill=terms.get("kd", zero), tokens=count, terms=terms)
+
+
+def add_batch_terms(objective: Objective, parts: LossParts, student_hidden: dict[int, torch.Tensor],
+                    teacher_hidden: dict[int, torch.Tensor], normalizer: float | torch.Tensor | None) -> LossParts:
+    """Add the objective's batch terms (hidden states of the target rows, per layer) to the row terms' parts."""
+    denominator = normalizer if normalizer is not None else max(parts.tokens, 1)
+    total = parts.total
+    for weighted in objective.batch_terms:
+        if weighted.weight == 0:
+            continue
+        mean = weighted.term.batch_sum(student_hidden, teacher_hidden) / denominator
+        total = total + weighted.weight * mean
+        parts.terms[weighted.term.name] = mean.detach()
+    parts.total = total
+    return parts
+
+
 def combine(task_sum: torch.Tensor, distill_sum: torch.Tensor, count: int, settings: LossSettings,
             normalizer: float | torch.Tensor | None) -> LossParts:
-    denominator = normalizer if normalizer is not None else max(count, 1)
-    task, distill = task_sum / denominator, distill_sum / denominator
-    total = (1 - settings.alpha) * task + settings.alpha * settings.temperature**2 * distill
-    return LossParts(total=total, task=task, distill=distill, tokens=count)
+    return combine_terms(objective_from_settings(settings), [task_sum, distill_sum], count, normalizer)
 
 
 def distillation_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | SparseTargets,
+    teacher_logits: TeacherTargets,
     labels: torch.Tensor,
     *,
     alpha: float = 0.5,
@@ -116,25 +118,27 @@ def distillation_loss(
     jsd_beta: float = 0.5,
     skew_lambda: float = 0.1,
     normalizer: float | torch.Tensor | None = None,
+    objective: Objective | None = None,
 ) -> LossParts:
-    """Combined CE + distillation loss from full logits (the simple path).
+    """Combined CE + distillation loss from full logits (the simple engine).
 
     Logits are [b, s, v] (or [n, v]) and already aligned with `labels` [b, s] (or [n]): for a causal LM,
     pass logits[:, :-1] with labels[:, 1:]. Teacher and student logits must have the same width v; sparse
     cached targets must have one row per non-ignored label, in order. Computation is in fp32 (fp64 stays
     fp64) whatever the input dtype. `normalizer` replaces the token count as the denominator, so gradient
-    accumulation can average over all tokens of an optimiser step.
+    accumulation can average over all tokens of an optimiser step. `objective` replaces the shorthand
+    (alpha, temperature, divergence, ...) by any list of row terms.
     """
-    settings = LossSettings(alpha, temperature, divergence, jsd_beta, skew_lambda)
-    if isinstance(teacher_logits, SparseTargets):
-        flat = labels.reshape(-1)
-        keep = flat != ignore_index
-        student, targets, teacher = student_logits.reshape(-1, student_logits.shape[-1])[keep], flat[keep], teacher_logits
-    else:
+    if objective is None:
+        objective = objective_from_settings(LossSettings(alpha, temperature, divergence, jsd_beta, skew_lambda))
+    flat = labels.reshape(-1)
+    keep = flat != ignore_index
+    if isinstance(teacher_logits, torch.Tensor):
         if student_logits.shape[-1] != teacher_logits.shape[-1]:
             raise ValueError(f"vocabulary widths differ: student {student_logits.shape[-1]}, teacher {teacher_logits.shape[-1]}")
         student, teacher, targets = select_targets(student_logits, teacher_logits, labels, ignore_index)
+    else:
+        student, targets, teacher = student_logits.reshape(-1, student_logits.shape[-1])[keep], flat[keep], teacher_logits
     compute_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     student = student.to(compute_dtype)
-    task_sum, distill_sum = summed_parts(student, teacher, targets, settings)
-    return combine(task_sum, distill_sum, targets.numel(), settings, normalizer)
+    return combine_terms(objective, objective.row_sums(student, teacher, targets), targets.numel(), normalizer)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from nlm.distill.divergences import forward_kl
+from nlm.distill.targets import MixtureLogits, target_logp
 
 # Columns of the per-example sums: target tokens, CE, correct top-1, teacher KL, teacher agreement.
 FIGURES = ("tokens", "ce", "correct", "kl", "agree")
@@ -28,8 +29,9 @@ class EvalSums:
     agree: int = 0
     with_teacher: bool = False
 
-    def add_rows(self, student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None = None) -> None:
-        """Add target rows: student logits [n, v], their labels [n], and the teacher's logits [n, v] if any."""
+    def add_rows(self, student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | MixtureLogits | None = None) -> None:
+        """Add target rows: student logits [n, v], their labels [n], and the teacher's logits [n, v] (or a
+        mixture of teachers) if any."""
         self.add(row_figures(student, targets, teacher).sum(0), with_teacher=teacher is not None)
 
     def add(self, sums: torch.Tensor, with_teacher: bool) -> None:
@@ -52,8 +54,10 @@ class EvalSums:
         return out
 
 
-def row_figures(student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
-    """Per target row [n, 5] in FIGURES order (float64), from student logits [n, v], labels [n], teacher [n, v]."""
+def row_figures(student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | MixtureLogits | None = None
+                ) -> torch.Tensor:
+    """Per target row [n, 5] in FIGURES order (float64), from student logits [n, v], labels [n], teacher [n, v]
+    (or a mixture of teachers)."""
     student = student.float()
     figures = torch.zeros(targets.numel(), len(FIGURES), dtype=torch.float64, device=student.device)
     figures[:, 0] = 1
@@ -61,9 +65,9 @@ def row_figures(student: torch.Tensor, targets: torch.Tensor, teacher: torch.Ten
     predicted = student.argmax(-1)
     figures[:, 2] = predicted == targets
     if teacher is not None:
-        teacher = teacher.float()
-        figures[:, 3] = forward_kl(F.log_softmax(teacher, -1), F.log_softmax(student, -1))
-        figures[:, 4] = predicted == teacher.argmax(-1)
+        teacher_logp = target_logp(teacher, 1.0)
+        figures[:, 3] = forward_kl(teacher_logp, F.log_softmax(student, -1))
+        figures[:, 4] = predicted == teacher_logp.argmax(-1)
     return figures
 
 
@@ -74,7 +78,7 @@ def score_batch(sums: EvalSums, model: Any, inputs: dict[str, torch.Tensor], voc
                 autocast: Callable[[], AbstractContextManager] | None = None) -> Any:
     """Add one batch's target tokens to `sums`; returns the model's outputs.
 
-    `teacher` is a LiveTeacher (or None). `chunked` builds logits only for target rows, a chunk at a time
+    `teacher` is a Teacher whose rows are whole distributions (live or ensemble), or None. `chunked` builds logits only for target rows, a chunk at a time
     (as the fused loss does), so evaluation never holds [batch, seq, vocab] logits; models that post-process
     their logits must pass chunked=False. `model_for_head` is the unwrapped model when `model` is a
     distributed wrapper. `gather` collects the per-example sums [b, 5] of every process (the Trainer passes
@@ -94,14 +98,15 @@ def score_batch(sums: EvalSums, model: Any, inputs: dict[str, torch.Tensor], voc
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
         student = outputs.logits[:, :-1, :vocab_width][mask]  # [n, V]
         per_example.index_add_(0, example, row_figures(
-            student, targets, teacher.dense_rows(inputs, mask, student.device) if teacher is not None else None))
+            student, targets,
+            teacher.signal(inputs, mask, student.device, full_logits=True).all_rows() if teacher is not None else None))
     else:
         unwrapped = model_for_head if model_for_head is not None else model
         with capture_hidden(unwrapped) as (store, _):
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
         rows = store["hidden"][:, :-1][mask]  # [n, H]
         head = sliced_head(unwrapped, vocab_width)
-        teacher_rows = teacher.row_source(inputs, mask, rows.device) if teacher is not None else None
+        teacher_rows = teacher.signal(inputs, mask, rows.device).rows if teacher is not None else None
         step = chunk_tokens or chunk_rows(vocab_width, rows.device)
         for start in range(0, rows.shape[0], step):
             end = min(start + step, rows.shape[0])

@@ -20,13 +20,12 @@ from nlm.data.mixture import source_specs
 from nlm.data.prepare import PreparedData, prepare_datasets
 from nlm.data.sampler import OrderPlan, OrderSampler
 from nlm.data.tokenize import PaddingCollator
-from nlm.distill.cache import CacheMismatchError, TeacherCache, compare_fingerprints
-from nlm.distill.cache_builder import cache_fingerprint
 from nlm.distill.cross_loss import AlignedTeacher, CrossSettings
 from nlm.distill.cross_vocab import build_vocab_map
 from nlm.distill.loss import LossSettings
-from nlm.distill.teacher import CachedTeacher, LiveTeacher
-from nlm.errors import ConfigError, RunExistsError
+from nlm.distill.teacher import Teacher
+from nlm.distill.teacher_loading import load_teacher, teacher_specs
+from nlm.errors import ConfigError, DataError, RunExistsError
 from nlm.models.device import PrecisionPlan, resolve_precision, select_device, teacher_dtype
 from nlm.models.heads import head_reproduces_logits
 from nlm.models.loading import (
@@ -37,10 +36,17 @@ from nlm.models.loading import (
     model_revision,
 )
 from nlm.models.lora import apply_lora
-from nlm.models.vocab import own_vocab_width, shared_vocab_width, tokenizers_equal
+from nlm.models.vocab import own_vocab_width, tokenizers_equal
 from nlm.training.arguments import training_arguments
 from nlm.training.callbacks import add_hardware_metrics, install_callbacks
 from nlm.training.metadata import redacted_config, write_metadata
+from nlm.training.objective_setup import (
+    attach_objective,
+    build_objective,
+    describe_objective,
+    detach_objective,
+    save_projections,
+)
 from nlm.training.order import build_order, global_batch, model_scorer
 from nlm.training.policy import StepPolicy
 from nlm.training.trackers import direct_tracker_output, prepare_trackers
@@ -105,7 +111,7 @@ def _check_required(config: TrainingConfig) -> None:
     if config.distillation.lmbda > 0 and config.distillation.alpha == 0:
         raise ConfigError("distillation.lmbda > 0 trains on the teacher's scores of the student's samples: "
                           "set distillation.alpha > 0")
-    if not config.teacher_model and not config.teacher_cache and config.distillation.alpha > 0:
+    if not config.teacher_model and not config.teachers and not config.teacher_cache and config.distillation.alpha > 0:
         raise ConfigError(
             "teacher_model is required when distillation.alpha > 0: pass --teacher_model (or --teacher_cache DIR), "
             "or --distillation.alpha 0 for plain fine-tuning"
@@ -126,8 +132,9 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     _check_required(config)
     # Fail on a missing model before any data work or folder creation.
     check_model_exists(config.student_model, **_hub(config, config.student_revision))
-    if config.teacher_model:
-        check_model_exists(config.teacher_model, **_hub(config, config.teacher_revision))
+    if not config.teacher_cache:
+        for spec in teacher_specs(config):
+            check_model_exists(spec.model, **_hub(config, spec.revision))
     device = select_device(config.device_preference, config.device)
     precision = resolve_precision(config.precision, device)
     logger.info("precision: %s on %s", precision.name, device)
@@ -147,19 +154,23 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     student, teacher, vocab_width = load_models(config, tokenizer, device, precision)
     with args.main_process_first(local=False, desc="tokenisation"):
         data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
-                                with_index=isinstance(teacher, CachedTeacher),
+                                with_index=teacher is not None and "index" in getattr(teacher, "batch_columns", ()),
                                 teacher_tokenizer=getattr(teacher, "paired_tokenizer", None))
+    teacher_models = teacher.models() if teacher is not None else []
     plan = build_order(config, data, args.world_size, model_scorer(
-        {"student": student, "teacher": teacher.model if isinstance(teacher, LiveTeacher) else None},
+        {"student": student, "teacher": teacher_models[0] if len(teacher_models) == 1 else None},
         {"student": config.student_model, "teacher": config.teacher_model}, vocab_width,
         tokenizer.pad_token_id or 0, config.per_device_eval_batch_size, path_inside(config.output_dir, ".cache/tokenized")))
     loss_impl = choose_loss_impl(config.loss_impl, student, teacher, data.train[0]["input_ids"],
                                  data.train[0].get("teacher_input_ids"))
+    objective = build_objective(config, student, teacher)
+    check_routes(config, data, plan)
     if config.lora.enabled:
         set_seed(config.seed)  # LoRA's A matrices are random: seeded here, since the Trainer seeds only later
         student = apply_lora(student, config.lora)
         if config.gradient_checkpointing:
             student.enable_input_require_grads()
+    attach_objective(student, objective)  # learnable parts (projections, temperature) train with the student
     trainable, total = count_parameters(student)
     logger.info("student: %d parameters, %d trainable (%.2f%%)", total, trainable, 100 * trainable / max(total, 1))
 
@@ -173,6 +184,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         processing_class=tokenizer,
         teacher=teacher,
         distillation=config.distillation,
+        objective=objective,
         vocab_width=vocab_width,
         max_bad_steps=config.max_bad_steps,
         loss_impl=loss_impl,
@@ -191,7 +203,10 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     if data.eval is not None:
         metrics.update(_final_eval(trainer))
 
+    detach_objective(trainer.model)
     final_dir = save_final(trainer, tokenizer, run_dir, config)
+    if trainer.is_world_process_zero():
+        save_projections(objective, final_dir)
     seconds = time.perf_counter() - started
     if not trainer.is_world_process_zero():
         return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
@@ -200,12 +215,14 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         config=redacted_config(config),
         teacher={"model": config.teacher_model, "teacher_cache": str(config.teacher_cache) if config.teacher_cache else None,
                  "revision": model_revision(teacher.model) if hasattr(teacher, "model") else None,
-                 "describe": teacher.describe() if hasattr(teacher, "describe") else None},
+                 **(teacher.describe() if teacher is not None else {}),
+                 "describe": teacher.describe() if teacher is not None else None},
         loss_impl=trainer.loss_impl,
+        objective=describe_objective(objective, config),
         student={"model": config.student_model, "revision": model_revision(trainer.model)},
         data=data_summary(data, plan, trainer.state.global_step * global_batch(config, args.world_size)),
         device=str(device),
-        teacher_device=str(teacher.device) if hasattr(teacher, "model") else None,
+        teacher_device=str(teacher.device) if hasattr(teacher, "device") else None,
         precision=precision.name,
         world_size=args.world_size,
         parameters={"total": total, "trainable": trainable},
@@ -221,29 +238,26 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
 
 
 def load_models(config: TrainingConfig, tokenizer: Any, device: torch.device, precision: PrecisionPlan
-                ) -> tuple[Any, LiveTeacher | CachedTeacher | None, int]:
-    """The student (fp32 master weights; mixed precision autocasts), the teacher or its cache, and the
-    vocabulary width both are compared over."""
+                ) -> tuple[Any, Teacher | None, int]:
+    """The student (fp32 master weights; mixed precision autocasts), the teacher (live, cached or several),
+    and the vocabulary width both are compared over."""
     student = load_causal_lm(config.student_model, dtype=torch.float32, **_hub(config, config.student_revision))
-    if config.teacher_cache:
-        return student, open_teacher_cache(config, tokenizer), len(tokenizer)
-    if not config.teacher_model:
-        return student, None, len(tokenizer)
-    teacher_device = torch.device(config.teacher_device) if config.teacher_device else device
-    if config.teacher_device:
-        select_device(forced=config.teacher_device)  # a clear error when that device does not exist
-    teacher_model = load_causal_lm(
-        config.teacher_model, dtype=teacher_dtype(config.teacher_precision, precision, teacher_device),
-        **_hub(config, config.teacher_revision),
-    )
-    teacher_tokenizer = load_tokenizer(config.teacher_model, **_hub(config, config.teacher_revision))
     method = config.distillation.cross_tokenizer
-    if method and not tokenizers_equal(teacher_tokenizer, tokenizer):
-        return student, cross_tokenizer_teacher(config, teacher_model, teacher_tokenizer, tokenizer, student, teacher_device), len(tokenizer)
-    if method:
+    if method and config.teacher_model and not config.teacher_cache:
+        teacher_tokenizer = load_tokenizer(config.teacher_model, **_hub(config, config.teacher_revision))
+        if not tokenizers_equal(teacher_tokenizer, tokenizer):
+            teacher_device = torch.device(config.teacher_device) if config.teacher_device else device
+            if config.teacher_device:
+                select_device(forced=config.teacher_device)  # a clear error when that device does not exist
+            teacher_model = load_causal_lm(
+                config.teacher_model, dtype=teacher_dtype(config.teacher_precision, precision, teacher_device),
+                **_hub(config, config.teacher_revision),
+            )
+            return student, cross_tokenizer_teacher(config, teacher_model, teacher_tokenizer, tokenizer, student,
+                                                    teacher_device), len(tokenizer)
         logger.info("distillation.cross_tokenizer=%s ignored: teacher and student share a tokenizer", method)
-    vocab_width = shared_vocab_width(teacher_tokenizer, tokenizer, teacher_model, student)
-    return student, LiveTeacher(teacher_model, teacher_device, vocab_width), vocab_width
+    teacher = load_teacher(config, tokenizer, student, device, precision)
+    return student, teacher, teacher.vocab_width if teacher is not None else len(tokenizer)
 
 
 def cross_tokenizer_teacher(config: TrainingConfig, teacher_model: Any, teacher_tokenizer: Any, tokenizer: Any,
@@ -267,18 +281,15 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
 
-def open_teacher_cache(config: TrainingConfig, tokenizer: Any) -> CachedTeacher:
-    """The cache named by `teacher_cache`, checked against this run's data, tokenizer and settings."""
-    try:
-        cache = TeacherCache(config.teacher_cache)
-        compare_fingerprints(cache_fingerprint(config, tokenizer, cache.top_k), cache.fingerprint, cache.directory)
-    except (FileNotFoundError, CacheMismatchError) as exc:
-        raise ConfigError(str(exc)) from None
-    if cache.vocab_size != len(tokenizer):
-        raise ConfigError(f"teacher cache vocabulary {cache.vocab_size} differs from the student tokenizer's {len(tokenizer)}")
-    logger.info("teacher targets from cache %s (top-%d, %d tokens); the teacher model is not loaded",
-                cache.directory, cache.top_k, cache.manifest["tokens"])
-    return CachedTeacher(cache)
+def check_routes(config: TrainingConfig, data: PreparedData, plan: OrderPlan | None) -> None:
+    """With teacher_mixture=route, every example must name its teacher or come from a source named like one."""
+    if not config.route_teachers:
+        return
+    unnamed = sum(1 for index in data.train["teacher"] if index < 0)
+    sources = set(plan.names) if plan is not None else set()
+    if unnamed and (plan is None or not sources <= set(config.route_teachers)):
+        raise DataError(f"distillation.teacher_mixture=route: {unnamed} training records have no 'teacher' field and no "
+                        f"train_mixture source named after a teacher ({', '.join(config.route_teachers)})")
 
 
 def choose_loss_impl(requested: str, student: Any, teacher: Any, sample_ids: list[int],
@@ -290,9 +301,9 @@ def choose_loss_impl(requested: str, student: Any, teacher: Any, sample_ids: lis
         return requested
     # A few tokens: the check runs before the student reaches its device.
     ids = torch.tensor([sample_ids[:8]])
-    checks = [("student", student, ids)]
-    if hasattr(teacher, "model"):
-        checks.append(("teacher", teacher.model, torch.tensor([teacher_sample_ids[:8]]) if teacher_sample_ids else ids))
+    teacher_ids = torch.tensor([teacher_sample_ids[:8]]) if teacher_sample_ids else ids
+    checks = [("student", student, ids)] + ([("teacher", model, teacher_ids) for model in teacher.models()]
+                                            if teacher is not None else [])
     for role, model, sample in checks:
         if not head_reproduces_logits(model, sample.to(next(model.parameters()).device)):
             logger.warning("the %s post-processes its logits (e.g. soft-capping): using loss_impl=simple", role)

@@ -15,10 +15,11 @@ from transformers import Trainer
 from nlm.config.settings import DistillationConfig
 from nlm.distill.cross_loss import cross_tokenizer_loss
 from nlm.distill.fused import fused_distillation_loss
-from nlm.distill.loss import LossSettings, combine, summed_parts
+from nlm.distill.loss import LossParts, LossSettings, add_batch_terms, combine_terms
 from nlm.distill.metrics import EvalSums, score_batch
+from nlm.distill.objective import Objective, objective_from_config
 from nlm.distill.sharded_head import gathered_head, prepare_teacher
-from nlm.distill.teacher import LiveTeacher
+from nlm.distill.teacher import Teacher
 from nlm.errors import TrainingDivergedError
 from nlm.models.heads import capture_hidden, output_head
 from nlm.training.policy import StepPolicy
@@ -27,13 +28,15 @@ logger = logging.getLogger(__name__)
 
 
 class DistillationTrainer(Trainer):
-    """Trains the student on (1-α)·CE + α·τ²·D(teacher ‖ student); evaluates CE, perplexity and teacher agreement."""
+    """Trains the student on an objective (default (1-α)·CE + α·τ²·D(teacher ‖ student)) with targets from any
+    `Teacher`; evaluates CE, perplexity and teacher agreement."""
 
     def __init__(
         self,
         *args: Any,
-        teacher: Any | None,
+        teacher: Teacher | None,
         distillation: DistillationConfig,
+        objective: Objective | None = None,
         vocab_width: int,
         max_bad_steps: int = 3,
         loss_impl: str = "fused",
@@ -48,18 +51,23 @@ class DistillationTrainer(Trainer):
         # `source_names` the task loss of each source is logged too (nlm.training.per_source).
         self.train_sampler = train_sampler
         self.source_names = source_names
-        if teacher is None and distillation.alpha > 0:
+        self.objective = objective if objective is not None else objective_from_config(distillation)
+        self._base_objective = self.objective
+        if teacher is None and "teacher" in self.objective.needs:
             raise ValueError("a teacher is required when distillation.alpha > 0")
         self.teacher = teacher
         self.distillation = distillation
         self.loss_settings = LossSettings.from_config(distillation)
+        if loss_impl == "fused" and not self.objective.fused_supported:
+            logger.warning("the objective has a term the fused loss cannot chunk: using loss_impl=simple")
+            loss_impl = "simple"
         self.loss_impl = loss_impl
         if loss_impl == "fused" and self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
             # FSDP1 has no unsharding API usable inside a step (FSDP2 and ZeRO-3 do: nlm.distill.sharded_head).
             logger.warning("FSDP version 1: using loss_impl=simple (the fused loss needs FSDP2; see configs/accelerate/fsdp2.yaml)")
             self.loss_impl = "simple"
-        if isinstance(teacher, LiveTeacher):
-            teacher.model = prepare_teacher(teacher.model, self.accelerator)  # DeepSpeed: its own engine
+        for live in getattr(teacher, "members", [teacher] if hasattr(teacher, "model") else []):
+            live.model = prepare_teacher(live.model, self.accelerator)  # DeepSpeed: its own engine
         self.chunk_tokens = chunk_tokens
         self.step_policy = step_policy  # None: every step trains on the dataset (see nlm/training/policy.py)
         self.vocab_width = vocab_width
@@ -92,6 +100,8 @@ class DistillationTrainer(Trainer):
         student = self.accelerator.unwrap_model(self.model)
         batches, source = self.step_policy.prepare(batches, self.state.global_step, student, self.args.process_index)
         self.loss_settings = self.step_policy.loss_settings(source)
+        # The policy may change α for this step (on-policy steps are pure divergence): same terms, new weights.
+        self.objective = self._base_objective.with_alpha(self.loss_settings.alpha, self.loss_settings.temperature)
         return batches, self._get_num_items_in_batch(batches, device)
 
     def compute_loss(
@@ -105,19 +115,26 @@ class DistillationTrainer(Trainer):
         normalizer = num_items_in_batch
         if normalizer is not None and torch.is_tensor(normalizer):
             normalizer = normalizer.to(targets.device)
-        use_teacher = self.teacher is not None and self.distillation.alpha > 0
+        use_teacher = self.teacher is not None and "teacher" in self.objective.needs
+        student_layers, teacher_layers = self._hidden_layers()
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"), "use_cache": False}
+        if student_layers:
+            forward["output_hidden_states"] = True
+        signal = None
         if use_teacher and getattr(self.teacher, "paired_tokenizer", None) is not None:
             parts, outputs, reference = self._cross_tokenizer_loss(model, inputs, normalizer)
+            student_layers = ()
         elif self.loss_impl == "fused":
             unwrapped = self.accelerator.unwrap_model(model)
             head_module = output_head(unwrapped)
             with capture_hidden(unwrapped) as (store, head):
-                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+                outputs = model(**forward)
             rows = store["hidden"][:, :-1][mask]  # [n, H]
-            teacher_rows = self.teacher.row_source(inputs, mask, rows.device) if use_teacher else (lambda start, end: None)
+            signal = self.teacher.signal(inputs, mask, rows.device, layers=teacher_layers) if use_teacher else None
             with gathered_head(unwrapped, head_module), self._gathered_teacher_head():  # sharded heads, whole
                 parts = fused_distillation_loss(
-                    rows, head, targets, teacher_rows, vocab_width=self.vocab_width, settings=self.loss_settings,
+                    rows, head, targets, signal.rows if signal is not None else (lambda start, end: None),
+                    vocab_width=self.vocab_width, objective=self.objective,
                     normalizer=normalizer, head_parameters=[p for p in head_module.parameters() if p.requires_grad],
                     chunk_size=self.chunk_tokens,
                     # A plain Linear head gets hand-written gradients (no head-sized copy per chunk).
@@ -127,12 +144,17 @@ class DistillationTrainer(Trainer):
                 )
             source_logits = lambda start, end: head(rows[start:end].detach())[..., : self.vocab_width]  # noqa: E731
         else:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+            outputs = model(**forward)
             student = outputs.logits[:, :-1, : self.vocab_width][mask]  # [n, V]
-            teacher = self.teacher.dense_rows(inputs, mask, student.device) if use_teacher else None
-            task_sum, distill_sum = summed_parts(student.float(), teacher, targets, self.loss_settings)
-            parts = combine(task_sum, distill_sum, targets.numel(), self.loss_settings, normalizer)
+            signal = (self.teacher.signal(inputs, mask, student.device, layers=teacher_layers, full_logits=True)
+                      if use_teacher else None)
+            sums = self.objective.row_sums(student.float(), signal.all_rows() if signal is not None else None, targets)
+            parts = combine_terms(self.objective, sums, targets.numel(), normalizer)
             source_logits = lambda start, end: student[start:end].detach()  # noqa: E731
+        if student_layers and signal is not None:
+            # hidden_states[L + 1] is layer L's output; rows as for the logits: [n, H] per layer
+            chosen = {layer: outputs.hidden_states[layer + 1][:, :-1][mask] for layer in student_layers}
+            parts = add_batch_terms(self.objective, parts, chosen, signal.hidden, normalizer)
         loss = parts.total
         if self.args.average_tokens_across_devices and normalizer is not None and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # gradients are averaged over processes afterwards
@@ -142,11 +164,19 @@ class DistillationTrainer(Trainer):
             self._record_sources(source_logits, targets, inputs["source"].unsqueeze(1).expand_as(mask)[mask])
         return (loss, outputs) if return_outputs else loss
 
+    def _hidden_layers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Student and teacher layers whose hidden states the objective's batch terms compare."""
+        terms = [t.term for t in self.objective.batch_terms if t.weight != 0]
+        student = tuple(sorted({layer for term in terms for layer in getattr(term, "student_layers", ())}))
+        teacher = tuple(sorted({layer for term in terms for layer in getattr(term, "teacher_layers", ())}))
+        return student, teacher
+
     def _gathered_teacher_head(self) -> Any:
         """A live teacher sharded by DeepSpeed ZeRO-3 needs its head whole for the chunk loop too."""
-        if not isinstance(self.teacher, LiveTeacher):
-            return contextlib.nullcontext()
-        return gathered_head(self.teacher.model, output_head(self.teacher.model))
+        stack = contextlib.ExitStack()
+        for teacher_model in self.teacher.models() if self.teacher is not None else []:
+            stack.enter_context(gathered_head(teacher_model, output_head(teacher_model)))
+        return stack
 
     def _cross_tokenizer_loss(self, model: Any, inputs: dict[str, torch.Tensor], normalizer: Any) -> tuple[Any, Any, torch.Tensor]:
         """A teacher with its own tokenizer: CE (fused) + ULD/hybrid at the aligned group starts."""
@@ -173,7 +203,7 @@ class DistillationTrainer(Trainer):
         before = (self._eval_sums.ce, self._eval_sums.tokens)
         outputs = score_batch(
             self._eval_sums, model, inputs, self.vocab_width,
-            teacher=self.teacher if isinstance(self.teacher, LiveTeacher) else None,
+            teacher=self.teacher if self.teacher is not None and self.teacher.full_distribution else None,
             chunked=self.loss_impl == "fused", chunk_tokens=self.chunk_tokens,
             model_for_head=self.accelerator.unwrap_model(model),
             # Every process's per-example sums (repeats that even out the last batch dropped): the figures
@@ -211,11 +241,14 @@ class DistillationTrainer(Trainer):
         trainable = [p for p in model.parameters() if p.requires_grad]
         return sum((p.reshape(-1)[:1].sum() for p in trainable), loss.new_zeros(())) * 0.0
 
-    def _record(self, parts: Any, normalizer: Any, inputs: dict[str, torch.Tensor]) -> None:
+    def _record(self, parts: LossParts, normalizer: Any, inputs: dict[str, torch.Tensor]) -> None:
         # Parts are normalised per optimiser step; rescale to a per-token mean of this micro-batch for logging.
         scale = float(normalizer) / max(parts.tokens, 1) if normalizer is not None else 1.0
         self._window["task"] += parts.task.item() * scale
         self._window["distill"] += parts.distill.item() * scale
+        for name, value in parts.terms.items():
+            if name not in ("ce", "kd"):
+                self._window[f"{name}_loss"] = self._window.get(f"{name}_loss", 0.0) + value.item() * scale
         self._window["batches"] += 1
         self._window["samples"] += int(inputs["input_ids"].shape[0])
         mask = inputs.get("attention_mask")
@@ -247,6 +280,9 @@ class DistillationTrainer(Trainer):
             processes = max(self.accelerator.num_processes, 1)
             logs["tokens_per_second"] = round(self._window["tokens"] * processes / elapsed, 2)
             logs["samples_per_second"] = round(self._window["samples"] * processes / elapsed, 2)
+            logs.update({key: round(value, 6) for key, value in self.objective.pop_stats().items()})
+            for key in [k for k in self._window if k.endswith("_loss")]:
+                logs[key] = round(self._window[key] / self._window["batches"], 6)
             if self.step_policy is not None:
                 logs.update(self.step_policy.figures(elapsed))
             self._window = self._new_window()

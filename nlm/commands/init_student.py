@@ -1,0 +1,48 @@
+"""Make a student from a teacher by keeping some of its layers (a pruned start for layer-wise distillation).
+
+Writes a plain transformers model folder (config, safetensors weights, tokenizer) with the teacher's
+embeddings, head, final norm and the chosen decoder layers: `--layers 0,5,10,15` keeps those (0-based),
+`--keep_every N` keeps layers 0, N, 2N, ... and the last one. Train it with `--student_model DIR`, ideally
+with `distillation.hidden_states` so the kept layers learn to stand in for the dropped ones.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Options(BaseModel):
+    """The command's flags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str = Field(description="teacher: a Hugging Face hub id or a local folder")
+    output: str = Field(description="folder to write the student to")
+    layers: str | None = Field(None, description="comma-separated teacher layers to keep, 0-based (e.g. 0,5,10)")
+    keep_every: int | None = Field(None, ge=1, description="keep every N-th layer (and the last); instead of --layers")
+    overwrite: bool = Field(False, description="replace a model folder already at --output")
+    trust_remote_code: bool = Field(False, description="run model code shipped with a hub repository")
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                [int(part) for part in value.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError(f"expected comma-separated layer numbers such as 0,5,10, found {value!r}") from None
+        return value
+
+
+def run(options: Options) -> int:
+    """Prune through `nlm.models.prune.init_student`; print what was kept."""
+    from pathlib import Path
+
+    from nlm.models.prune import init_student
+
+    layers = [int(part) for part in options.layers.split(",") if part.strip()] if options.layers is not None else None
+    report = init_student(options.teacher, Path(options.output), layers=layers, keep_every=options.keep_every,
+                          overwrite=options.overwrite, trust_remote_code=options.trust_remote_code)
+    print(f"init-student: {report['output']} keeps teacher layers {','.join(map(str, report['layers']))} "
+          f"of {report['teacher_layers']} ({report['parameters']} parameters)")
+    return 0

@@ -1,0 +1,104 @@
+"""A student made from a teacher by keeping some of its decoder layers (DistilBERT / Minitron-style start).
+
+The kept layers, the embeddings, the final norm and the head are copied; the config says the new depth,
+and per-layer config lists (e.g. `layer_types`) keep their kept entries. The folder is a plain
+transformers model: `AutoModelForCausalLM.from_pretrained(DIR)` loads it with no missing or unexpected keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nlm.errors import ConfigError, RunExistsError
+
+logger = logging.getLogger(__name__)
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The model's list of decoder blocks: the ModuleList as long as `num_hidden_layers`."""
+    depth = _depth(model.config)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == depth:
+            return module
+    raise ConfigError(f"{type(model).__name__}: found no list of {depth} decoder layers to prune")
+
+
+def _depth(config: Any) -> int:
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ConfigError(f"{type(config).__name__} does not say how many layers the model has")
+
+
+def _set_depth(config: Any, depth: int) -> None:
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, name, None):
+            setattr(config, name, depth)
+            return
+
+
+def choose_layers(depth: int, layers: Sequence[int] | None = None, keep_every: int | None = None) -> list[int]:
+    """Sorted, distinct layer numbers to keep: given ones, or every N-th starting at 0 plus the last."""
+    if (layers is None) == (keep_every is None):
+        raise ConfigError("give --layers or --keep_every, exactly one")
+    if keep_every is not None:
+        if keep_every < 1:
+            raise ConfigError(f"--keep_every {keep_every}: expected a positive number")
+        chosen = sorted(set(range(0, depth, keep_every)) | {depth - 1})
+    else:
+        chosen = sorted(set(layers or []))
+    if not chosen:
+        raise ConfigError("--layers: expected at least one layer number")
+    outside = [layer for layer in chosen if not 0 <= layer < depth]
+    if outside:
+        raise ConfigError(f"--layers {','.join(map(str, outside))}: the teacher has layers 0..{depth - 1}")
+    return chosen
+
+
+def prune_layers(model: Any, keep: Sequence[int]) -> Any:
+    """Keep only the decoder layers `keep` (in place); returns the model."""
+    blocks = decoder_layers(model)
+    kept = [blocks[i] for i in keep]
+    for new_index, block in enumerate(kept):
+        for module in block.modules():  # attention modules index the KV cache by layer
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    for index in range(len(blocks) - 1, -1, -1):
+        del blocks[index]
+    blocks.extend(kept)
+    config = model.config
+    for name, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == _depth(config) and name not in ("architectures",):
+            setattr(config, name, [value[i] for i in keep])  # per-layer lists such as layer_types
+    _set_depth(config, len(keep))
+    return model
+
+
+def init_student(teacher: str, output: Path, layers: Sequence[int] | None = None, keep_every: int | None = None,
+                 overwrite: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Write a student folder (config, weights, tokenizer, generation config) made of the teacher's `layers`."""
+    from nlm.models.loading import load_causal_lm, load_tokenizer
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        marker = output / "config.json"
+        if not overwrite:
+            raise RunExistsError(f"{output} is not empty; choose another --output or pass --overwrite")
+        if not marker.is_file():
+            raise RunExistsError(f"{output} is not empty and holds no model; nlm will not overwrite it")
+    model = load_causal_lm(teacher, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
+    depth = _depth(model.config)
+    keep = choose_layers(depth, layers, keep_every)
+    prune_layers(model, keep)
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output))
+    tokenizer.save_pretrained(str(output))
+    parameters = sum(p.numel() for p in model.parameters())
+    logger.info("student with teacher layers %s (%d of %d) written to %s: %d parameters", keep, len(keep), depth, output, parameters)
+    return {"output": str(output), "layers": keep, "teacher_layers": depth, "parameters": parameters}

@@ -1,0 +1,76 @@
+"""Wiring of the run's objective: built from the config and the models, its learnable parts attached to the
+student while training (so the optimiser, device placement, checkpoints and DDP see them), and saved apart
+from the student at the end (`final/distill_projections.safetensors`), so `final/` stays a plain model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from nlm.config.settings import TrainingConfig
+from nlm.distill.hidden_states import HiddenShapes
+from nlm.distill.objective import Objective, objective_from_config
+from nlm.distill.teacher import Teacher
+from nlm.errors import ConfigError
+
+ATTACHED = "nlm_objective"  # the student's submodule holding the objective's learnable parts during training
+PROJECTIONS_FILE = "distill_projections.safetensors"
+
+
+def build_objective(config: TrainingConfig, student: Any, teacher: Teacher | None) -> Objective:
+    """The run's objective, checked against what the teacher can supply."""
+    distillation = config.distillation
+    if distillation.temperature_mode != "fixed" and teacher is not None and not teacher.full_distribution:
+        raise ConfigError(f"distillation.temperature_mode={distillation.temperature_mode} needs the teacher's whole "
+                          "distribution; a teacher cache stores top-k log-probabilities at one temperature")
+    shapes = None
+    if distillation.hidden_states.weight > 0:
+        if teacher is None or not teacher.hidden_layers:
+            raise ConfigError("distillation.hidden_states needs one live teacher (teacher_model): a teacher cache and "
+                              "several teachers supply no hidden states")
+        shapes = HiddenShapes(int(student.config.num_hidden_layers), int(student.config.hidden_size),
+                              int(teacher.hidden_layers), int(teacher.hidden_size()))
+    try:
+        return objective_from_config(distillation, shapes)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def attach_objective(model: Any, objective: Objective) -> None:
+    modules = objective.modules()
+    if modules:
+        model.add_module(ATTACHED, torch.nn.ModuleDict({key.replace(".", "_"): m for key, m in modules.items()}))
+
+
+def detach_objective(model: Any) -> None:
+    """Take the objective's parts off the student before the final save (no unexpected keys in final/)."""
+    model._modules.pop(ATTACHED, None)
+
+
+def save_projections(objective: Objective, folder: Path) -> Path | None:
+    term = objective.term("hidden_states")
+    projections = getattr(term, "projections", None)
+    if projections is None or not len(projections):
+        return None
+    path = Path(folder) / PROJECTIONS_FILE
+    save_file({key: value.detach().float().cpu().contiguous() for key, value in projections.state_dict().items()}, str(path),
+              metadata={"layers": str(getattr(term, "layers", {})), "format": "nlm-distill-projections"})
+    return path
+
+
+def describe_objective(objective: Objective, config: TrainingConfig) -> dict[str, Any]:
+    """For training_metadata.json: terms and weights, the temperature mode and, when learned, its value."""
+    out: dict[str, Any] = {"terms": [{"name": t.term.name, "weight": t.weight} for t in objective.terms],
+                           "temperature_mode": config.distillation.temperature_mode}
+    kd = objective.term("kd")
+    temperature = getattr(kd, "temperature", None)
+    if temperature is not None and hasattr(temperature, "value"):
+        out["learned_temperature"] = float(temperature.value().detach())
+    hidden = objective.term("hidden_states")
+    if hidden is not None:
+        out["hidden_states"] = {"layers": {str(k): v for k, v in hidden.layers.items()}, "loss": hidden.loss,
+                                "projections": PROJECTIONS_FILE if len(hidden.projections) else None}
+    return out

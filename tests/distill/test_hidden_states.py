@@ -1,0 +1,126 @@
+"""Layer-wise distillation: the hidden-state term, the layer map, pruned students and their training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from nlm.distill.hidden_states import HiddenShapes, HiddenStatesTerm, auto_layer_map
+from nlm.errors import ConfigError, RunExistsError
+from nlm.models.prune import choose_layers, init_student
+
+
+def test_auto_map_spreads_student_layers_over_the_teacher():
+    assert auto_layer_map(2, 4) == {0: 1, 1: 3}
+    assert auto_layer_map(3, 12) == {0: 3, 1: 7, 2: 11}
+    assert auto_layer_map(4, 4) == {0: 0, 1: 1, 2: 2, 3: 3}
+
+
+def test_mse_and_cosine_equal_a_hand_computation():
+    torch.manual_seed(0)
+    term = HiddenStatesTerm({0: 1, 1: 3}, "mse", 8, 8)
+    assert len(term.projections) == 0  # equal widths: compared directly
+    student = {0: torch.randn(5, 8), 1: torch.randn(5, 8)}
+    teacher = {1: torch.randn(5, 8), 3: torch.randn(5, 8)}
+    expected = (((student[0] - teacher[1]) ** 2).mean(-1).sum() + ((student[1] - teacher[3]) ** 2).mean(-1).sum()) / 2
+    torch.testing.assert_close(term.batch_sum(student, teacher), expected)
+    cosine = HiddenStatesTerm({0: 1}, "cosine", 8, 8)
+    torch.testing.assert_close(cosine.batch_sum(student, teacher), (1 - F.cosine_similarity(student[0], teacher[1], dim=-1)).sum())
+    assert cosine.batch_sum({0: teacher[1] * 3}, teacher).abs() < 1e-5  # scale-free, zero on aligned states
+
+
+def test_different_widths_get_a_trainable_projection():
+    term = HiddenStatesTerm({0: 0}, "mse", 4, 6)
+    student, teacher = {0: torch.randn(3, 4, requires_grad=True)}, {0: torch.randn(3, 6)}
+    loss = term.batch_sum(student, teacher)
+    loss.backward()
+    weight = term.projections["0"].weight
+    assert weight.shape == (6, 4) and weight.grad is not None and student[0].grad is not None
+    assert term.parameters() == [weight]
+
+
+def test_layer_map_is_checked_against_the_models():
+    from nlm.config.settings import HiddenStatesConfig
+
+    shapes = HiddenShapes(student_layers=2, student_width=32, teacher_layers=4, teacher_width=64)
+    with pytest.raises(ValueError, match="teacher layer 4 is outside 0..3"):
+        HiddenStatesTerm.from_config(HiddenStatesConfig(weight=1, layers={0: 4}), shapes)
+    with pytest.raises(ValueError, match="student layer 2 is outside 0..1"):
+        HiddenStatesTerm.from_config(HiddenStatesConfig(weight=1, layers={2: 0}), shapes)
+    assert HiddenStatesTerm.from_config(HiddenStatesConfig(weight=1), shapes).layers == {0: 1, 1: 3}
+
+
+def test_choose_layers():
+    assert choose_layers(12, keep_every=4) == [0, 4, 8, 11]
+    assert choose_layers(4, layers=[3, 0, 0]) == [0, 3]
+    with pytest.raises(ConfigError, match="the teacher has layers 0..3"):
+        choose_layers(4, layers=[0, 4])
+    with pytest.raises(ConfigError, match="exactly one"):
+        choose_layers(4)
+
+
+def test_init_student_writes_a_pruned_model_that_loads_cleanly(model_dirs, tmp_path):
+    from nlm.commands.init_student import Options, run
+
+    out = tmp_path / "pruned"
+    assert run(Options(teacher=str(model_dirs["teacher"]), layers="0,3", output=str(out))) == 0
+    student, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    teacher = AutoModelForCausalLM.from_pretrained(model_dirs["teacher"])
+    assert student.config.num_hidden_layers == 2
+    kept = {0: 0, 1: 3}
+    teacher_state = teacher.state_dict()
+    for name, tensor in student.state_dict().items():
+        source = name
+        if ".layers." in name:
+            prefix, rest = name.split(".layers.", 1)
+            index, tail = rest.split(".", 1)
+            source = f"{prefix}.layers.{kept[int(index)]}.{tail}"
+        assert torch.equal(tensor, teacher_state[source]), name
+    ids = torch.randint(0, 300, (1, 6))
+    assert student(ids).logits.shape == (1, 6, teacher.config.vocab_size)
+    # generation with a KV cache walks the kept layers by their new indices
+    student.generate(ids, max_new_tokens=3, do_sample=False)
+    with pytest.raises(RunExistsError, match="not empty"):
+        init_student(str(model_dirs["teacher"]), out, keep_every=2)
+    assert init_student(str(model_dirs["teacher"]), out, keep_every=2, overwrite=True)["layers"] == [0, 2, 3]
+
+
+@pytest.mark.slow
+def test_hidden_state_run_saves_projections_apart_and_final_loads_plainly(model_dirs, pc_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from nlm.config.sources import load_config
+    from nlm.training.run import train
+
+    base = ["--teacher_model", str(model_dirs["teacher"]), "--student_model", str(model_dirs["student"]),
+            "--train_file", str(pc_file), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+            "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no",
+            "--distillation.hidden_states.weight", "0.5", "--distillation.hidden_states.layers", '{"0": 1, "1": 3}']
+    for extra in ([], ["--loss_impl", "simple"], ["--lora.enabled", "true", "--gradient_checkpointing", "true"]):
+        name = "-".join(extra) or "fused"
+        result = train(load_config([*base, *extra, "--output_dir", str(tmp_path / name)]).config)
+        projections = load_file(str(result.final_dir / "distill_projections.safetensors"))
+        assert {k: tuple(v.shape) for k, v in projections.items()} == {"0.weight": (64, 32), "1.weight": (64, 32)}
+        metadata = json.loads((result.final_dir / "training_metadata.json").read_text())
+        logged = [e for e in metadata["log_history"] if "hidden_states_loss" in e]
+        assert logged and all(e["hidden_states_loss"] > 0 for e in logged)
+        if not extra or extra[0] != "--lora.enabled":
+            _, info = AutoModelForCausalLM.from_pretrained(result.final_dir, output_loading_info=True)
+            assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_init_student_through_the_cli(model_dirs, tmp_path, capsys):
+    from nlm.cli import main
+
+    assert main(["init-student", "--teacher", str(model_dirs["teacher"]), "--keep_every", "3", "--output", str(tmp_path / "s")]) == 0
+    assert "keeps teacher layers 0,3 of 4" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "s").config.num_hidden_layers == 2
+    assert main(["init-student", "--teacher", str(model_dirs["teacher"]), "--layers", "0,x", "--output", str(tmp_path / "t")]) == 2
+    assert "comma-separated layer numbers" in capsys.readouterr().err
+    assert main(["init-student", "--teacher", str(model_dirs["teacher"]), "--layers", "0,9", "--output", str(tmp_path / "u")]) == 2
+    assert "the teacher has layers 0..3" in capsys.readouterr().err
