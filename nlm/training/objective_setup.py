@@ -39,15 +39,35 @@ def build_objective(config: TrainingConfig, student: Any, teacher: Teacher | Non
         raise ConfigError(str(exc)) from None
 
 
+def _touch_objective(model: Any, args: Any, output: Any) -> Any:
+    """A zero that depends on each learnable part of the objective, added to the forward's output.
+
+    The parts are used by the loss, after the forward: DDP (find_unused_parameters) walks the forward's
+    outputs, finds no path to them, marks them ready at once — and again when their gradient arrives
+    ("marked ready twice"). This zero gives them a path, as `capture_hidden` does for the output head. Added
+    in place: no copy of the logits (empty under the fused loss, whole under the simple one).
+    """
+    attached = model._modules.get(ATTACHED)
+    params = [p for p in attached.parameters() if p.requires_grad] if attached is not None else []
+    logits = getattr(output, "logits", None)
+    if params and logits is not None and logits.requires_grad:
+        logits.add_((torch.stack([p.reshape(-1)[0].float() for p in params]).sum() * 0).to(logits.dtype))
+    return output
+
+
 def attach_objective(model: Any, objective: Objective) -> None:
     modules = objective.modules()
     if modules:
         model.add_module(ATTACHED, torch.nn.ModuleDict({key.replace(".", "_"): m for key, m in modules.items()}))
+        model._nlm_touch = model.register_forward_hook(_touch_objective)
 
 
 def detach_objective(model: Any) -> None:
     """Take the objective's parts off the student before the final save (no unexpected keys in final/)."""
     model._modules.pop(ATTACHED, None)
+    handle = model.__dict__.pop("_nlm_touch", None)
+    if handle is not None:
+        handle.remove()
 
 
 def save_projections(objective: Objective, folder: Path) -> Path | None:

@@ -123,3 +123,34 @@ def test_a_nan_on_one_process_is_skipped_by_all_without_hanging(model_dirs, pc_f
     final = tmp_path / "out" / "distill" / "final"
     assert json.loads((final / "training_metadata.json").read_text())["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in load_file(str(final / "model.safetensors")).values())
+
+
+def test_learned_parts_of_the_objective_train_the_same_on_two_processes(model_dirs, pc_file, tmp_path):
+    """Hidden-state projections (student 32 wide, teacher 64) and a learned temperature are submodules of the
+    student, so DDP averages their gradients too: 2 processes x 2 == 1 process x 4 for the student, the saved
+    projections and the learned temperature."""
+    import torch
+
+    from nlm.config.sources import load_config
+    from nlm.training.run import train
+
+    config = tmp_path / "objective.yaml"
+    config.write_text("distillation:\n  temperature_mode: learned\n  hidden_states: {weight: 1.0, loss: mse, layers: auto}\n")
+    common = ["--teacher_model", str(model_dirs["teacher"]), "--student_model", str(model_dirs["student"]),
+              "--train_file", str(pc_file), "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no",
+              "--learning_rate", "1e-2", "--device_preference", "cpu", "--seed", "5"]
+    two = _torchrun(["-m", "nlm.cli", "--log_level", "WARNING", "train", "--config", str(config), *common, "--output_dir",
+                     str(tmp_path / "two"), "--per_device_train_batch_size", "2"], tmp_path)
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = train(load_config([*common, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4"], config).config)
+    finals = {"two": tmp_path / "two" / "distill" / "final", "one": one.final_dir}
+    meta = {name: json.loads((final / "training_metadata.json").read_text()) for name, final in finals.items()}
+    step1 = {name: next(e for e in m["log_history"] if e.get("step") == 1 and "loss" in e) for name, m in meta.items()}
+    assert step1["two"]["loss"] == pytest.approx(step1["one"]["loss"], abs=1e-5)
+    temperatures = {name: m["objective"]["learned_temperature"] for name, m in meta.items()}
+    assert temperatures["two"] == pytest.approx(temperatures["one"], abs=1e-5) and temperatures["one"] != 2.0
+    for file in ("model.safetensors", "distill_projections.safetensors"):
+        a, b = load_file(str(finals["two"] / file)), load_file(str(finals["one"] / file))
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=f"{file}: {key}")
