@@ -1,8 +1,8 @@
 """Cross-tokenizer distillation on the demo task: a teacher with its own tokenizer vs fine-tuning on labels.
 
 For each seed: the demo's data; a teacher trained (alpha=0) with a *different* tokenizer (a smaller BPE, so
-colour words split differently); then three identical students with the demo's tokenizer: distilled with
-`cross_tokenizer: uld`, with `hybrid`, and fine-tuned on labels alone. Held-out exact match and loss.
+colour words split differently); then identical students with the demo's tokenizer: distilled with
+`cross_tokenizer: uld`, `hybrid` and `alm`, and fine-tuned on labels alone. Held-out exact match and loss.
 
     .venv/bin/python bench/cross_tokenizer_quality.py --seeds 0 1 2 > cross.json
 """
@@ -39,7 +39,7 @@ def _train(root: Path, name: str, model: Path, data: Path, epochs: float, lr: fl
     return final, time.perf_counter() - started
 
 
-def run_seed(seed: int, budget: DemoBudget, teacher_vocab: int) -> dict:
+def run_seed(seed: int, budget: DemoBudget, teacher_vocab: int, methods: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="nlm-xtok-") as scratch:
         root = Path(scratch)
         files = write_demo_data(root, seed)
@@ -52,12 +52,14 @@ def run_seed(seed: int, budget: DemoBudget, teacher_vocab: int) -> dict:
         student_init = initial_model(root, "student", budget.student_layers, budget.student_hidden, seed)
         teacher, _ = _train(root, "teacher", teacher_init, files["teacher_train"], budget.teacher_epochs, budget.teacher_lr, seed, None, None)
         out: dict = {"seed": seed, "teacher_vocab": len(teacher_tokenizer)}
-        runs = {"uld": ("uld", teacher), "hybrid": ("hybrid", teacher), "fine_tuned": (None, None)}
+        runs = {"uld": ("uld", teacher), "hybrid": ("hybrid", teacher), "alm": ("alm", teacher), "fine_tuned": (None, None)}
         settings = TokenizeSettings(max_seq_length=64)
         metrics = evaluate_model(teacher, files["heldout"], batch_size=64, settings=settings, device="cpu",
                                  exact_match=True, max_new_tokens=4)
         out["teacher"] = {"accuracy": metrics["exact_match"], "loss": metrics["loss"]}
         for name, (method, teacher_path) in runs.items():
+            if methods and name not in methods:
+                continue
             final, seconds = _train(root, name, student_init, files["student_train"], budget.student_epochs,
                                     budget.student_lr, seed, teacher_path, method)
             metrics = evaluate_model(final, files["heldout"], batch_size=64, settings=settings, device="cpu",
@@ -71,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--teacher_vocab", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="the demo's quick budget (a smoke run)")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these runs (uld hybrid alm fine_tuned)")
     args = parser.parse_args(argv)
     budget = DemoBudget.quick() if args.quick else DemoBudget()
-    results = [run_seed(seed, budget, args.teacher_vocab) for seed in args.seeds]
+    results = [run_seed(seed, budget, args.teacher_vocab, args.methods) for seed in args.seeds]
     json.dump({"results": results}, sys.stdout, indent=2)
     print()
     return 0

@@ -2,6 +2,7 @@
 
 Per seed: trains two teachers on the demo's full pool (the demo's teacher, and a second one of another depth
 and initialisation), then students at equal steps on the small labelled set:
+  fine_tuned         labels only (alpha=0), the baseline every feature should beat
   kd                 off-policy KD from teacher A (the demo's student)
   pruned_kd          a student made by `init-student` from teacher A's layers (keep_every), plain KD
   pruned_kd_hidden   the same pruned student + the hidden-state term (layers: auto, mse)
@@ -60,6 +61,7 @@ def run_seed(seed: int, smoke: bool, student_epochs: float) -> dict[str, dict[st
         pruned_dir = Path(pruned["output"])
         teachers = [{"model": str(teacher_a), "weight": 1.0}, {"model": str(teacher_b), "weight": 1.0}]
         runs = {
+            "fine_tuned": (student_init, {"distillation": {"alpha": 0.0}}),
             "kd": (student_init, {"teacher_model": str(teacher_a)}),
             "pruned_kd": (pruned_dir, {"teacher_model": str(teacher_a)}),
             "pruned_kd_hidden": (pruned_dir, {"teacher_model": str(teacher_a),
@@ -68,7 +70,11 @@ def run_seed(seed: int, smoke: bool, student_epochs: float) -> dict[str, dict[st
             "entropy_tau": (student_init, {"teacher_model": str(teacher_a),
                                            "distillation": {"temperature_mode": "entropy", "target_entropy": 1.0}}),
         }
-        results = {}
+        results: dict[str, Any] = {}
+        for name, final in (("_teacher_a", teacher_a), ("_teacher_b", teacher_b)):
+            metrics = evaluate_model(final, files["heldout"], settings=TokenizeSettings(max_seq_length=64), device="cpu",
+                                     exact_match=True, max_new_tokens=4, batch_size=64)
+            results[name] = {"accuracy": round(metrics["exact_match"], 4), "heldout_loss": round(metrics["loss"], 4)}
         for name, (student, extra) in runs.items():
             final, seconds = fit(name, student, files["student_train"], epochs, budget.student_lr, **extra)
             metrics = evaluate_model(final, files["heldout"], settings=TokenizeSettings(max_seq_length=64), device="cpu",
@@ -82,7 +88,8 @@ def run_seed(seed: int, smoke: bool, student_epochs: float) -> dict[str, dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--student_epochs", type=float, default=10.0, help="epochs of every student run (equal steps)")
+    parser.add_argument("--student_epochs", type=float, default=30.0, help="epochs of every student run (equal steps; "
+                        "the demo's budget)")
     parser.add_argument("--smoke", action="store_true", help="tiny budget, one seed: checks the script works")
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.smoke else args.seeds

@@ -93,9 +93,10 @@ class DistillationConfig(BaseModel):
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="Mixture weight of the generalised Jensen-Shannon divergence.")
     skew_lambda: float = Field(0.1, ge=0, lt=1, description="Skew of skew_kl: KL(p || λp + (1-λ)q).")
     # Cross-tokenizer distillation (a teacher whose tokenizer differs from the student's)
-    cross_tokenizer: Literal["uld", "hybrid"] | None = Field(
-        None, description="Teacher with another tokenizer: uld (sorted-probability distance) or hybrid (exact KL over "
-        "tokens both vocabularies spell alike, ULD for the rest). Ignored when the tokenizers are equal.")
+    cross_tokenizer: Literal["uld", "hybrid", "alm"] | None = Field(
+        None, description="Teacher with another tokenizer: uld (sorted-probability distance), hybrid (exact KL over "
+        "tokens both vocabularies spell alike, ULD for the rest) or alm (likelihood of each aligned text span). "
+        "Ignored when the tokenizers are equal.")
     hybrid_matched_weight: float = Field(1.0, ge=0, description="hybrid: weight of the exact KL over matched tokens.")
     hybrid_unmatched_weight: float = Field(1.0, ge=0, description="hybrid: weight of the ULD term over unmatched tokens.")
 

@@ -7,6 +7,8 @@ columns join the student's `input_ids`/`labels`:
     teacher_input_ids  the teacher's token ids of the whole example (its BOS, prompt, completion, EOS)
     align_student      positions in `input_ids` of the first token of each aligned group
     align_teacher      positions in `teacher_input_ids` of the first token of the same group
+    align_student_end  one past the group's last token in `input_ids` (its tokens: start..end-1)
+    align_teacher_end  the same in `teacher_input_ids`
     teacher_labels     the teacher's own targets over the same text (for `nlm eval`: per-byte perplexity)
 
 Group g's first token is predicted at position `align_*[g] - 1` on each side, from the same text prefix: the
@@ -22,7 +24,9 @@ from typing import Any
 
 from nlm.data.align import align_spans
 
-PAIRED_COLUMNS = ("teacher_input_ids", "teacher_labels", "align_student", "align_teacher")
+PAIRED_COLUMNS = ("teacher_input_ids", "teacher_labels", "align_student", "align_teacher", "align_student_end",
+                  "align_teacher_end")
+Group = tuple[int, int, int, int]  # student start, teacher start, student end, teacher end
 
 
 def _with_offsets(tokenizer: Any, text: str, special: bool) -> tuple[list[int], list[tuple[int, int]]]:
@@ -30,9 +34,10 @@ def _with_offsets(tokenizer: Any, text: str, special: bool) -> tuple[list[int], 
     return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
 
 
-def _pairs(text: str, s_spans: Sequence, t_spans: Sequence, s_base: int, t_base: int) -> list[tuple[int, int]]:
-    alignment = align_spans(s_spans, t_spans, text)
-    return [(s_base + s, t_base + t) for s, t in zip(alignment.student, alignment.teacher, strict=True)]
+def _pairs(text: str, s_spans: Sequence, t_spans: Sequence, s_base: int, t_base: int) -> list[Group]:
+    a = align_spans(s_spans, t_spans, text)
+    return [(s_base + s, t_base + t, s_base + se, t_base + te)
+            for s, t, se, te in zip(a.student, a.teacher, a.student_end, a.teacher_end, strict=True)]
 
 
 def _eos(tokenizer: Any) -> list[int]:
@@ -41,8 +46,8 @@ def _eos(tokenizer: Any) -> list[int]:
 
 def pair_prompt_completion(
     prompt: str, completion: str, separator: str, student: Any, teacher: Any
-) -> tuple[list[int], list[tuple[int, int]], list[int]]:
-    """Teacher ids, aligned (student position, teacher position) pairs and teacher labels of a prompt/completion record."""
+) -> tuple[list[int], list[Group], list[int]]:
+    """Teacher ids, aligned groups (student start, teacher start, student end, teacher end) and teacher labels of a prompt/completion record."""
     s_prompt = student(prompt + separator, add_special_tokens=True)["input_ids"]
     t_prompt = teacher(prompt + separator, add_special_tokens=True)["input_ids"]
     s_ids, s_spans = _with_offsets(student, completion, False)
@@ -50,18 +55,19 @@ def pair_prompt_completion(
     pairs = _pairs(completion, s_spans, t_spans, len(s_prompt), len(t_prompt))
     teacher_ids = list(t_prompt) + t_ids + _eos(teacher)
     if _eos(student) and _eos(teacher):
-        pairs.append((len(s_prompt) + len(s_ids), len(t_prompt) + len(t_ids)))
+        s_eos, t_eos = len(s_prompt) + len(s_ids), len(t_prompt) + len(t_ids)
+        pairs.append((s_eos, t_eos, s_eos + 1, t_eos + 1))
     labels = [-100] * len(t_prompt) + teacher_ids[len(t_prompt):]
     return teacher_ids, pairs, labels
 
 
-def pair_text(text: str, student: Any, teacher: Any) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+def pair_text(text: str, student: Any, teacher: Any) -> tuple[list[int], list[Group], list[int]]:
     """A plain-text record: every token is a target; the first group has no prefix to predict it from."""
     s_ids, s_spans = _with_offsets(student, text, True)
     t_ids, t_spans = _with_offsets(teacher, text, True)
-    pairs = [(s, t) for s, t in _pairs(text, s_spans, t_spans, 0, 0) if s > 0 and t > 0]
+    pairs = [group for group in _pairs(text, s_spans, t_spans, 0, 0) if group[0] > 0 and group[1] > 0]
     if _eos(student) and _eos(teacher):
-        pairs.append((len(s_ids), len(t_ids)))
+        pairs.append((len(s_ids), len(t_ids), len(s_ids) + 1, len(t_ids) + 1))
     return t_ids + _eos(teacher), pairs, t_ids + _eos(teacher)
 
 
@@ -79,13 +85,13 @@ def _content_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str,
     return rendered, spans
 
 
-def pair_chat(messages: list[dict[str, str]], student: Any, teacher: Any) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+def pair_chat(messages: list[dict[str, str]], student: Any, teacher: Any) -> tuple[list[int], list[Group], list[int]]:
     """A conversation rendered by each side's own chat template; each assistant content is aligned."""
     s_text, s_contents = _content_spans(student, messages)
     t_text, t_contents = _content_spans(teacher, messages)
     s_ids, s_spans = _with_offsets(student, s_text, False)
     t_ids, t_spans = _with_offsets(teacher, t_text, False)
-    pairs: list[tuple[int, int]] = []
+    pairs: list[Group] = []
     labels = [-100] * len(t_ids)
     for t_start, t_end in t_contents:
         for i, (a, b) in enumerate(t_spans):
@@ -101,14 +107,15 @@ def pair_chat(messages: list[dict[str, str]], student: Any, teacher: Any) -> tup
         content = s_text[s_start:s_end]
         local_s = [(max(s_spans[i][0], s_start) - s_start, min(s_spans[i][1], s_end) - s_start) for i in s_index]
         local_t = [(max(t_spans[i][0], t_start) - t_start, min(t_spans[i][1], t_end) - t_start) for i in t_index]
-        pairs += [(s_index[s], t_index[t]) for s, t in _pairs(content, local_s, local_t, 0, 0)]
+        pairs += [(s_index[s], t_index[t], s_index[se - 1] + 1, t_index[te - 1] + 1)
+                  for s, t, se, te in _pairs(content, local_s, local_t, 0, 0)]
     return t_ids, pairs, labels
 
 
 def teacher_columns(
     record: dict[str, str], student: Any, teacher: Any, separator: str, labels: Sequence[int], max_length: int
 ) -> dict[str, list[int]]:
-    """The three paired columns of one record; pairs the student's truncation or masks left out are dropped."""
+    """The paired columns of one record; groups the truncation (either side) or masks cut into are dropped whole."""
     import json
 
     if record["format"] == "prompt_completion":
@@ -118,10 +125,13 @@ def teacher_columns(
     else:
         teacher_ids, pairs, teacher_labels = pair_chat(json.loads(record["messages"]), student, teacher)
     teacher_ids, teacher_labels = teacher_ids[:max_length], teacher_labels[:max_length]
-    kept = [(s, t) for s, t in pairs if 0 < s < len(labels) and labels[s] != -100 and 0 < t < len(teacher_ids)]
+    kept = [(s, t, se, te) for s, t, se, te in pairs
+            if 0 < s < se <= len(labels) and all(label != -100 for label in labels[s:se]) and 0 < t < te <= len(teacher_ids)]
     return {
         "teacher_input_ids": teacher_ids,
         "teacher_labels": teacher_labels,
-        "align_student": [s for s, _ in kept],
-        "align_teacher": [t for _, t in kept],
+        "align_student": [group[0] for group in kept],
+        "align_teacher": [group[1] for group in kept],
+        "align_student_end": [group[2] for group in kept],
+        "align_teacher_end": [group[3] for group in kept],
     }

@@ -39,7 +39,7 @@ FEATURES = datasets.Features(
     {"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
      "file": datasets.Value("int32"), "line": datasets.Value("int32")}
 )
-_LAYOUT = 2  # bump when FEATURES change, so older cached datasets are rebuilt
+_LAYOUT = 3  # bump when FEATURES change, so older cached datasets are rebuilt
 # With a teacher whose tokenizer differs (distillation.cross_tokenizer): its ids and the aligned positions.
 PAIRED_FEATURES = datasets.Features({**FEATURES, **{name: datasets.Sequence(datasets.Value("int32")) for name in PAIRED_COLUMNS}})
 
@@ -324,6 +324,6 @@ def _pad_paired(examples: list[dict], pad_token_id: int) -> dict:
         "teacher_input_ids": torch.tensor(ids, dtype=torch.long),
         "teacher_labels": torch.tensor(teacher_labels, dtype=torch.long),
         "teacher_attention_mask": torch.tensor(mask, dtype=torch.long),
-        "align_student": torch.tensor([list(e["align_student"]) + [-1] * (groups - len(e["align_student"])) for e in examples]),
-        "align_teacher": torch.tensor([list(e["align_teacher"]) + [-1] * (groups - len(e["align_teacher"])) for e in examples]),
+        **{name: torch.tensor([list(e[name]) + [-1] * (groups - len(e[name])) for e in examples])
+           for name in ("align_student", "align_teacher", "align_student_end", "align_teacher_end")},
     }

@@ -1,11 +1,12 @@
 """The cross-tokenizer objective: CE on the student's own labels plus a vocabulary-agnostic distillation term.
 
-    total = (1-α)·CE(student, labels) + α·τ²·Σ_groups D(teacher group-start ‖ student group-start) / N
+    total = (1-α)·CE(student, labels) + α·τ²·Σ_groups D(teacher group ‖ student group) / N
 
 N is the same normaliser as the same-tokenizer loss (the student's target tokens of the optimiser step), so
 with identical tokenizers and `hybrid` the value equals today's forward-KL loss. The CE term runs through the
-fused engine (no full logits); the distillation term only needs logits at the aligned group starts, computed
-chunk by chunk under activation checkpointing, so at most one chunk of [c, V] logits per side is alive.
+fused engine (no full logits). `uld`/`hybrid` compare the next-token distributions at the aligned group starts;
+`alm` compares each group's likelihood (every token of the group on each side). Both are computed chunk by
+chunk under activation checkpointing, so at most one chunk of [c, V] logits per side is alive.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from nlm.distill.cross_vocab import VocabMap, hybrid, uld
+from nlm.distill.cross_vocab import VocabMap, binary_kl, hybrid, uld
 from nlm.distill.fused import chunk_rows, fused_distillation_loss
 from nlm.distill.loss import LossParts, LossSettings, combine
 from nlm.models.heads import capture_hidden
 
-CROSS_METHODS = ("uld", "hybrid")
+# What each method compares: the distributions at the group starts, or the groups' likelihoods.
+CROSS_METHODS = {"uld": "distribution", "hybrid": "distribution", "alm": "likelihood"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,18 @@ class CrossSettings:
     method: str = "uld"
     matched_weight: float = 1.0  # hybrid: weight of the exact KL over tokens both vocabularies spell alike
     unmatched_weight: float = 1.0  # hybrid: weight of the ULD term over the rest
+
+    @property
+    def needs(self) -> str:
+        return CROSS_METHODS[self.method]
+
+
+@dataclass(frozen=True)
+class TeacherGroups:
+    """What the teacher hands the cross-tokenizer loss, one row per aligned group (batch-major order)."""
+
+    logits: torch.Tensor | None  # [g, V_teacher] fp32 logits predicting the group's first teacher token
+    loglik: torch.Tensor | None  # [g] log-likelihood of the group's teacher tokens, softened by τ
 
 
 def group_rows(hidden: torch.Tensor, align: torch.Tensor) -> torch.Tensor:
@@ -39,34 +53,77 @@ def group_rows(hidden: torch.Tensor, align: torch.Tensor) -> torch.Tensor:
     return hidden[batch.to(hidden.device), positions.to(hidden.device)]
 
 
+def group_tokens(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[b, G] group starts/ends (-1 = none) -> (batch, position, group) of every token of every group, flat.
+
+    `group` numbers the groups in the same batch-major order as `group_rows`."""
+    batch, index = (starts > 0).nonzero(as_tuple=True)
+    first, lengths = starts[batch, index], (ends - starts)[batch, index]
+    group = torch.repeat_interleave(torch.arange(batch.numel(), device=starts.device), lengths)
+    within = torch.arange(group.numel(), device=starts.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return batch.repeat_interleave(lengths), first.repeat_interleave(lengths) + within, group
+
+
+def one_to_one(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[g] True where a group is a single token on both sides."""
+    valid = inputs["align_student"] > 0
+    single = (inputs["align_student_end"] - inputs["align_student"] == 1) & (inputs["align_teacher_end"] - inputs["align_teacher"] == 1)
+    return single[valid]
+
+
+def _chunked_sum(rows: torch.Tensor, per_chunk: Callable[..., torch.Tensor], *others: torch.Tensor, chunk: int,
+                 shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """Σ per_chunk(rows[c], others[c]...) over chunks (each of `shape`); with grad, each chunk's logits are
+    recomputed in backward rather than kept."""
+    total = rows.new_zeros(shape, dtype=torch.float32)
+    for start in range(0, rows.shape[0], chunk):
+        args = (rows[start : start + chunk], *(other[start : start + chunk] for other in others))
+        if torch.is_grad_enabled() and rows.requires_grad:
+            total = total + checkpoint(per_chunk, *args, use_reentrant=False)
+        else:
+            total = total + per_chunk(*args)
+    return total
+
+
+def group_loglik(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+                 starts: torch.Tensor, ends: torch.Tensor, temperature: float, width: int, chunk: int) -> torch.Tensor:
+    """[g] Σ over each group's tokens of log softmax(logits/τ)[token], chunk by chunk (differentiable)."""
+    batch, positions, group = group_tokens(starts.to(hidden.device), ends.to(hidden.device))
+    rows, tokens = hidden[batch, positions - 1], input_ids.to(hidden.device)[batch, positions]
+    count = int(starts.gt(0).sum())
+
+    def chunk_logprobs(h: torch.Tensor, ids: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        logits = head(h)[..., :width].float() / temperature
+        picked = logits.gather(-1, ids[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return torch.zeros(count, dtype=torch.float32, device=h.device).index_add(0, groups, picked)
+
+    return _chunked_sum(rows, chunk_logprobs, tokens, group, chunk=chunk, shape=(count,))
+
+
 def divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, settings: LossSettings,
-                    cross: CrossSettings, vocab: VocabMap | None) -> torch.Tensor:
+                    cross: CrossSettings, vocab: VocabMap | None, single: torch.Tensor | None = None) -> torch.Tensor:
     """[g] divergences between aligned student and teacher rows, both softened by τ."""
     if cross.method == "uld":
         return uld(student_logits, teacher_logits, settings.temperature)
     if vocab is None:
         raise ValueError("cross_tokenizer=hybrid needs a vocabulary map")
-    return hybrid(student_logits, teacher_logits, vocab, settings.temperature, cross.matched_weight, cross.unmatched_weight)
+    return hybrid(student_logits, teacher_logits, vocab, settings.temperature, cross.matched_weight, cross.unmatched_weight,
+                  one_to_one=single)
 
 
 def aligned_distill_sum(student_rows: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], teacher_logits: torch.Tensor,
                         settings: LossSettings, cross: CrossSettings, vocab: VocabMap | None, student_width: int,
-                        chunk_size: int | None = None) -> torch.Tensor:
+                        chunk_size: int | None = None, single: torch.Tensor | None = None) -> torch.Tensor:
     """Σ over groups of D, chunk by chunk; each chunk's student logits are recomputed in backward, not kept."""
     rows = chunk_size or chunk_rows(max(student_width, teacher_logits.shape[-1]))
-    total = student_rows.new_zeros((), dtype=torch.float32)
+    if single is None:
+        single = torch.ones(student_rows.shape[0], dtype=torch.bool, device=student_rows.device)
 
-    def chunk_sum(hidden: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def chunk_sum(hidden: torch.Tensor, teacher: torch.Tensor, one: torch.Tensor) -> torch.Tensor:
         logits = head(hidden)[..., :student_width].float()
-        return divergence_rows(logits, teacher, settings, cross, vocab).sum()
+        return divergence_rows(logits, teacher, settings, cross, vocab, one).sum()
 
-    for start in range(0, student_rows.shape[0], rows):
-        hidden, teacher = student_rows[start : start + rows], teacher_logits[start : start + rows]
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            total = total + checkpoint(chunk_sum, hidden, teacher, use_reentrant=False)
-        else:
-            total = total + chunk_sum(hidden, teacher)
-    return total
+    return _chunked_sum(student_rows, chunk_sum, teacher_logits, single.to(student_rows.device), chunk=rows)
 
 
 class AlignedTeacher:
@@ -100,14 +157,18 @@ class AlignedTeacher:
         self.vocab_map = vocab_map
 
     @torch.no_grad()
-    def group_logits(self, inputs: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        """[g, V_teacher] fp32 logits predicting each group's first teacher token, on `device`."""
+    def groups(self, inputs: dict[str, torch.Tensor], device: torch.device, temperature: float = 1.0) -> TeacherGroups:
+        """What the method needs of each aligned group, on `device`: start logits, or group log-likelihoods."""
         attention = inputs.get("teacher_attention_mask")
         with capture_hidden(self.model) as (store, head):
             self.model(input_ids=inputs["teacher_input_ids"].to(self.device), use_cache=False,
                        attention_mask=attention.to(self.device) if attention is not None else None)
+        if self.cross.needs == "likelihood":
+            loglik = group_loglik(store["hidden"], head, inputs["teacher_input_ids"], inputs["align_teacher"],
+                                  inputs["align_teacher_end"], temperature, self.vocab_width, chunk_rows(self.vocab_width))
+            return TeacherGroups(None, loglik.to(device))
         rows = group_rows(store["hidden"], inputs["align_teacher"].to(self.device))
-        return head(rows)[..., : self.vocab_width].float().to(device)
+        return TeacherGroups(head(rows)[..., : self.vocab_width].float().to(device), None)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "live_cross_tokenizer", "device": str(self.device), "vocab_width": self.vocab_width,
@@ -118,7 +179,7 @@ def cross_tokenizer_loss(
     hidden: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
     inputs: dict[str, torch.Tensor],
-    teacher_logits: torch.Tensor | None,
+    teacher: TeacherGroups | None,
     settings: LossSettings,
     cross: CrossSettings,
     vocab: VocabMap | None,
@@ -129,7 +190,7 @@ def cross_tokenizer_loss(
     linear_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     chunk_size: int | None = None,
 ) -> LossParts:
-    """The whole objective from the student's final hidden states [b, s, H] and the teacher's group logits."""
+    """The whole objective from the student's final hidden states [b, s, H] and what the teacher says of each group."""
     mask = inputs["labels"][:, 1:] != -100
     rows = hidden[:, :-1][mask]  # [n, H]
     targets = inputs["labels"][:, 1:][mask]
@@ -138,10 +199,17 @@ def cross_tokenizer_loss(
                                  settings=LossSettings(alpha=0.0, temperature=settings.temperature),
                                  normalizer=denominator, head_parameters=head_parameters, linear_head=linear_head,
                                  chunk_size=chunk_size)
-    if teacher_logits is None or settings.alpha == 0:
+    if teacher is None or settings.alpha == 0:
         return ce
-    group_hidden = group_rows(hidden, inputs["align_student"])
-    distill_sum = aligned_distill_sum(group_hidden, head, teacher_logits, settings, cross, vocab, vocab_width, chunk_size)
+    if teacher.loglik is not None:
+        student_loglik = group_loglik(hidden, head, inputs["input_ids"], inputs["align_student"], inputs["align_student_end"],
+                                      settings.temperature, vocab_width, chunk_size or chunk_rows(vocab_width))
+        distill_sum = binary_kl(teacher.loglik, student_loglik).sum()
+    else:
+        assert teacher.logits is not None
+        group_hidden = group_rows(hidden, inputs["align_student"])
+        distill_sum = aligned_distill_sum(group_hidden, head, teacher.logits, settings, cross, vocab, vocab_width, chunk_size,
+                                          single=one_to_one(inputs))
     total = (1 - settings.alpha) * ce.total + settings.alpha * settings.temperature**2 * distill_sum / float(denominator)
     parts = combine(ce.task * float(denominator), distill_sum.detach(), ce.tokens, settings, denominator)
     return LossParts(total=total, task=parts.task, distill=parts.distill, tokens=ce.tokens)

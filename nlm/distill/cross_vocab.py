@@ -6,7 +6,14 @@
 `hybrid` tokens spelled by the same bytes in both vocabularies are matched one to one (`VocabMap`); over them
        the exact forward KL terms Σ p_t·(log p_t − log p_s) are summed, and the remaining (unmatched)
        probability mass of each side is compared with ULD. With identical tokenizers every token matches,
-       the ULD part is empty and the result is today's forward KL exactly.
+       the ULD part is empty and the result is today's forward KL exactly. Only where a group is one token
+       on both sides (`one_to_one`): where a side spells the group with several tokens, its first token is a
+       *piece* ("gr" of "green"), and a token-for-token match would push the other side towards that piece;
+       those groups are compared with ULD alone.
+`alm`  Approximate Likelihood Matching (Minixhofer et al. 2025): each group's likelihood — the product of
+       a side's (softened) conditionals over its own tokens of the group — is compared as a binary
+       distribution, KL(Bernoulli(p_t) ‖ Bernoulli(p_s)). It compares the same event (this text follows) on
+       both sides whatever the tokenisation, at the price of carrying nothing about the alternatives.
 
 Rows are the aligned group-start positions (see `nlm.data.align`); every function returns one value per row
 (fp32), to be summed and normalised by the caller like the same-tokenizer divergences.
@@ -141,8 +148,10 @@ def hybrid(
     temperature: float = 1.0,
     matched_weight: float = 1.0,
     unmatched_weight: float = 1.0,
+    one_to_one: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[G] matched-token forward KL (exact) plus ULD over the unmatched probability mass."""
+    """[G] matched-token forward KL (exact) plus ULD over the unmatched probability mass; where `one_to_one`
+    ([G] bool) is False, `unmatched_weight`·ULD over the whole distributions."""
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     t_ids = vocab.teacher_ids.to(log_t.device)
@@ -150,11 +159,30 @@ def hybrid(
     log_t_m, log_s_m = log_t[:, t_ids], log_s[:, s_ids].to(log_t.device)
     p_t_m = log_t_m.exp()
     matched = torch.where(p_t_m > 0, p_t_m * (log_t_m - log_s_m), torch.zeros_like(p_t_m)).sum(dim=-1)
+    pieces = None if one_to_one is None or bool(one_to_one.all()) else ~one_to_one.to(log_t.device)
+    if pieces is not None:
+        whole = unmatched_weight * _sorted_l1(log_s.exp().to(log_t.device), log_t.exp())
     if vocab.matched == log_t.shape[-1] and vocab.matched == log_s.shape[-1]:
-        return matched_weight * matched
+        exact = matched_weight * matched
+        return exact if pieces is None else torch.where(pieces, whole, exact)
     t_rest = torch.ones(log_t.shape[-1], dtype=torch.bool, device=log_t.device)
     t_rest[t_ids] = False
     s_rest = torch.ones(log_s.shape[-1], dtype=torch.bool, device=log_s.device)
     s_rest[s_ids] = False
     rest = _sorted_l1(log_s[:, s_rest].exp().to(log_t.device), log_t[:, t_rest].exp())
-    return matched_weight * matched + unmatched_weight * rest
+    split = matched_weight * matched + unmatched_weight * rest
+    return split if pieces is None else torch.where(pieces, whole, split)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, accurate at both ends (Mächler 2012)."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def binary_kl(log_p_teacher: torch.Tensor, log_p_student: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """[G] KL(Bernoulli(p_t) ‖ Bernoulli(p_s)) from log-likelihoods; both clamped below log(1 − eps) so a
+    certain side gives a large, finite value (and no gradient past the clamp) rather than inf."""
+    top = torch.log1p(torch.tensor(-eps, dtype=torch.float64)).item()
+    lt, ls = log_p_teacher.float().clamp(max=top), log_p_student.float().clamp(max=top)
+    p_t = lt.exp()
+    return p_t * (lt - ls) + (1 - p_t) * (_log1mexp(lt) - _log1mexp(ls))

@@ -50,7 +50,7 @@ def shared_vocab_width(teacher_tokenizer: Any, student_tokenizer: Any, teacher: 
                 raise VocabularyMismatchError(
                     f"teacher and student tokenizers differ: id {token_id} is {a!r} for the teacher and {b!r} "
                     f"for the student (sizes {len(teacher_vocab)} and {len(student_vocab)}); set "
-                    "distillation.cross_tokenizer to uld or hybrid to distil across tokenizers"
+                    "distillation.cross_tokenizer to uld, hybrid or alm to distil across tokenizers"
                 )
     width = len(student_tokenizer)
     for role, model in (("teacher", teacher), ("student", student)):

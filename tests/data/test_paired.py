@@ -37,16 +37,20 @@ def test_prompt_completion_groups_start_after_the_same_text(pair):
     s_ids = student(prompt + "\n")["input_ids"] + student(completion, add_special_tokens=False)["input_ids"] + [student.eos_token_id]
     assert teacher_ids[-1] == teacher.eos_token_id
     assert teacher.decode([i for i in teacher_labels if i != -100], skip_special_tokens=True) == completion
-    for s, t in pairs[:-1]:
+    for s, t, s_end, t_end in pairs[:-1]:
         assert _prefix_text(student, s_ids, s_prompt, s) == _prefix_text(teacher, teacher_ids, t_prompt, t)
-    assert pairs[0] == (s_prompt, t_prompt)  # the first completion token on both sides
-    assert pairs[-1] == (len(s_ids) - 1, len(teacher_ids) - 1)  # EOS with EOS
+        # each group's tokens spell the same text on both sides, and the groups tile the completion
+        assert _prefix_text(student, s_ids, s, s_end) == _prefix_text(teacher, teacher_ids, t, t_end) != ""
+    assert [group[2:] for group in pairs[:-1]] == [group[:2] for group in pairs[1:]]
+    assert pairs[0][:2] == (s_prompt, t_prompt)  # the first completion token on both sides
+    assert pairs[-1] == (len(s_ids) - 1, len(teacher_ids) - 1, len(s_ids), len(teacher_ids))  # EOS with EOS
+    assert any(s_end - s != t_end - t for s, t, s_end, t_end in pairs)  # the tokenisations really differ
 
 
 def test_text_records_skip_the_unpredictable_first_group(pair):
     student, teacher = pair
     teacher_ids, pairs, _ = pair_text("the lazy dog 🙂", student, teacher)
-    assert all(s > 0 and t > 0 for s, t in pairs)
+    assert all(s > 0 and t > 0 and s_end > s and t_end > t for s, t, s_end, t_end in pairs)
     assert teacher_ids[-1] == teacher.eos_token_id
 
 
@@ -60,11 +64,12 @@ def test_chat_uses_each_sides_own_template_and_aligns_assistant_content(pair):
     s_text = student.apply_chat_template(messages, tokenize=False)
     s_ids = student(s_text, add_special_tokens=False)["input_ids"]
     assert pairs
-    content_start_s, content_start_t = pairs[0]
+    content_start_s, content_start_t = pairs[0][:2]
     assert student.decode(s_ids[content_start_s:]).startswith("four")
     assert teacher.decode(teacher_ids[content_start_t:]).strip().startswith("four")
-    for s, t in pairs:  # the same content text precedes each aligned token on both sides
+    for s, t, s_end, t_end in pairs:  # the same content text precedes each aligned token on both sides
         assert student.decode(s_ids[content_start_s:s]).strip() == teacher.decode(teacher_ids[content_start_t:t]).strip()
+        assert student.decode(s_ids[s:s_end]).strip() == teacher.decode(teacher_ids[t:t_end]).strip() != ""
     assert len(pairs) >= 4  # words, punctuation and the emoji group
 
 
@@ -78,8 +83,9 @@ def test_tokenize_records_keeps_student_columns_and_adds_aligned_ones(tmp_path, 
     paired = tokenize_records([path], student, settings, teacher_tokenizer=teacher).dataset
     assert plain["input_ids"] == paired["input_ids"] and plain["labels"] == paired["labels"]
     for example in paired:
-        assert len(example["align_student"]) == len(example["align_teacher"]) > 0
-        assert all(example["labels"][s] != -100 for s in example["align_student"])
+        assert len(example["align_student"]) == len(example["align_teacher"]) == len(example["align_student_end"]) > 0
+        for start, end in zip(example["align_student"], example["align_student_end"], strict=True):
+            assert all(example["labels"][p] != -100 for p in range(start, end))
     batch = PaddingCollator(0, teacher_pad_token_id=0)([paired[i] for i in range(len(paired))])
     assert batch["teacher_input_ids"].shape[0] == len(paired)
     assert batch["align_student"].shape == batch["align_teacher"].shape
@@ -92,4 +98,5 @@ def test_truncation_drops_pairs_past_either_side(tmp_path, pair):
     example = tokenize_records([path], student, TokenizeSettings(max_seq_length=12), teacher_tokenizer=teacher).dataset[0]
     assert len(example["input_ids"]) == 12 and len(example["teacher_input_ids"]) <= 12
     assert all(s < 12 for s in example["align_student"]) and all(t < 12 for t in example["align_teacher"])
+    assert all(e <= 12 for e in example["align_student_end"]) and all(e <= len(example["teacher_input_ids"]) for e in example["align_teacher_end"])
     json.dumps(example)  # plain lists of ints

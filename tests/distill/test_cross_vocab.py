@@ -66,3 +66,17 @@ def test_hybrid_gradient_reaches_the_student_only_and_mixes_both_parts():
     both.sum().backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert teacher.grad is None
+
+
+def test_hybrid_compares_groups_spelled_by_several_tokens_with_uld_only():
+    """A group that one side spells with several tokens starts with a *piece* on that side: no token-for-token
+    match there, only ULD over the whole distributions (weighted like the unmatched part)."""
+    student_tok = build_tokenizer(CORPUS, vocab_size=290)
+    teacher_tok = build_tokenizer(CORPUS, vocab_size=420)
+    vocab = build_vocab_map(teacher_tok, student_tok, len(teacher_tok), len(student_tok))
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, len(student_tok)), torch.randn(6, len(teacher_tok)) * 3
+    single = torch.tensor([True, False, True, False, False, True])
+    got = hybrid(student, teacher, vocab, 2.0, 1.0, 0.7, one_to_one=single)
+    assert torch.allclose(got[single], hybrid(student, teacher, vocab, 2.0, 1.0, 0.7)[single], atol=1e-6)
+    assert torch.allclose(got[~single], 0.7 * uld(student, teacher, 2.0)[~single], atol=1e-6)

@@ -45,13 +45,13 @@ def test_a_teacher_with_a_smaller_vocabulary_than_the_student(model_dirs, pc_fil
 
 
 def test_different_tokenizers_are_refused_naming_the_option(other_teacher, model_dirs, pc_file, tmp_path):
-    with pytest.raises(VocabularyMismatchError, match="distillation.cross_tokenizer to uld or hybrid") as info:
+    with pytest.raises(VocabularyMismatchError, match="distillation.cross_tokenizer to uld, hybrid or alm") as info:
         train(_config(other_teacher, model_dirs, pc_file, tmp_path / "out"))
     assert info.value.exit_code == 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["uld", "hybrid"])
+@pytest.mark.parametrize("method", ["uld", "hybrid", "alm"])
 def test_cross_tokenizer_training_runs_and_records_the_method(other_teacher, model_dirs, pc_file, tmp_path, method):
     result = train(_config(other_teacher, model_dirs, pc_file, tmp_path / "out", "--distillation.cross_tokenizer", method))
     metadata = json.loads((result.final_dir / "training_metadata.json").read_text())
