@@ -1,6 +1,10 @@
 """The cross-tokenizer objective: CE on the student's own labels plus a vocabulary-agnostic distillation term.
 
-    total = (1-α)·CE(student, labels) + α·τ²·Σ_groups D(teacher group ‖ student group) / N
+    total = (1-α)·CE(student, labels) + α·s·Σ_groups D(teacher group ‖ student group) / N
+
+s = τ² for `uld`/`hybrid` (distributions softened by τ, as in the same-tokenizer loss); s = 1 for `alm`,
+which compares the models' own group likelihoods (τ = 1: softening each conditional by τ flattens the
+targets towards each other — on the demo task τ = 2 lost 6 points of accuracy against τ = 1).
 
 N is the same normaliser as the same-tokenizer loss (the student's target tokens of the optimiser step), so
 with identical tokenizers and `hybrid` the value equals today's forward-KL loss. The CE term runs through the
@@ -23,7 +27,7 @@ from nlm.distill.fused import chunk_rows, fused_distillation_loss
 from nlm.distill.loss import LossParts, LossSettings, combine
 from nlm.models.heads import capture_hidden
 
-# What each method compares: the distributions at the group starts, or the groups' likelihoods.
+# What each method compares: the (softened) distributions at the group starts, or the groups' likelihoods.
 CROSS_METHODS = {"uld": "distribution", "hybrid": "distribution", "alm": "likelihood"}
 
 
@@ -43,7 +47,7 @@ class TeacherGroups:
     """What the teacher hands the cross-tokenizer loss, one row per aligned group (batch-major order)."""
 
     logits: torch.Tensor | None  # [g, V_teacher] fp32 logits predicting the group's first teacher token
-    loglik: torch.Tensor | None  # [g] log-likelihood of the group's teacher tokens, softened by τ
+    loglik: torch.Tensor | None  # [g] log-likelihood of the group's teacher tokens (τ = 1)
 
 
 def group_rows(hidden: torch.Tensor, align: torch.Tensor) -> torch.Tensor:
@@ -86,14 +90,14 @@ def _chunked_sum(rows: torch.Tensor, per_chunk: Callable[..., torch.Tensor], *ot
 
 
 def group_loglik(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
-                 starts: torch.Tensor, ends: torch.Tensor, temperature: float, width: int, chunk: int) -> torch.Tensor:
-    """[g] Σ over each group's tokens of log softmax(logits/τ)[token], chunk by chunk (differentiable)."""
+                 starts: torch.Tensor, ends: torch.Tensor, width: int, chunk: int) -> torch.Tensor:
+    """[g] Σ over each group's tokens of log softmax(logits)[token], chunk by chunk (differentiable)."""
     batch, positions, group = group_tokens(starts.to(hidden.device), ends.to(hidden.device))
     rows, tokens = hidden[batch, positions - 1], input_ids.to(hidden.device)[batch, positions]
     count = int(starts.gt(0).sum())
 
     def chunk_logprobs(h: torch.Tensor, ids: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        logits = head(h)[..., :width].float() / temperature
+        logits = head(h)[..., :width].float()
         picked = logits.gather(-1, ids[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         return torch.zeros(count, dtype=torch.float32, device=h.device).index_add(0, groups, picked)
 
@@ -157,7 +161,7 @@ class AlignedTeacher:
         self.vocab_map = vocab_map
 
     @torch.no_grad()
-    def groups(self, inputs: dict[str, torch.Tensor], device: torch.device, temperature: float = 1.0) -> TeacherGroups:
+    def groups(self, inputs: dict[str, torch.Tensor], device: torch.device) -> TeacherGroups:
         """What the method needs of each aligned group, on `device`: start logits, or group log-likelihoods."""
         attention = inputs.get("teacher_attention_mask")
         with capture_hidden(self.model) as (store, head):
@@ -165,7 +169,7 @@ class AlignedTeacher:
                        attention_mask=attention.to(self.device) if attention is not None else None)
         if self.cross.needs == "likelihood":
             loglik = group_loglik(store["hidden"], head, inputs["teacher_input_ids"], inputs["align_teacher"],
-                                  inputs["align_teacher_end"], temperature, self.vocab_width, chunk_rows(self.vocab_width))
+                                  inputs["align_teacher_end"], self.vocab_width, chunk_rows(self.vocab_width))
             return TeacherGroups(None, loglik.to(device))
         rows = group_rows(store["hidden"], inputs["align_teacher"].to(self.device))
         return TeacherGroups(head(rows)[..., : self.vocab_width].float().to(device), None)
@@ -203,13 +207,14 @@ def cross_tokenizer_loss(
         return ce
     if teacher.loglik is not None:
         student_loglik = group_loglik(hidden, head, inputs["input_ids"], inputs["align_student"], inputs["align_student_end"],
-                                      settings.temperature, vocab_width, chunk_size or chunk_rows(vocab_width))
+                                      vocab_width, chunk_size or chunk_rows(vocab_width))
         distill_sum = binary_kl(teacher.loglik, student_loglik).sum()
     else:
         assert teacher.logits is not None
         group_hidden = group_rows(hidden, inputs["align_student"])
         distill_sum = aligned_distill_sum(group_hidden, head, teacher.logits, settings, cross, vocab, vocab_width, chunk_size,
                                           single=one_to_one(inputs))
-    total = (1 - settings.alpha) * ce.total + settings.alpha * settings.temperature**2 * distill_sum / float(denominator)
+    scale = settings.temperature**2 if cross.needs == "distribution" else 1.0
+    total = (1 - settings.alpha) * ce.total + settings.alpha * scale * distill_sum / float(denominator)
     parts = combine(ce.task * float(denominator), distill_sum.detach(), ce.tokens, settings, denominator)
     return LossParts(total=total, task=parts.task, distill=parts.distill, tokens=ce.tokens)

@@ -186,8 +186,7 @@ class DistillationTrainer(Trainer):
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
         hidden = store["hidden"]
         parts = cross_tokenizer_loss(
-            hidden, head, inputs, self.teacher.groups(inputs, hidden.device, self.loss_settings.temperature),
-            self.loss_settings,
+            hidden, head, inputs, self.teacher.groups(inputs, hidden.device), self.loss_settings,
             self.teacher.cross, self.teacher.vocab_map, vocab_width=self.vocab_width, normalizer=normalizer,
             head_parameters=[p for p in head_module.parameters() if p.requires_grad], chunk_size=self.chunk_tokens,
             linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,

@@ -57,7 +57,7 @@ def test_hybrid_with_identical_tokenizers_equals_todays_loss(tmp_path):
     teacher = AlignedTeacher(teacher_model, "cpu", vocab_width)
     hidden, head = _student_hidden(student, batch)
     vocab = build_vocab_map(tokenizer, tokenizer, vocab_width, vocab_width)
-    got = cross_tokenizer_loss(hidden, head, batch, teacher.groups(batch, hidden.device, 2.0), settings,
+    got = cross_tokenizer_loss(hidden, head, batch, teacher.groups(batch, hidden.device), settings,
                                CrossSettings("hybrid"), vocab, vocab_width=vocab_width, chunk_size=7,
                                head_parameters=list(output_head(student).parameters()))
     got.total.backward()
@@ -76,7 +76,7 @@ def test_different_tokenizers_train_the_student_and_never_the_teacher(tmp_path, 
     teacher = AlignedTeacher(teacher_model, "cpu", len(teacher_tok), cross=CrossSettings(method))
     vocab = build_vocab_map(teacher_tok, student_tok, len(teacher_tok), len(student_tok))
     hidden, head = _student_hidden(student, batch)
-    parts = cross_tokenizer_loss(hidden, head, batch, teacher.groups(batch, hidden.device, 2.0),
+    parts = cross_tokenizer_loss(hidden, head, batch, teacher.groups(batch, hidden.device),
                                  LossSettings(alpha=0.5, temperature=2.0), CrossSettings(method), vocab,
                                  vocab_width=len(student_tok), head_parameters=list(output_head(student).parameters()))
     parts.total.backward()
@@ -88,29 +88,30 @@ def test_different_tokenizers_train_the_student_and_never_the_teacher(tmp_path, 
 
 def test_alm_with_identical_tokenizers_is_the_binary_kl_of_each_target_tokens_probability(tmp_path):
     """With one tokenizer every group is one token: ALM = Σ KL(Bern(p_t(y)) ‖ Bern(p_s(y))) over target tokens,
-    p softened by τ, normalised by the target count — computed here by hand from full logits."""
+    the models' own probabilities (τ does not apply, nor does τ²), normalised by the target count — computed
+    here by hand from full logits."""
     tokenizer = build_tokenizer(CORPUS, vocab_size=300)
     width = len(tokenizer)
     batch = _batch(tmp_path, tokenizer, tokenizer)
     teacher_model = build_causal_lm("llama", vocab_size=width, hidden_size=48, num_layers=2, seed=3)
     student = build_causal_lm("llama", vocab_size=width, hidden_size=32, num_layers=1, seed=4)
-    settings, tau = LossSettings(alpha=0.5, temperature=2.0), 2.0
+    settings = LossSettings(alpha=0.5, temperature=2.0)  # τ does not reach alm
     mask = batch["labels"][:, 1:] != -100
     targets = batch["labels"][:, 1:][mask]
     with torch.no_grad():
         t_logits = teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
         s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
-    p_t = torch.softmax(t_logits / tau, -1).gather(-1, targets[:, None]).squeeze(-1).double()
-    p_s = torch.softmax(s_logits / tau, -1).gather(-1, targets[:, None]).squeeze(-1).double()
+    p_t = torch.softmax(t_logits, -1).gather(-1, targets[:, None]).squeeze(-1).double()
+    p_s = torch.softmax(s_logits, -1).gather(-1, targets[:, None]).squeeze(-1).double()
     by_hand = (p_t * (p_t / p_s).log() + (1 - p_t) * ((1 - p_t) / (1 - p_s)).log()).sum() / mask.sum()
     ce = torch.nn.functional.cross_entropy(s_logits, targets)
 
     teacher = AlignedTeacher(teacher_model, "cpu", width, cross=CrossSettings("alm"))
     hidden, head = _student_hidden(student, batch)
-    got = cross_tokenizer_loss(hidden, head, batch, teacher.groups(batch, hidden.device, tau), settings,
+    got = cross_tokenizer_loss(hidden, head, batch, teacher.groups(batch, hidden.device), settings,
                                CrossSettings("alm"), None, vocab_width=width, chunk_size=5)
     assert got.distill.item() == pytest.approx(by_hand.item(), rel=1e-4)
-    assert got.total.item() == pytest.approx(0.5 * ce.item() + 0.5 * tau**2 * by_hand.item(), rel=1e-4)
+    assert got.total.item() == pytest.approx(0.5 * ce.item() + 0.5 * by_hand.item(), rel=1e-4)
 
 
 def test_alm_group_likelihood_is_the_product_over_each_sides_own_tokens(tmp_path):
@@ -123,7 +124,7 @@ def test_alm_group_likelihood_is_the_product_over_each_sides_own_tokens(tmp_path
     batch = _batch(tmp_path, student_tok, teacher_tok)
     teacher_model = build_causal_lm("llama", vocab_size=len(teacher_tok), hidden_size=48, num_layers=2, seed=3)
     teacher = AlignedTeacher(teacher_model, "cpu", len(teacher_tok), cross=CrossSettings("alm"))
-    got = teacher.groups(batch, torch.device("cpu"), 1.0).loglik
+    got = teacher.groups(batch, torch.device("cpu")).loglik
     with torch.no_grad():
         log_probs = torch.log_softmax(teacher_model(input_ids=batch["teacher_input_ids"],
                                                     attention_mask=batch["teacher_attention_mask"]).logits, -1)
