@@ -66,6 +66,17 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def other_teacher(tmp_path_factory):
+    """A teacher with its own (larger, differently merged) tokenizer: cross-tokenizer distillation."""
+    folder = tmp_path_factory.mktemp("other_teacher")
+    tokenizer = build_tokenizer(CORPUS + ["naïve café 🙂"] * 5, vocab_size=380)
+    model = build_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=48, num_layers=2, seed=2)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def pc_file(tmp_path):
     rows = [{"prompt": f"question: what is {i} plus {i}?", "completion": f"answer: {2 * i}"} for i in range(24)]

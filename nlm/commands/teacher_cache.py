@@ -1,4 +1,5 @@
-"""Run the teacher once over the training data and store its top-k targets.
+"""Run the teacher once over the training data and store its top-k targets (or, for a teacher with another
+tokenizer and distillation.cross_tokenizer=alm, one likelihood per aligned group).
 
 Takes the training options too (--config, --train_file, --max_seq_length ...): the cache must be built with
 the settings the training run will use.
@@ -32,5 +33,7 @@ def run(options: Options) -> int:
 
     manifest = build_teacher_cache(config, Path(options.output), top_k=options.top_k, batch_size=options.batch_size,
                                    shard_examples=options.shard_examples, overwrite=config.overwrite)
-    print(f"teacher cache: {options.output} ({manifest['tokens']} tokens, {manifest['bytes_per_token']} bytes per token)")
+    unit = "aligned groups" if manifest.get("kind") == "cross_alm" else "tokens"
+    print(f"teacher cache: {options.output} ({manifest['tokens']} {unit}, {manifest['bytes_per_token']} bytes per "
+          f"{unit.split()[-1].rstrip('s')})")
     return 0

@@ -131,20 +131,21 @@ class TeacherCache:
             counts.append(self._offsets[number][local + 1] - self._offsets[number][local])
         return counts
 
-    def targets(self, example_indices: list[int], device: torch.device | str = "cpu") -> SparseTargets:
-        """Targets of the examples' target tokens, concatenated in the order given (the loss's row order)."""
-        ids, logp, tail = [], [], []
+    def tensor_rows(self, name: str, example_indices: list[int]) -> torch.Tensor:
+        """The rows of one stored tensor for the examples, concatenated in the order given."""
+        parts = []
         for index in example_indices:
             number, local = self._locate(index)
-            handle = self._shard(number)
             start, end = self._offsets[number][local], self._offsets[number][local + 1]
-            ids.append(handle.get_slice("ids")[start:end])
-            logp.append(handle.get_slice("logp")[start:end])
-            tail.append(handle.get_slice("tail_logp")[start:end])
+            parts.append(self._shard(number).get_slice(name)[start:end])
+        return torch.cat(parts)
+
+    def targets(self, example_indices: list[int], device: torch.device | str = "cpu") -> SparseTargets:
+        """Targets of the examples' target tokens, concatenated in the order given (the loss's row order)."""
         return SparseTargets(
-            ids=torch.cat(ids).to(device=device, dtype=torch.int64),
-            logp=torch.cat(logp).to(device=device, dtype=torch.float32),
-            tail_logp=torch.cat(tail).to(device=device, dtype=torch.float32),
+            ids=self.tensor_rows("ids", example_indices).to(device=device, dtype=torch.int64),
+            logp=self.tensor_rows("logp", example_indices).to(device=device, dtype=torch.float32),
+            tail_logp=self.tensor_rows("tail_logp", example_indices).to(device=device, dtype=torch.float32),
         )
 
 

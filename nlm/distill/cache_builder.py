@@ -3,7 +3,8 @@
 Batched, resumable (finished shards are kept and skipped on a rerun), with a progress line per shard.
 The teacher's logits are computed chunk-wise from its hidden states, so a large vocabulary never needs a
 full [batch, seq, vocab] tensor. With several teachers (`teachers:`) the cache stores their mixture at
-the cache's temperature, and its fingerprint records every teacher with its weight.
+the cache's temperature, and its fingerprint records every teacher with its weight. A teacher with another
+tokenizer (`distillation.cross_tokenizer: alm`) gets a cache of group likelihoods (`nlm.distill.cross_cache`).
 """
 
 from __future__ import annotations
@@ -35,19 +36,31 @@ from nlm.distill.cache import (
     weights_fingerprint,
     write_manifest,
 )
+from nlm.distill.cross_cache import (
+    BYTES_PER_GROUP,
+    KIND,
+    TEACHER_TOKENIZER,
+    check_method,
+    cross_fingerprint,
+    group_shard,
+    save_group_shard,
+)
+from nlm.distill.cross_loss import AlignedTeacher, CrossSettings
 from nlm.distill.fused import chunk_rows
 from nlm.distill.targets import target_logp
 from nlm.distill.teacher import Teacher
 from nlm.distill.teacher_loading import load_teacher, teacher_specs
 from nlm.errors import ConfigError, RunExistsError
-from nlm.models.device import resolve_precision, select_device
+from nlm.models.device import resolve_precision, select_device, teacher_dtype
 from nlm.models.heads import head_reproduces_logits
-from nlm.models.loading import load_tokenizer, model_revision
+from nlm.models.loading import load_causal_lm, load_tokenizer, model_revision
+from nlm.models.vocab import own_vocab_width, tokenizers_equal
 
 logger = logging.getLogger(__name__)
 
 # What `nlm teacher-cache` writes in its folder; `--overwrite` removes only these.
-CACHE_ENTRIES = ("manifest.json", "manifest.json.partial", "shard-*.safetensors", "shard-*.partial", "tokenized")
+CACHE_ENTRIES = ("manifest.json", "manifest.json.partial", "shard-*.safetensors", "shard-*.partial", "tokenized",
+                 TEACHER_TOKENIZER)
 
 
 def cache_fingerprint(config: TrainingConfig, tokenizer: Any, top_k: int) -> dict[str, Any]:
@@ -113,6 +126,25 @@ def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k
     return ShardRows(torch.cat(ids), torch.cat(logp), torch.cat(tail), torch.tensor(offsets, dtype=torch.int64))
 
 
+def cross_student_tokenizer(config: TrainingConfig, teacher_tokenizer: Any) -> Any | None:
+    """The student's tokenizer when this cache is for a teacher with another tokenizer (cross_tokenizer), else None."""
+    method = config.distillation.cross_tokenizer
+    if not method:
+        return None
+    if not config.student_model:
+        raise ConfigError("teacher-cache with distillation.cross_tokenizer aligns the teacher's tokens with the student's: "
+                          "pass --student_model")
+    student_tokenizer = load_tokenizer(config.student_model, revision=config.student_revision, token=config.hf_token,
+                                       trust_remote_code=config.trust_remote_code)
+    if tokenizers_equal(teacher_tokenizer, student_tokenizer):
+        logger.info("distillation.cross_tokenizer=%s ignored: teacher and student share a tokenizer", method)
+        return None
+    check_method(method)
+    if config.teachers:
+        raise ConfigError("teacher-cache with distillation.cross_tokenizer takes one teacher (teacher_model), not teachers")
+    return student_tokenizer
+
+
 def _weights_fingerprint(config: TrainingConfig, teacher: Teacher) -> str | list[str]:
     specs = teacher_specs(config)
     found = [model_revision(model) or weights_fingerprint(spec.model, spec.revision)
@@ -133,9 +165,14 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     hub = {"revision": specs[0].revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
     tokenizer = load_tokenizer(specs[0].model, **hub)
     width = len(tokenizer)
-    if not 1 <= top_k < width:
+    student_tokenizer = cross_student_tokenizer(config, tokenizer)
+    if student_tokenizer is not None:
+        top_k = 0  # one likelihood per aligned group, no top-k
+    elif not 1 <= top_k < width:
         raise ConfigError(f"top_k = {top_k}: expected 1 <= top_k < vocabulary size {width}")
     fingerprint = cache_fingerprint(config, tokenizer, top_k)
+    if student_tokenizer is not None:
+        fingerprint.update(cross_fingerprint(student_tokenizer))
     existing = read_manifest(output)
     if overwrite and output.is_dir() and any(output.iterdir()):
         claim_folder(output, created_by="nlm teacher-cache", owns=CACHE_ENTRIES, overwrite=True, exists_message="")
@@ -154,7 +191,14 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
 
     device = select_device(config.device_preference, config.device)
     precision = resolve_precision(config.precision, device)
-    teacher = load_teacher(config, tokenizer, None, device, precision)  # on teacher_device when set
+    if student_tokenizer is None:
+        teacher = load_teacher(config, tokenizer, None, device, precision)  # on teacher_device when set
+    else:
+        model = load_causal_lm(specs[0].model, dtype=teacher_dtype(config.teacher_precision, precision, device), **hub)
+        width = own_vocab_width(tokenizer, model, "teacher")
+        teacher = AlignedTeacher(model, torch.device(config.teacher_device) if config.teacher_device else device, width,
+                                 tokenizer, CrossSettings("alm"))
+        tokenizer.save_pretrained(str(output / TEACHER_TOKENIZER))  # the run aligns its data with it
     assert teacher is not None
     teacher_weights = _weights_fingerprint(config, teacher)
     if existing is not None and existing.get("teacher_weights") != teacher_weights:
@@ -165,10 +209,10 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     # Tokenised data stay on disk (memory-mapped Arrow) in the cache folder, as in training: memory does not
     # grow with the corpus.
     tokenized_root = output / "tokenized"
-    data = tokenize_records(train_files, tokenizer, tokenize_settings(config),
-                            cache_root=tokenized_root)
+    data = tokenize_records(train_files, student_tokenizer or tokenizer, tokenize_settings(config),
+                            cache_root=tokenized_root, teacher_tokenizer=student_tokenizer and tokenizer)
     dataset = data.dataset
-    sample = torch.tensor([dataset[0]["input_ids"]], device=device)
+    sample = torch.tensor([dataset[0]["teacher_input_ids" if student_tokenizer is not None else "input_ids"]], device=device)
     for spec, model in zip(specs, teacher.models(), strict=True):
         if not head_reproduces_logits(model, sample.to(next(model.parameters()).device)):
             raise ConfigError(f"{spec.model} post-processes its logits (soft-capping or scaling); the cache cannot be built from its head")
@@ -180,7 +224,14 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         "id_dtype": str(id_dtype(width)).removeprefix("torch."), "bytes_per_token": bytes_per_token(top_k, width),
         "examples": len(dataset), "tokens": 0, "shards": [], "complete": False,
     }
-    collate = PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    if student_tokenizer is not None and existing is None:  # "tokens" counts aligned groups, 4 bytes each
+        manifest.update({"kind": KIND, "temperature": 1.0, "id_dtype": None, "bytes_per_token": BYTES_PER_GROUP})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if student_tokenizer is None:
+        collate = PaddingCollator(pad)
+    else:
+        collate = PaddingCollator(student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None else 0,
+                                  teacher_pad_token_id=pad)
     done = sum(shard["examples"] for shard in manifest["shards"])
     if done:
         logger.info("resuming teacher cache at example %d of %d", done, len(dataset))
@@ -188,11 +239,18 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     while done < len(dataset):
         end = min(done + shard_examples, len(dataset))
         batches = [collate([dataset[i] for i in range(s, min(s + batch_size, end))]) for s in range(done, end, batch_size)]
-        rows = _shard_rows(teacher, batches, config.distillation.temperature, top_k, id_dtype(width), device)
         name = f"shard-{len(manifest['shards']):05d}.safetensors"
-        save_shard(output / name, rows)
-        manifest["shards"].append({"file": name, "first_example": done, "examples": end - done, "tokens": int(rows.ids.shape[0])})
-        manifest["tokens"] += int(rows.ids.shape[0])
+        if student_tokenizer is None:
+            rows = _shard_rows(teacher, batches, config.distillation.temperature, top_k, id_dtype(width), device)
+            save_shard(output / name, rows)
+            count = int(rows.ids.shape[0])
+        else:
+            assert isinstance(teacher, AlignedTeacher)
+            loglik, offsets = group_shard(teacher, batches)
+            save_group_shard(output / name, loglik, offsets)
+            count = int(loglik.shape[0])
+        manifest["shards"].append({"file": name, "first_example": done, "examples": end - done, "tokens": count})
+        manifest["tokens"] += count
         write_manifest(output, manifest)
         elapsed = time.perf_counter() - started
         rate = (end - done) / max(elapsed, 1e-9)

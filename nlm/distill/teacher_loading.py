@@ -67,12 +67,20 @@ def load_teacher(config: TrainingConfig, tokenizer: Any, student: Any | None, de
         raise ConfigError(f"teachers: {exc}") from None
 
 
-def open_teacher_cache(config: TrainingConfig, tokenizer: Any) -> CachedTeacher:
+def open_teacher_cache(config: TrainingConfig, tokenizer: Any) -> Teacher:
     """The cache named by `teacher_cache`, checked against this run's data, tokenizer and settings."""
     from nlm.distill.cache_builder import cache_fingerprint
+    from nlm.distill.cross_cache import KIND, cross_fingerprint, open_cross_cache
 
     try:
         cache = TeacherCache(config.teacher_cache)
+        if cache.manifest.get("kind") == KIND:  # a teacher with another tokenizer: group likelihoods
+            teacher = open_cross_cache(cache, tokenizer, config.distillation.cross_tokenizer)
+            expected = {**cache_fingerprint(config, teacher.paired_tokenizer, 0), **cross_fingerprint(tokenizer)}
+            compare_fingerprints(expected, cache.fingerprint, cache.directory)
+            logger.info("cross-tokenizer (alm) teacher from cache %s (%d aligned groups); the teacher model is not loaded",
+                        cache.directory, cache.manifest["tokens"])
+            return teacher
         compare_fingerprints(cache_fingerprint(config, tokenizer, cache.top_k), cache.fingerprint, cache.directory)
     except (FileNotFoundError, CacheMismatchError) as exc:
         raise ConfigError(str(exc)) from None

@@ -20,6 +20,7 @@ from nlm.data.mixture import source_specs
 from nlm.data.prepare import PreparedData, prepare_datasets
 from nlm.data.sampler import OrderPlan, OrderSampler
 from nlm.data.tokenize import PaddingCollator
+from nlm.distill.cross_cache import check_method as check_cross_cache_method
 from nlm.distill.cross_loss import AlignedTeacher, CrossSettings
 from nlm.distill.cross_vocab import build_vocab_map
 from nlm.distill.loss import LossSettings
@@ -100,11 +101,8 @@ def _check_required(config: TrainingConfig) -> None:
         raise ConfigError(f"eval_strategy={config.eval_strategy} needs evaluation data: set eval_file or eval_split")
     if not config.student_model:
         raise ConfigError("student_model is required: pass --student_model ID_OR_FOLDER or set it in the config file")
-    if config.teacher_cache and config.distillation.cross_tokenizer:
-        raise ConfigError(
-            "distillation.cross_tokenizer cannot be used with teacher_cache: the cache holds targets over the "
-            "student's vocabulary; pass --teacher_model instead"
-        )
+    if config.teacher_cache:
+        check_cross_cache_method(config.distillation.cross_tokenizer)
     if not config.teacher_model and (config.distillation.lmbda > 0 or config.distillation.seq_kd):
         option = "distillation.lmbda > 0" if config.distillation.lmbda > 0 else "distillation.seq_kd"
         raise ConfigError(f"{option} needs a live teacher: pass --teacher_model")
@@ -257,7 +255,9 @@ def load_models(config: TrainingConfig, tokenizer: Any, device: torch.device, pr
                                                     teacher_device), len(tokenizer)
         logger.info("distillation.cross_tokenizer=%s ignored: teacher and student share a tokenizer", method)
     teacher = load_teacher(config, tokenizer, student, device, precision)
-    return student, teacher, teacher.vocab_width if teacher is not None else len(tokenizer)
+    # A cached teacher with its own tokenizer compares group likelihoods: the width is the student's own.
+    own = teacher is None or getattr(teacher, "paired_tokenizer", None) is not None
+    return student, teacher, len(tokenizer) if own else teacher.vocab_width
 
 
 def cross_tokenizer_teacher(config: TrainingConfig, teacher_model: Any, teacher_tokenizer: Any, tokenizer: Any,
