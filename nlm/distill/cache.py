@@ -12,7 +12,7 @@ import bisect
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +75,14 @@ class ShardRows:
     logp: torch.Tensor  # [n, k] float16
     tail_logp: torch.Tensor  # [n] float32
     offsets: torch.Tensor  # [examples + 1] int64, rows of each example within the shard
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [n, H] bfloat16 (when asked)
 
 
 def save_shard(path: Path, rows: ShardRows) -> None:
     partial = path.with_suffix(".partial")
-    save_file({"ids": rows.ids.contiguous(), "logp": rows.logp.contiguous(), "tail_logp": rows.tail_logp.contiguous(),
-               "offsets": rows.offsets.contiguous()}, str(partial), metadata={"format": FORMAT, "version": str(VERSION)})
+    tensors = {"ids": rows.ids.contiguous(), "logp": rows.logp.contiguous(), "tail_logp": rows.tail_logp.contiguous(),
+               "offsets": rows.offsets.contiguous(), **{f"hidden.{k}": v.contiguous() for k, v in rows.hidden.items()}}
+    save_file(tensors, str(partial), metadata={"format": FORMAT, "version": str(VERSION)})
     os.replace(partial, path)
 
 

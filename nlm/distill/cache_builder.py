@@ -108,12 +108,15 @@ def rounded_targets(top_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 @torch.no_grad()
 def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k: int, dtype: torch.dtype,
-                device: torch.device) -> ShardRows:
+                device: torch.device, hidden_layers: tuple[int, ...] = ()) -> ShardRows:
     ids, logp, tail, offsets = [], [], [], [0]
+    hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
     rows_per_chunk = chunk_rows(teacher.vocab_width, device)
     for batch in batches:
         mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [b, s-1]: the positions the loss trains on
-        signal = teacher.signal(batch, mask, device)
+        signal = teacher.signal(batch, mask, device, layers=hidden_layers)
+        for layer in hidden_layers:  # bfloat16: fp32's range (large activations fit), half the bytes
+            hidden[layer].append(signal.hidden[layer].to("cpu", torch.bfloat16))
         for start in range(0, signal.count, rows_per_chunk):
             rows = signal.rows(start, min(start + rows_per_chunk, signal.count))
             top = target_logp(rows, temperature).topk(top_k, dim=-1)
@@ -123,7 +126,31 @@ def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k
             tail.append(rest.cpu())
         for row in range(mask.shape[0]):
             offsets.append(offsets[-1] + int(mask[row].sum()))
-    return ShardRows(torch.cat(ids), torch.cat(logp), torch.cat(tail), torch.tensor(offsets, dtype=torch.int64))
+    return ShardRows(torch.cat(ids), torch.cat(logp), torch.cat(tail), torch.tensor(offsets, dtype=torch.int64),
+                     {layer: torch.cat(parts) for layer, parts in hidden.items()})
+
+
+def cached_hidden_layers(config: TrainingConfig, teacher_layers: int, teacher_width: int) -> tuple[int, ...]:
+    """The teacher layers whose hidden states the run's `distillation.hidden_states` compares (none when off).
+
+    `layers: auto` depends on the student's depth: its config is read (no weights)."""
+    if config.distillation.hidden_states.weight <= 0:
+        return ()
+    if not config.student_model:
+        raise ConfigError("teacher-cache with distillation.hidden_states maps student layers onto the teacher's: pass --student_model")
+    from transformers import AutoConfig
+
+    from nlm.distill.hidden_states import HiddenShapes
+    from nlm.distill.objective import objective_from_config
+
+    student = AutoConfig.from_pretrained(config.student_model, revision=config.student_revision, token=config.hf_token,
+                                         trust_remote_code=config.trust_remote_code)
+    shapes = HiddenShapes(int(student.num_hidden_layers), int(student.hidden_size), teacher_layers, teacher_width)
+    try:
+        term = objective_from_config(config.distillation, shapes).term("hidden_states")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return tuple(sorted(set(term.teacher_layers)))
 
 
 def cross_student_tokenizer(config: TrainingConfig, teacher_tokenizer: Any) -> Any | None:
@@ -173,6 +200,8 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     fingerprint = cache_fingerprint(config, tokenizer, top_k)
     if student_tokenizer is not None:
         fingerprint.update(cross_fingerprint(student_tokenizer))
+        if config.distillation.hidden_states.weight > 0:
+            raise ConfigError("distillation.hidden_states needs a teacher sharing the student's tokenizer")
     existing = read_manifest(output)
     if overwrite and output.is_dir() and any(output.iterdir()):
         claim_folder(output, created_by="nlm teacher-cache", owns=CACHE_ENTRIES, overwrite=True, exists_message="")
@@ -217,6 +246,14 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         if not head_reproduces_logits(model, sample.to(next(model.parameters()).device)):
             raise ConfigError(f"{spec.model} post-processes its logits (soft-capping or scaling); the cache cannot be built from its head")
 
+    hidden_layers: tuple[int, ...] = ()
+    if student_tokenizer is None and config.distillation.hidden_states.weight > 0:
+        if config.teachers:
+            raise ConfigError("teacher-cache stores hidden states of one teacher (teacher_model), not of several")
+        hidden_layers = cached_hidden_layers(config, int(teacher.hidden_layers), int(teacher.hidden_size()))
+        if existing is not None and tuple(existing.get("hidden_layers") or ()) != hidden_layers:
+            raise RunExistsError(f"teacher cache {output} was started with hidden states of teacher layers "
+                                 f"{existing.get('hidden_layers')}, now {list(hidden_layers)}: pass --overwrite to rebuild it")
     manifest = existing or {
         "format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
         "teacher_weights": teacher_weights, "teachers": teacher.describe().get("teachers"),
@@ -224,6 +261,10 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         "id_dtype": str(id_dtype(width)).removeprefix("torch."), "bytes_per_token": bytes_per_token(top_k, width),
         "examples": len(dataset), "tokens": 0, "shards": [], "complete": False,
     }
+    if hidden_layers and existing is None:  # bfloat16 rows of each chosen layer
+        manifest.update({"hidden_layers": list(hidden_layers), "teacher_num_layers": int(teacher.hidden_layers),
+                         "teacher_hidden_size": int(teacher.hidden_size()),
+                         "bytes_per_token": manifest["bytes_per_token"] + 2 * len(hidden_layers) * int(teacher.hidden_size())})
     if student_tokenizer is not None and existing is None:  # "tokens" counts aligned groups, 4 bytes each
         manifest.update({"kind": KIND, "temperature": 1.0, "id_dtype": None, "bytes_per_token": BYTES_PER_GROUP})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -241,7 +282,7 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         batches = [collate([dataset[i] for i in range(s, min(s + batch_size, end))]) for s in range(done, end, batch_size)]
         name = f"shard-{len(manifest['shards']):05d}.safetensors"
         if student_tokenizer is None:
-            rows = _shard_rows(teacher, batches, config.distillation.temperature, top_k, id_dtype(width), device)
+            rows = _shard_rows(teacher, batches, config.distillation.temperature, top_k, id_dtype(width), device, hidden_layers)
             save_shard(output / name, rows)
             count = int(rows.ids.shape[0])
         else:

@@ -154,13 +154,20 @@ class CachedTeacher:
     def __init__(self, cache: TeacherCache) -> None:
         self.cache = cache
         self.vocab_width = cache.vocab_size
+        self.stored_layers = tuple(cache.manifest.get("hidden_layers") or ())
+        self.hidden_layers = int(cache.manifest.get("teacher_num_layers", 0)) if self.stored_layers else 0
 
     def signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device,
                layers: Sequence[int] = (), full_logits: bool = False) -> TeacherSignal:
-        if layers:
-            raise ValueError("this teacher cache holds no hidden states")
+        missing = sorted(set(layers) - set(self.stored_layers))
+        if missing:
+            raise CacheMismatchError(
+                f"teacher cache {self.cache.directory} holds hidden states of teacher layers {list(self.stored_layers)}, "
+                f"this run compares layers {missing} too: rebuild it with this run's distillation.hidden_states")
         targets = self.dense_rows(inputs, mask, device)
-        return TeacherSignal(targets.rows, int(targets.ids.shape[0]))
+        indices = inputs["index"].tolist()
+        hidden = {layer: self.cache.tensor_rows(f"hidden.{layer}", indices).to(device).float() for layer in layers}
+        return TeacherSignal(targets.rows, int(targets.ids.shape[0]), hidden)
 
     def dense_rows(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device) -> SparseTargets:
         """The cached targets of the batch's rows, checked example by example against the batch's mask."""
@@ -178,7 +185,9 @@ class CachedTeacher:
         return []
 
     def hidden_size(self) -> int:
-        raise ValueError("a teacher cache has no hidden states")
+        if not self.stored_layers:
+            raise ValueError("this teacher cache holds no hidden states (build it with distillation.hidden_states set)")
+        return int(self.cache.manifest["teacher_hidden_size"])
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "cache", "teacher_cache": str(self.cache.directory),

@@ -29,8 +29,8 @@ def build_objective(config: TrainingConfig, student: Any, teacher: Teacher | Non
     shapes = None
     if distillation.hidden_states.weight > 0:
         if teacher is None or not teacher.hidden_layers:
-            raise ConfigError("distillation.hidden_states needs one live teacher (teacher_model): a teacher cache and "
-                              "several teachers supply no hidden states")
+            raise ConfigError("distillation.hidden_states needs one teacher's hidden states: a live teacher_model, or a "
+                              "teacher cache built with distillation.hidden_states set (several teachers supply none)")
         shapes = HiddenShapes(int(student.config.num_hidden_layers), int(student.config.hidden_size),
                               int(teacher.hidden_layers), int(teacher.hidden_size()))
     try:

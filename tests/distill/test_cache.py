@@ -253,3 +253,40 @@ def test_teacher_device_is_honoured_and_tokenised_data_stay_on_disk(model_dirs, 
     assert _build(model_dirs, pc_file, tmp_path / "cache", "--teacher_device", "cpu") == 0
     arrow = list((tmp_path / "cache" / "tokenized").rglob("*.arrow"))
     assert arrow and all(f.stat().st_size > 0 for f in arrow)  # memory-mapped from here, not held in memory
+
+
+@pytest.mark.slow
+def test_hidden_states_from_the_cache_train_like_the_live_teacher(model_dirs, pc_file, tmp_path, capsys):
+    """distillation.hidden_states with a cache built for it: the chosen teacher layers are stored (bfloat16,
+    2·H bytes per layer per token on top of the top-k), and training from it follows the live teacher's
+    trajectory: the hidden-state term (stored in bfloat16) and the total loss at every step. (Final weights are
+    not compared: the top-k targets' fp16 rounding moves Adam's per-weight steps by up to lr each.)"""
+    from nlm.models.loading import load_tokenizer
+
+    config = tmp_path / "hidden.yaml"
+    config.write_text("distillation:\n  hidden_states: {weight: 1.0, loss: mse, layers: auto}\n")
+    vocab = len(load_tokenizer(str(model_dirs["teacher"])))
+    assert main(["teacher-cache", "--config", str(config), "--teacher", str(model_dirs["teacher"]), "--student_model",
+                 str(model_dirs["student"]), "--train_file", str(pc_file), "--output", str(tmp_path / "cache"),
+                 "--top_k", str(vocab - 1), "--shard_examples", "10"]) == 0
+    manifest = TeacherCache(tmp_path / "cache").manifest
+    assert manifest["hidden_layers"] == [1, 3]  # 2 student layers spread over 4 teacher layers
+    assert manifest["bytes_per_token"] == bytes_per_token(vocab - 1, vocab) + 2 * 2 * 64
+    assert f"{manifest['bytes_per_token']} bytes per token" in capsys.readouterr().out
+    common = ["--student_model", str(model_dirs["student"]), "--train_file", str(pc_file), "--max_steps", "3",
+              "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no"]
+    live = train(load_config([*common, "--teacher_model", str(model_dirs["teacher"]), "--output_dir", str(tmp_path / "live")],
+                             config).config)
+    cached = train(load_config([*common, "--teacher_cache", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "cached")],
+                               config).config)
+    logs = {name: [e for e in json.loads((r.final_dir / "training_metadata.json").read_text())["log_history"] if "loss" in e]
+            for name, r in (("live", live), ("cached", cached))}
+    assert len(logs["live"]) == len(logs["cached"]) == 3
+    for a, b in zip(logs["live"], logs["cached"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+        assert b["hidden_states_loss"] == pytest.approx(a["hidden_states_loss"], rel=1e-3) and a["hidden_states_loss"] > 0
+    # a cache without hidden states cannot serve the term: refused by name before training
+    assert main(["teacher-cache", "--teacher", str(model_dirs["teacher"]), "--train_file", str(pc_file), "--output",
+                 str(tmp_path / "plain"), "--top_k", "8"]) == 0
+    with pytest.raises(ConfigError, match="teacher cache built with distillation.hidden_states"):
+        train(load_config([*common, "--teacher_cache", str(tmp_path / "plain"), "--output_dir", str(tmp_path / "x")], config).config)
