@@ -83,8 +83,8 @@ class DistillationTrainer(Trainer):
     @staticmethod
     def _new_window() -> dict[str, float]:
         """Sums since the last logged step (means and rates are taken over them)."""
-        return {"task": 0.0, "distill": 0.0, "batches": 0, "samples": 0, "tokens": 0, "start": time.perf_counter(),
-                "source_ce": None, "source_tokens": None}
+        return {"task": 0.0, "distill": 0.0, "targets": 0, "batches": 0, "samples": 0, "tokens": 0,
+                "start": time.perf_counter(), "source_ce": None, "source_tokens": None}
 
     def _get_train_sampler(self, train_dataset: Any | None = None) -> Any:
         if self.train_sampler is not None and (train_dataset is None or train_dataset is self.train_dataset):
@@ -242,13 +242,15 @@ class DistillationTrainer(Trainer):
         return sum((p.reshape(-1)[:1].sum() for p in trainable), loss.new_zeros(())) * 0.0
 
     def _record(self, parts: LossParts, normalizer: Any, inputs: dict[str, torch.Tensor]) -> None:
-        # Parts are normalised per optimiser step; rescale to a per-token mean of this micro-batch for logging.
-        scale = float(normalizer) / max(parts.tokens, 1) if normalizer is not None else 1.0
+        # Parts are normalised per optimiser step; back to sums over this micro-batch's target tokens, so the
+        # logged figures are per-token means over the window and over every process (see `log`).
+        scale = float(normalizer) if normalizer is not None else float(max(parts.tokens, 1))
         self._window["task"] += parts.task.item() * scale
         self._window["distill"] += parts.distill.item() * scale
         for name, value in parts.terms.items():
             if name not in ("ce", "kd"):
                 self._window[f"{name}_loss"] = self._window.get(f"{name}_loss", 0.0) + value.item() * scale
+        self._window["targets"] += parts.tokens
         self._window["batches"] += 1
         self._window["samples"] += int(inputs["input_ids"].shape[0])
         mask = inputs.get("attention_mask")
@@ -275,14 +277,21 @@ class DistillationTrainer(Trainer):
                     logs[f"task_loss/{name}"] = round(ce / n, 6)
         if "loss" in logs and self._window["batches"]:
             elapsed = max(time.perf_counter() - self._window["start"], 1e-9)
-            logs["task_loss"] = round(self._window["task"] / self._window["batches"], 6)
-            logs["distill_loss"] = round(self._window["distill"] / self._window["batches"], 6)
+            terms = ["task", "distill", *sorted(k for k in self._window if k.endswith("_loss")), "targets"]
+            sums = [float(self._window[key]) for key in terms]
+            if self.accelerator.num_processes > 1:  # every process's tokens: the same figures as one process
+                device = self.accelerator.device
+                sums = self.accelerator.reduce(torch.tensor(sums, dtype=torch.float64, device=device), "sum").tolist()
+            totals = dict(zip(terms, sums, strict=True))
+            targets = max(totals.pop("targets"), 1.0)
+            logs["task_loss"] = round(totals.pop("task") / targets, 6)
+            logs["distill_loss"] = round(totals.pop("distill") / targets, 6)
             processes = max(self.accelerator.num_processes, 1)
             logs["tokens_per_second"] = round(self._window["tokens"] * processes / elapsed, 2)
             logs["samples_per_second"] = round(self._window["samples"] * processes / elapsed, 2)
             logs.update({key: round(value, 6) for key, value in self.objective.pop_stats().items()})
-            for key in [k for k in self._window if k.endswith("_loss")]:
-                logs[key] = round(self._window[key] / self._window["batches"], 6)
+            for key, total in totals.items():
+                logs[key] = round(total / targets, 6)
             if self.step_policy is not None:
                 logs.update(self.step_policy.figures(elapsed))
             self._window = self._new_window()

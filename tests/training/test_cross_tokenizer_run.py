@@ -110,23 +110,32 @@ def test_cross_tokenizer_with_lora_trains_only_the_adapter(other_teacher, model_
 
 
 @pytest.mark.slow
-def test_cross_tokenizer_under_torchrun_two_processes(other_teacher, model_dirs, pc_file, tmp_path):
+@pytest.mark.parametrize("method", ["hybrid", "alm"])
+def test_cross_tokenizer_two_processes_equal_one_process(other_teacher, model_dirs, pc_file, tmp_path, method):
+    """torchrun, 2 processes × 2 examples == 1 process × 4: step-1 loss, grad norm and final weights."""
     import os
-    import shutil
     import subprocess
     import sys
-    from pathlib import Path
 
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    out = tmp_path / "out"
-    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "nlm.cli", "--log_level", "WARNING", "train",
-               "--teacher_model", str(other_teacher), "--student_model", str(model_dirs["student"]),
-               "--train_file", str(pc_file), "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "no",
-               "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--device_preference", "cpu",
-               "--distillation.cross_tokenizer", "hybrid"]
+    import torch
+    from safetensors.torch import load_file
+
+    common = ["--teacher_model", str(other_teacher), "--student_model", str(model_dirs["student"]), "--train_file",
+              str(pc_file), "--max_steps", "2", "--save_strategy", "no", "--logging_steps", "1", "--learning_rate", "1e-3",
+              "--device_preference", "cpu", "--seed", "4", "--distillation.cross_tokenizer", method]
+    # `python -m torch.distributed.run`: this interpreter's torchrun (a venv script's shebang may name another)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nlm.cli",
+               "--log_level", "WARNING", "train", *common, "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    metadata = json.loads((out / "distill" / "final" / "training_metadata.json").read_text())
-    assert metadata["world_size"] == 2 and metadata["global_step"] == 2
-    assert metadata["teacher"]["describe"]["method"] == "hybrid"
+    one = train(load_config([*common, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4"]).config)
+    finals = {"two": tmp_path / "two" / "distill" / "final", "one": one.final_dir}
+    meta = {name: json.loads((final / "training_metadata.json").read_text()) for name, final in finals.items()}
+    assert meta["two"]["world_size"] == 2 and meta["two"]["teacher"]["describe"]["method"] == method
+    step1 = {name: next(e for e in m["log_history"] if e.get("step") == 1 and "loss" in e) for name, m in meta.items()}
+    for key in ("loss", "grad_norm", "distill_loss"):
+        assert step1["two"][key] == pytest.approx(step1["one"][key], abs=1e-5), key
+    a, b = load_file(str(finals["two"] / "model.safetensors")), load_file(str(finals["one"] / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
