@@ -122,8 +122,10 @@ class DistillationTrainer(Trainer):
             forward["output_hidden_states"] = True
         signal = None
         if use_teacher and getattr(self.teacher, "paired_tokenizer", None) is not None:
-            parts, outputs, reference = self._cross_tokenizer_loss(model, inputs, normalizer)
+            parts, outputs, final_hidden = self._cross_tokenizer_loss(model, inputs, normalizer)
             student_layers = ()
+            cross_rows, cross_head = final_hidden[:, :-1][mask], output_head(self.accelerator.unwrap_model(model))
+            source_logits = lambda start, end: cross_head(cross_rows[start:end].detach())[..., : self.vocab_width]  # noqa: E731
         elif self.loss_impl == "fused":
             unwrapped = self.accelerator.unwrap_model(model)
             head_module = output_head(unwrapped)

@@ -139,3 +139,21 @@ def test_cross_tokenizer_two_processes_equal_one_process(other_teacher, model_di
     a, b = load_file(str(finals["two"] / "model.safetensors")), load_file(str(finals["one"] / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_with_a_mixture_logs_each_sources_loss(other_teacher, model_dirs, tmp_path):
+    """log_per_source on the cross-tokenizer path (it failed with a NameError before)."""
+    from tests.conftest import write_jsonl
+
+    math = write_jsonl(tmp_path / "math.jsonl", [{"prompt": f"what is {i} plus {i}?", "completion": f" {2 * i}"} for i in range(12)])
+    talk = write_jsonl(tmp_path / "talk.jsonl", [{"prompt": "say hello", "completion": f" hello world {i}"} for i in range(12)])
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"train_mixture:\n  - {{path: {math}, weight: 1, name: math}}\n  - {{path: {talk}, weight: 1, name: talk}}\n"
+                      "log_per_source: true\ndistillation: {cross_tokenizer: alm}\n")
+    result = train(load_config(["--teacher_model", str(other_teacher), "--student_model", str(model_dirs["student"]),
+                                "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4", "--max_steps", "3",
+                                "--logging_steps", "1", "--save_strategy", "no"], config).config)
+    logged = [e for e in json.loads((result.final_dir / "training_metadata.json").read_text())["log_history"] if "loss" in e]
+    assert logged and all(any(k.startswith("task_loss/") and v > 0 for k, v in e.items()) for e in logged)
+    assert {"task_loss/math", "task_loss/talk"} <= {k for e in logged for k in e}
