@@ -16,6 +16,6 @@ def test_distill_features_smoke():
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=3000)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout[done.stdout.index("{"):])
-    assert set(result["mean"]) == {"kd", "pruned_kd", "pruned_kd_hidden", "mixture", "entropy_tau"}
+    assert set(result["mean"]) == {"fine_tuned", "kd", "pruned_kd", "pruned_kd_hidden", "mixture", "entropy_tau"}
     for row in result["mean"].values():
         assert 0 <= row["accuracy"] <= 1 and row["heldout_loss"] > 0 and row["seconds"] > 0
