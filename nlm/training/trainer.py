@@ -20,7 +20,7 @@ from nlm.distill.metrics import EvalSums, score_batch
 from nlm.distill.objective import Objective, objective_from_config
 from nlm.distill.sharded_head import gathered_head, prepare_teacher
 from nlm.distill.teacher import Teacher
-from nlm.errors import TrainingDivergedError
+from nlm.errors import ConfigError, TrainingDivergedError
 from nlm.models.heads import capture_hidden, output_head
 from nlm.training.policy import StepPolicy
 
@@ -62,6 +62,13 @@ class DistillationTrainer(Trainer):
             logger.warning("the objective has a term the fused loss cannot chunk: using loss_impl=simple")
             loss_impl = "simple"
         self.loss_impl = loss_impl
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled and getattr(plugin, "zero_stage", 0) == 3)
+        if sharded and getattr(teacher, "paired_tokenizer", None) is not None:
+            # Its distillation term recomputes head products in backward (activation checkpointing), outside
+            # the engines' gather (nlm.distill.sharded_head): refused rather than trained on a shard.
+            raise ConfigError("distillation.cross_tokenizer does not work with sharded parameters (FSDP, DeepSpeed "
+                              "ZeRO-3) yet: use DDP (torchrun / accelerate multi-GPU) or ZeRO-1/2")
         if loss_impl == "fused" and self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
             # FSDP1 has no unsharding API usable inside a step (FSDP2 and ZeRO-3 do: nlm.distill.sharded_head).
             logger.warning("FSDP version 1: using loss_impl=simple (the fused loss needs FSDP2; see configs/accelerate/fsdp2.yaml)")

@@ -157,3 +157,23 @@ def test_cross_tokenizer_with_a_mixture_logs_each_sources_loss(other_teacher, mo
     logged = [e for e in json.loads((result.final_dir / "training_metadata.json").read_text())["log_history"] if "loss" in e]
     assert logged and all(any(k.startswith("task_loss/") and v > 0 for k, v in e.items()) for e in logged)
     assert {"task_loss/math", "task_loss/talk"} <= {k for e in logged for k in e}
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_under_fsdp_is_refused_before_training(other_teacher, model_dirs, pc_file, tmp_path, monkeypatch):
+    """FSDP and ZeRO-3 need a GPU launcher; here the Trainer is told it runs under FSDP, as accelerate would."""
+    from transformers import Trainer
+
+    from nlm.errors import ConfigError
+
+    real = Trainer.create_accelerator_and_postprocess
+
+    def as_if_fsdp(self):
+        real(self)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", as_if_fsdp)
+    with pytest.raises(ConfigError, match="cross_tokenizer does not work with sharded parameters .* use DDP") as info:
+        train(_config(other_teacher, model_dirs, pc_file, tmp_path / "out", "--distillation.cross_tokenizer", "alm"))
+    assert info.value.exit_code == 2
+    assert not (tmp_path / "out" / "distill" / "final").exists()
