@@ -133,6 +133,16 @@ class TeacherCache:
             counts.append(self._offsets[number][local + 1] - self._offsets[number][local])
         return counts
 
+    def check_counts(self, example_indices: list[int], expected: list[int], unit: str = "target tokens") -> None:
+        """Raise unless each example has as many cached rows as this run's batch has (`unit` names them).
+
+        Example by example, every batch: equal totals could still hide rows shifted between examples."""
+        for index, want, have in zip(example_indices, expected, self.example_counts(example_indices), strict=True):
+            if want != have:
+                raise CacheMismatchError(
+                    f"teacher cache {self.directory}: example {index} has {have} cached {unit} but {want} in this "
+                    "run's data; the cache was built from other data or settings: rebuild it")
+
     def tensor_rows(self, name: str, example_indices: list[int]) -> torch.Tensor:
         """The rows of one stored tensor for the examples, concatenated in the order given."""
         parts = []

@@ -268,11 +268,24 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     if student_tokenizer is not None and existing is None:  # "tokens" counts aligned groups, 4 bytes each
         manifest.update({"kind": KIND, "temperature": 1.0, "id_dtype": None, "bytes_per_token": BYTES_PER_GROUP})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def write_topk(path: Path, batches: list[dict]) -> int:
+        rows = _shard_rows(teacher, batches, config.distillation.temperature, top_k, id_dtype(width), device, hidden_layers)
+        save_shard(path, rows)
+        return int(rows.ids.shape[0])
+
+    def write_groups(path: Path, batches: list[dict]) -> int:  # a teacher with another tokenizer (alm)
+        assert isinstance(teacher, AlignedTeacher)
+        loglik, offsets = group_shard(teacher, batches)
+        save_group_shard(path, loglik, offsets)
+        return int(loglik.shape[0])
+
     if student_tokenizer is None:
-        collate = PaddingCollator(pad)
+        collate, write = PaddingCollator(pad), write_topk
     else:
         collate = PaddingCollator(student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None else 0,
                                   teacher_pad_token_id=pad)
+        write = write_groups
     done = sum(shard["examples"] for shard in manifest["shards"])
     if done:
         logger.info("resuming teacher cache at example %d of %d", done, len(dataset))
@@ -281,15 +294,7 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         end = min(done + shard_examples, len(dataset))
         batches = [collate([dataset[i] for i in range(s, min(s + batch_size, end))]) for s in range(done, end, batch_size)]
         name = f"shard-{len(manifest['shards']):05d}.safetensors"
-        if student_tokenizer is None:
-            rows = _shard_rows(teacher, batches, config.distillation.temperature, top_k, id_dtype(width), device, hidden_layers)
-            save_shard(output / name, rows)
-            count = int(rows.ids.shape[0])
-        else:
-            assert isinstance(teacher, AlignedTeacher)
-            loglik, offsets = group_shard(teacher, batches)
-            save_group_shard(output / name, loglik, offsets)
-            count = int(loglik.shape[0])
+        count = write(output / name, batches)
         manifest["shards"].append({"file": name, "first_example": done, "examples": end - done, "tokens": count})
         manifest["tokens"] += count
         write_manifest(output, manifest)

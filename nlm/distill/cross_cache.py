@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from nlm.data.tokenize import tokenizer_fingerprint
-from nlm.distill.cache import FORMAT, VERSION, CacheMismatchError, TeacherCache
+from nlm.distill.cache import FORMAT, VERSION, TeacherCache
 from nlm.distill.cross_loss import AlignedTeacher, CrossSettings, TeacherGroups
 from nlm.errors import ConfigError
 
@@ -77,12 +77,7 @@ class CachedAlignedTeacher:
 
     def groups(self, inputs: dict[str, torch.Tensor], device: torch.device) -> TeacherGroups:
         indices = inputs["index"].tolist()
-        expected, found = (inputs["align_student"] > 0).sum(1).tolist(), self.cache.example_counts(indices)
-        for index, want, have in zip(indices, expected, found, strict=True):
-            if want != have:
-                raise CacheMismatchError(
-                    f"teacher cache {self.cache.directory}: example {index} has {have} cached groups but {want} in this "
-                    "run's data; the cache was built from other data or settings: rebuild it")
+        self.cache.check_counts(indices, (inputs["align_student"] > 0).sum(1).tolist(), unit="groups")
         return TeacherGroups(None, self.cache.tensor_rows("loglik", indices).to(device))
 
     def models(self) -> list[Any]:
