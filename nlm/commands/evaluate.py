@@ -40,8 +40,12 @@ def run(options: Options) -> int:
     if options.as_json:
         print(json.dumps(result))
         return 0
-    for key in ("loss", "perplexity", "token_accuracy", "exact_match", "teacher_kl", "teacher_agreement", "tokens", "examples"):
-        if key in result:
-            value = result[key]
-            print(f"{key:<18} {value:.4f}" if isinstance(value, float) else f"{key:<18} {value}")
+    # The usual figures first, then whatever else the evaluation reported (e.g. the per-byte figures against a
+    # teacher with another tokenizer), so no figure is computed and then left unprinted.
+    first = [key for key in ("loss", "perplexity", "token_accuracy", "exact_match", "teacher_kl", "teacher_agreement")
+             if key in result]
+    last = [key for key in ("tokens", "examples") if key in result]
+    for key in first + [key for key in result if key not in first + last] + last:
+        value = result[key]
+        print(f"{key:<22} {value:.4f}" if isinstance(value, float) else f"{key:<22} {value}")
     return 0

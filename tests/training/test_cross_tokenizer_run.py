@@ -177,3 +177,14 @@ def test_cross_tokenizer_under_fsdp_is_refused_before_training(other_teacher, mo
         train(_config(other_teacher, model_dirs, pc_file, tmp_path / "out", "--distillation.cross_tokenizer", "alm"))
     assert info.value.exit_code == 2
     assert not (tmp_path / "out" / "distill" / "final").exists()
+
+
+def test_nlm_eval_prints_the_per_byte_figures_against_another_tokenizer(other_teacher, model_dirs, pc_file, capsys):
+    """`nlm eval --teacher` printed only a fixed list of keys, so the cross-tokenizer figures never showed."""
+    from nlm.cli import main
+
+    assert main(["eval", "--model", str(model_dirs["student"]), "--data", str(pc_file), "--teacher", str(other_teacher)]) == 0
+    printed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for key in ("loss", "bits_per_byte", "teacher_bits_per_byte", "teacher_aligned_uld", "aligned_groups", "tokens"):
+        assert key in printed, key
+    assert float(printed["teacher_bits_per_byte"]) > 0
