@@ -21,6 +21,10 @@ class Options(BaseModel):
     as_json: bool = Field(False, alias="json", description="print one JSON object")
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub repository")
     allow_pickle: bool = Field(False, description="accept .bin (pickle) weights")
+    draft_for: str | None = Field(None, description="measure MODEL as this target's draft model (speculative "
+                                                    "decoding): acceptance, speed-up, identical greedy outputs")
+    max_new_tokens: int = Field(32, ge=1, description="tokens generated per prompt (--draft_for)")
+    num_assistant_tokens: int = Field(5, ge=1, description="tokens the draft proposes per target forward (--draft_for)")
 
 
 def run(options: Options) -> int:
@@ -31,6 +35,10 @@ def run(options: Options) -> int:
     from nlm.models.model_info import prompt_separator
     from nlm.training.evaluate import evaluate_model
 
+    if options.draft_for is not None:
+        from nlm.training.draft_eval import report_draft
+
+        return report_draft(options)
     result = evaluate_model(
         options.model, Path(options.data), teacher_path=options.teacher, batch_size=options.batch_size,
         settings=TokenizeSettings(max_seq_length=options.max_seq_length, prompt_separator=prompt_separator(options.model)),

@@ -38,6 +38,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from nlm.models.generation import eos_token_ids
+
 logger = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -123,19 +125,6 @@ def context_length(config: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Every end-of-sequence id: the generation config's (often several, e.g. <|eot_id|> too), the tokenizer's."""
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value if isinstance(v, int))
-    ids.discard(-1)
-    return ids
 
 
 class _Sequence:

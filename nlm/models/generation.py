@@ -51,3 +51,16 @@ def generate_texts(model: Any, tokenizer: Any, prompts: list[str], settings: Gen
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     n = settings.num_return_sequences
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every end-of-sequence id: the generation config's (often several, e.g. <|eot_id|> too), the tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value if isinstance(v, int))
+    ids.discard(-1)
+    return ids
