@@ -73,5 +73,12 @@ def run(options: Options) -> int:  # type: ignore[valid-type]
 
         for path in paths:  # a run folder, a cache or a file: say so before the server starts
             check_model_path(path)
+    if settings.draft is not None:  # a draft that cannot load fails here, not after the server started
+        from nlm.models.loading import check_model_path
+
+        if not settings.draft.exists():
+            raise ConfigError(f"--draft {settings.draft}: no such folder (expected a model folder sharing the served "
+                              "model's tokenizer)")
+        check_model_path(settings.draft)
     serve(settings)
     return 0

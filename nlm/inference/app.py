@@ -102,7 +102,9 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
                 if id(entry.model) not in engines:
                     engine = GenerationEngine(entry.model, entry.tokenizer, max_batch_size=settings.max_batch_size,
                                               batch_window_ms=settings.batch_window_ms, observe_batch=metrics.batch_size.observe,
-                                              multi_adapter=entry.adapter is not None)
+                                              multi_adapter=entry.adapter is not None, draft=entry.draft,
+                                              num_assistant_tokens=settings.num_assistant_tokens,
+                                              observe_draft=metrics.observe_draft)
                     engine.warm_up()
                     engine.start()
                     engines[id(entry.model)] = engine

@@ -31,6 +31,8 @@ from transformers import (
     DynamicCache,
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
     StopStringCriteria,
     TemperatureLogitsWarper,
     TextStreamer,
@@ -39,6 +41,7 @@ from transformers import (
 )
 
 from nlm.models.generation import eos_token_ids
+from nlm.models.speculative import DraftCounts, configure_draft, count_verify_steps
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +175,16 @@ class _JobState:
 
 class GenerationEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = 32, batch_window_ms: float = 10.0,
-                 observe_batch: Callable[[int], None] | None = None, multi_adapter: bool = False) -> None:
+                 observe_batch: Callable[[int], None] | None = None, multi_adapter: bool = False,
+                 draft: Any = None, num_assistant_tokens: int = 5,
+                 observe_draft: Callable[[DraftCounts], None] | None = None) -> None:
         self.model = model
+        # Speculative decoding (see `_draftable`): the draft proposes, the model verifies, through transformers'
+        # assisted generation; `observe_draft` receives what each drafting stretch did (for /metrics).
+        self.draft = draft
+        if draft is not None:
+            configure_draft(draft, num_assistant_tokens)
+        self.observe_draft = observe_draft or (lambda counts: None)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_window = batch_window_ms / 1000
@@ -306,6 +317,9 @@ class GenerationEngine:
         if admitted and (self._rows and not self._joinable()):
             self._waiting.extendleft(reversed(admitted))  # sliding-window caches cannot merge: wait for a drain
             admitted = []
+        if admitted and not self._rows and len(admitted) == 1 and self._draftable(admitted[0]):
+            self._start_alone(admitted[0])  # its prefill happens inside the drafting stretch
+            admitted = []
         if admitted:
             self._admitting = admitted
             try:
@@ -318,7 +332,7 @@ class GenerationEngine:
             self._admitting = []
         if self._rows:
             try:
-                self._decode()
+                self._decode_drafted() if len(self._rows) == 1 and self._draftable(self._rows[0].job) else self._decode()
             except Exception as exc:  # noqa: BLE001 - delivered to each running request as its own failure
                 logger.exception("decode step failed for a batch of %d", len(self._rows))
                 for job in {id(row.job): row.job for row in self._rows}.values():
@@ -326,6 +340,59 @@ class GenerationEngine:
                     self._deliver(job, exc)
                 self._rows, self._cache, self._mask = [], None, None
         self._last_batch = max(len(self._rows), len(admitted))
+
+    def _draftable(self, job: GenerationJob) -> bool:
+        """When to draft: a draft is loaded, this is the only sequence (nothing runs beside it, nothing waits),
+        and the request is plain greedy (one sequence, no repetition penalty, no adapter routing).
+
+        Why only then: one sequence per decode step is the case where a forward pass costs reading the weights
+        for one token, which verifying several drafted tokens at once amortises; with two or more rows the
+        continuous batch already amortises the weights over its rows, and transformers' assisted generation
+        verifies one row at a time. A drafting stretch ends at the first arrival (`_YieldToArrivals`); the row
+        then rejoins batched decoding with the cache the library leaves it. Greedy only: the result is then the
+        model's own greedy output; sampled requests keep their per-request seeded generator, which the
+        library's speculative sampling would not use.
+        """
+        sampling = job.sampling
+        return (self.draft is not None and not self.multi_adapter and not sampling.do_sample
+                and sampling.num_return_sequences == 1 and sampling.repetition_penalty == 1.0
+                and not self._waiting and self._queue.empty())
+
+    def _start_alone(self, job: GenerationJob) -> None:
+        state = self._states[id(job)] = _JobState(job, self.tokenizer, self.device)
+        state.sequences = [_Sequence(job, state)]
+        self._rows, self._cache, self._mask = state.sequences, None, None
+
+    def _decode_drafted(self) -> None:
+        """Decode the only row with the draft until it ends or another request arrives (see `_draftable`).
+
+        transformers' `generate(assistant_model=...)` drafts and verifies; every token it accepts goes through
+        `_advance` as it comes (streaming, stop strings, budget, cancellation), and a stopping criterion ends the
+        call once the row has ended or someone waits. It starts from the whole sequence so far: assisted
+        generation does not take a filled cache, so the first verify step recomputes it (one prefill per stretch).
+        """
+        row = self._rows[0]
+        self.observe_batch(1)
+        ids = torch.tensor([row.job.prompt_ids + row.tokens], device=self.device)
+        budget = row.job.max_new_tokens - len(row.tokens)
+        if self.context is not None:
+            budget = min(budget, self.context - ids.shape[1])
+        feed = _RowFeed(self, row)
+        with count_verify_steps(self.model) as counts:
+            output = self.model.generate(
+                ids, attention_mask=torch.ones_like(ids), assistant_model=self.draft, max_new_tokens=max(budget, 1),
+                do_sample=False, eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id, streamer=feed,
+                stopping_criteria=StoppingCriteriaList([_YieldToArrivals(self, row)]), return_dict_in_generate=True)
+        counts.new_tokens = feed.fed
+        self.observe_draft(counts)
+        if row.reason is None:  # someone arrived: the row goes back to batched decoding with the library's cache
+            cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+            width = len(row.job.prompt_ids) + len(row.tokens) - 1
+            if cache is None or cache.get_seq_length() != width:
+                raise RuntimeError(f"assisted generation left a cache of {cache and cache.get_seq_length()} "
+                                   f"positions; expected {width}")
+            self._cache, self._mask = cache, torch.ones((1, width), dtype=torch.long, device=self.device)
+        self._retire()
 
     def _joinable(self) -> bool:
         """Rows can join a running cache when every layer is a plain growing cache (no sliding window)."""
@@ -473,6 +540,38 @@ class GenerationEngine:
                     job.future.set_result(result)
 
         job.loop.call_soon_threadsafe(settle)
+
+
+class _RowFeed:
+    """The streamer handed to `generate` in a drafting stretch: each accepted token goes through the engine's
+    `_advance` (the first `put` is the prompt, as for every transformers streamer)."""
+
+    def __init__(self, engine: GenerationEngine, row: _Sequence) -> None:
+        self.engine, self.row, self.prompt_seen, self.fed = engine, row, False, 0
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            if self.row.reason is not None:
+                break
+            self.engine._advance([self.row], [int(token)])
+            self.fed += 1
+
+    def end(self) -> None:
+        pass
+
+
+class _YieldToArrivals(StoppingCriteria):
+    """Ends a drafting stretch when its row has ended or another request waits."""
+
+    def __init__(self, engine: GenerationEngine, row: _Sequence) -> None:
+        self.engine, self.row = engine, row
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        done = self.row.reason is not None or self.row.job.cancelled or not self.engine._queue.empty() or bool(self.engine._waiting)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

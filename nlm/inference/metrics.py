@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -21,3 +23,27 @@ class ServerMetrics:
             "nlm_batch_size", "Sequences sharing one decode step (continuous batching)", registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64),
         )
+        # Speculative decoding (`--draft`): counters, and the two ratios over everything served so far.
+        self.draft_verify_steps = Counter("nlm_draft_verify_steps", "Forward passes of the served model that "
+                                          "verified draft tokens", registry=self.registry)
+        self.draft_proposed = Counter("nlm_draft_proposed_tokens", "Tokens the draft proposed", registry=self.registry)
+        self.draft_accepted = Counter("nlm_draft_accepted_tokens", "Draft tokens the served model accepted",
+                                      registry=self.registry)
+        self.draft_acceptance_rate = Gauge("nlm_draft_acceptance_rate", "Accepted / proposed draft tokens, since start",
+                                           registry=self.registry)
+        self.draft_accepted_per_step = Gauge("nlm_draft_accepted_tokens_per_verify_step", "Accepted draft tokens "
+                                             "per verify step, since start", registry=self.registry)
+        self._draft_totals: Any = None
+
+    def observe_draft(self, counts: Any) -> None:
+        """Add one drafting stretch's `DraftCounts` (called from the generation worker)."""
+        from nlm.models.speculative import DraftCounts
+
+        if self._draft_totals is None:
+            self._draft_totals = DraftCounts()
+        self._draft_totals.add(counts)
+        self.draft_verify_steps.inc(counts.target_forwards)
+        self.draft_proposed.inc(counts.drafted)
+        self.draft_accepted.inc(counts.accepted)
+        self.draft_acceptance_rate.set(self._draft_totals.acceptance_rate)
+        self.draft_accepted_per_step.set(self._draft_totals.accepted_per_target_forward)

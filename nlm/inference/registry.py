@@ -26,6 +26,7 @@ class ServedModel:
     separator: str = "\n"
     context: int | None = None
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    draft: Any = None  # the speculative-decoding draft model (`--draft`), on the model's device
 
 
 def sampling_defaults(model: Any) -> dict[str, Any]:
@@ -104,4 +105,22 @@ def load_served_models(settings: ServerSettings) -> list[ServedModel]:
         separator = settings.prompt_separator if settings.prompt_separator is not None else prompt_separator(path)
         served.append(ServedModel(name, path, model, tokenizer, adapter, separator, context_length(model.config),
                                   sampling_defaults(model)))
+    if settings.draft is not None:
+        served[0].draft = load_draft(settings, served[0], device)
     return served
+
+
+def load_draft(settings: ServerSettings, target: ServedModel, device: Any) -> Any:
+    """The `--draft` model for the one served model: it must share that model's tokenizer."""
+    from nlm.errors import ConfigError
+    from nlm.models.loading import load_tokenizer, load_trained_model
+    from nlm.models.speculative import check_draft_tokenizer
+
+    if len(settings.served_models) > 1 or target.adapter is not None:
+        raise ConfigError("--draft serves one model with its draft; give a single --model (not LoRA students "
+                          "sharing a base)")
+    assert settings.draft is not None
+    draft_tokenizer = load_tokenizer(str(settings.draft), trust_remote_code=settings.trust_remote_code)
+    check_draft_tokenizer(draft_tokenizer, target.tokenizer, str(settings.draft), str(target.path))
+    return load_trained_model(settings.draft, device=device, trust_remote_code=settings.trust_remote_code,
+                              allow_pickle=settings.allow_pickle).eval()

@@ -61,6 +61,10 @@ class ServerSettings:
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub repository")
     allow_pickle: bool = Field(False, description="accept .bin (pickle) weights")
     graceful_shutdown_s: float = Field(30.0, gt=0, description="seconds to finish in-flight requests")
+    # Speculative decoding (issue 27): a draft model sharing the served model's tokenizer.
+    draft: Path | None = Field(None, description="draft model folder for speculative decoding of the served model "
+                                                 "(greedy requests decoded alone; same tokenizer)")
+    num_assistant_tokens: int = Field(5, ge=1, le=64, description="tokens the draft proposes per verify step (--draft)")
     # Several models in one server (issue 17): (name, folder) pairs from repeated `--model NAME=PATH`.
     # Empty: the one model in `model`, named `model_name`. The first pair is the default model.
     models: tuple[tuple[str, Path], ...] = Field((), description="served models as (name, folder) pairs; the first is the default")
