@@ -10,6 +10,16 @@ as a real process on loopback, CPU, one after the other; for each concurrency C,
 time to the first token. Every server gets the same `--threads` (OMP_NUM_THREADS, default 1). Completion tokens come from each answer's `usage` (or, when streaming, its words).
 Then the memory of an `nlm serve` process with 1 and with 3 LoRA students of the same base (one base copy,
 PEFT adapters) gives the memory each extra student costs. Prints one JSON object.
+
+Speculative decoding (issue 27), a separate run on a real target and its distilled draft:
+
+    .venv/bin/python bench/serve_compare.py --draft_pair TARGET DRAFT --draft_prompts PROMPTS.jsonl \
+        [--draft_concurrency 1 4 8] [--max_tokens 32]
+
+serves TARGET alone, then TARGET with `--draft DRAFT`, on nlm's engine, and sends the same greedy requests (the
+`prompt` of each line of PROMPTS.jsonl, at least the concurrency, closed loop) at each concurrency; reports
+completion tokens/s of both, their ratio, the draft's acceptance from /metrics, and whether every output is
+byte-identical between the two servers.
 """
 
 from __future__ import annotations
@@ -151,6 +161,74 @@ async def streaming_ttft(base: str, model: str, concurrency: int, max_tokens: in
             "ttft_p99_s": round(firsts[min(len(firsts) - 1, int(0.99 * len(firsts)))], 3) if firsts else None}
 
 
+async def texts_loop(base: str, model: str, concurrency: int, prompts: list[str], max_tokens: int) -> dict:
+    """Closed loop over `prompts` (greedy): completion tokens/s and every text, by prompt index."""
+    texts: dict[int, str] = {}
+    tokens = 0
+    counter = iter(range(len(prompts)))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        for index in counter:
+            body = {"model": model, "prompt": prompts[index], "max_tokens": max_tokens, "temperature": 0}
+            response = await http.post(f"{base}/v1/completions", json=body)
+            response.raise_for_status()
+            answer = response.json()
+            texts[index] = answer["choices"][0]["text"]
+            tokens += answer["usage"]["completion_tokens"]
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=concurrency + 4)) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    return {"completion_tokens_per_s": round(tokens / (time.perf_counter() - started), 2), "completion_tokens": tokens,
+            "texts": [texts[i] for i in range(len(prompts))]}
+
+
+def draft_metrics(base: str) -> dict:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    names = ("nlm_draft_acceptance_rate", "nlm_draft_accepted_tokens_per_verify_step", "nlm_draft_verify_steps_total")
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            found[name] = float(value)
+    return found
+
+
+def draft_compare(target: Path, draft: Path, prompts_file: Path, levels: list[int], max_tokens: int) -> dict:
+    """TARGET alone vs TARGET + DRAFT on nlm's engine: tokens/s per concurrency, identical outputs, acceptance."""
+    prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines() if line.strip()]
+    runs: dict = {}
+    for name, extra in (("target_alone", []), ("target_with_draft", ["--draft", str(draft)])):
+        port = free_port()
+        command = [sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--model", str(target), *extra,
+                   "--port", str(port), "--device", "cpu", "--max_new_tokens_cap", "4096", "--request_timeout", "3600"]
+        process, base = start(command, "/ping", port)
+        try:
+            model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+            asyncio.run(texts_loop(base, model, 1, prompts[:1], 4))  # warm-up
+            runs[name] = {}
+            for concurrency in levels:
+                need = max(len(prompts), concurrency)
+                figures = asyncio.run(texts_loop(base, model, concurrency, (prompts * need)[:need], max_tokens))
+                figures["draft"] = draft_metrics(base) if extra else {}
+                runs[name][str(concurrency)] = figures
+                print(json.dumps({name: {concurrency: {k: v for k, v in figures.items() if k != "texts"}}}),
+                      file=sys.stderr, flush=True)
+        finally:
+            stop(process)
+    result = {"target": str(target), "draft": str(draft), "max_tokens": max_tokens, "prompts": len(prompts), "levels": {}}
+    for level in map(str, levels):
+        alone, drafted = runs["target_alone"][level], runs["target_with_draft"][level]
+        result["levels"][level] = {
+            "target_alone_tokens_per_s": alone["completion_tokens_per_s"],
+            "target_with_draft_tokens_per_s": drafted["completion_tokens_per_s"],
+            "speedup": round(drafted["completion_tokens_per_s"] / alone["completion_tokens_per_s"], 2),
+            "identical_outputs": alone["texts"] == drafted["texts"],
+            "draft_metrics_cumulative": drafted["draft"]}
+    return result
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -191,8 +269,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads of every server (OMP_NUM_THREADS); on a shared, oversubscribed CPU more "
                              "than 1 makes each op wait for descheduled sibling threads")
+    parser.add_argument("--draft_pair", nargs=2, type=Path, metavar=("TARGET", "DRAFT"),
+                        help="instead: TARGET alone vs TARGET with its draft on nlm's engine (speculative decoding)")
+    parser.add_argument("--draft_prompts", type=Path, help="JSONL with a `prompt` per line (--draft_pair)")
+    parser.add_argument("--draft_concurrency", type=int, nargs="+", default=[1, 4, 8])
     args = parser.parse_args()
     THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.draft_pair is not None:
+        if args.draft_prompts is None:
+            parser.error("--draft_pair needs --draft_prompts")
+        result = draft_compare(*args.draft_pair, args.draft_prompts, args.draft_concurrency, args.max_tokens)
+        result.update(server_threads=args.threads, load_average=os.getloadavg()[0])
+        print(json.dumps(result, indent=2))
+        return
     transformers_cli = str(Path(sys.executable).with_name("transformers"))
     results: dict = {"model": "llama 6x576, vocab 49152, random weights", "max_tokens": args.max_tokens,
                      "cpu_count": os.cpu_count(), "server_threads": args.threads, "load_average": os.getloadavg()[0],
