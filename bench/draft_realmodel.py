@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import realmodel  # noqa: E402
 
-BUDGET = {"keep_every": 3, "max_steps": 60, "batch": 4, "lr": 1e-4, "max_seq_length": 160, "lmbda": 0.5,
+BUDGET = {"keep_every": 3, "max_steps": 30, "batch": 4, "lr": 1e-4, "max_seq_length": 160, "lmbda": 0.5,
           "divergence": "tvd", "temperature": 1.0, "alpha": 0.5, "max_new_tokens": 32,
-          "eval_prompts": 30, "eval_new_tokens": 32, "num_assistant_tokens": 4}
+          "eval_prompts": 20, "eval_new_tokens": 24, "num_assistant_tokens": 4}
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ def _outputs(tokenizer, target, draft, jobs, stagger):
     return [(o.texts, o.completion_tokens) for o in _run(engine, jobs(), stagger=stagger)], seen
 
 
-@pytest.mark.parametrize("stagger", [0.0, 0.05])
+@pytest.mark.parametrize("stagger", [pytest.param(0.0, marks=pytest.mark.slow), 0.05])
 def test_drafted_greedy_outputs_equal_the_engine_without_a_draft(models, stagger):
     tokenizer, target, weak, twin = models
 
