@@ -13,7 +13,7 @@ import torch
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from nlm.config.paths import claim_folder, mark_folder, path_inside, safe_output_dir
+from nlm.config.paths import claim_folder, mark_folder, path_inside, record_written, safe_output_dir
 from nlm.config.settings import TrainingConfig
 from nlm.data.files import resolve_eval_files
 from nlm.data.mixture import source_specs
@@ -202,6 +202,8 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         metrics.update(_final_eval(trainer))
 
     detach_objective(trainer.model)
+    final_path = run_dir / "final"
+    kept_in_final = [entry.name for entry in final_path.iterdir()] if final_path.is_dir() else []  # a user's
     final_dir = save_final(trainer, tokenizer, run_dir, config)
     if trainer.is_world_process_zero():
         save_projections(objective, final_dir)
@@ -231,6 +233,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         best_checkpoint=trainer.state.best_model_checkpoint,
         log_history=trainer.state.log_history,
     )
+    record_written(final_dir, "nlm train", kept_in_final)  # --overwrite removes exactly what this run wrote there
     logger.info("final model written to %s (%.1fs)", final_dir, seconds)
     return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
 
