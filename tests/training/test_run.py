@@ -1,6 +1,7 @@
 """End-to-end training in-process on tiny models: outputs, LoRA, resume, best model, guards."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -304,3 +305,28 @@ def test_gradient_accumulation_4x1_equals_one_batch_of_4(model_dirs, pc_file, tm
         finals[name] = _weights(result.final_dir)
     for key in finals["4x1"]:
         torch.testing.assert_close(finals["4x1"][key], finals["1x4"][key], rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_data_or_models_and_records_changed_settings(model_dirs, pc_file, tmp_path):
+    """--resume continues only the run the folder holds: other data or another model is refused by name
+    (before any model loads); a new learning rate or a longer run is allowed, logged and recorded."""
+    from nlm.training.fingerprint import FINGERPRINT_FILE
+
+    first = train(_config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "2", "--save_steps", "2"))
+    assert (first.run_dir / FINGERPRINT_FILE).is_file()
+    shutil.rmtree(first.final_dir)
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text(pc_file.read_text().replace("answer", "reply"))
+    with pytest.raises(RunExistsError, match=r"started with other data \(train\)"):
+        train(_config(model_dirs, other_data, tmp_path / "out", "--resume", "--max_steps", "3"))
+    retrained = tmp_path / "teacher-v2"  # another teacher at a new path: its files differ
+    shutil.copytree(model_dirs["teacher"], retrained)
+    (retrained / "model.safetensors").write_bytes((retrained / "model.safetensors").read_bytes() + b" ")
+    with pytest.raises(RunExistsError, match="other teacher model"):
+        train(_config({**model_dirs, "teacher": retrained}, pc_file, tmp_path / "out", "--resume", "--max_steps", "3"))
+    resumed = train(_config(model_dirs, pc_file, tmp_path / "out", "--resume", "--max_steps", "3", "--save_steps", "2",
+                            "--learning_rate", "5e-4"))
+    resumed_meta = json.loads((resumed.final_dir / "training_metadata.json").read_text())["resumed"]
+    assert resumed_meta["checkpoint"].endswith("checkpoint-2")
+    assert resumed_meta["changed_settings"] == {"learning_rate": [0.001, 0.0005], "max_steps": [2, 3]}
