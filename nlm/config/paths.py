@@ -139,7 +139,7 @@ RECOGNISED_FILES = (
     "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json", "adapter_config.json",
     "training_metadata.json", "export_metadata.json", "distill_projections.safetensors", "trainer_state.json",
     "training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state*.pth",
-    "events.out.tfevents.*", "*.arrow", "dataset_info.json", "state.json", "dataset_dict.json", "*.partial",
+    "events.out.tfevents.*", "*.arrow", "dataset_info.json", "state.json", "dataset_dict.json", "stats.json", "*.partial",
     "latest", "zero_to_fp32.py", "global_step*", "pytorch_model_fsdp*", "optimizer_*", "model_*",
 )  # fmt: skip
 
@@ -156,9 +156,14 @@ def _clear_recognised(folder: Path) -> list[str]:
     recurse into sub-folders, keep the rest. Returns what was kept; the folder goes when nothing is."""
     kept: list[str] = []
     for entry in sorted(folder.iterdir()):
-        if entry.is_dir() and not entry.is_symlink():
-            inside = clear_owned(entry) if read_marker(entry) is not None else _clear_recognised(entry)
+        if entry.is_dir() and not entry.is_symlink() and read_marker(entry) is not None:
+            inside = clear_owned(entry)
+            if not inside:
+                (entry / MARKER).unlink()
+                entry.rmdir()
             kept += [f"{entry.name}/{name}" for name in inside]
+        elif entry.is_dir() and not entry.is_symlink():
+            kept += [f"{entry.name}/{name}" for name in _clear_recognised(entry)]
         elif any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in RECOGNISED_FILES):
             entry.unlink()
         else:
