@@ -266,7 +266,8 @@ def test_overwrite_replaces_only_what_an_earlier_run_wrote(model_dirs, pc_file, 
     (first.final_dir / "eval_by_hand.md").write_text("my notes on the model")  # inside final/, which nlm owns
     (first.run_dir / "checkpoint-1" / "probe.ipynb").write_text("{}")
     second = train(_config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "2", "--save_steps", "2", "--overwrite"))
-    assert sorted(p.name for p in second.run_dir.iterdir()) == [MARKER, "checkpoint-1", "checkpoint-2", "final", "notes.txt"]
+    assert sorted(p.name for p in second.run_dir.iterdir()) == [MARKER, "checkpoint-1", "checkpoint-2", "final", "notes.txt",
+                                                              "run_fingerprint.json"]
     assert (second.run_dir / "notes.txt").read_text() == "why this run matters"
     assert (second.final_dir / "eval_by_hand.md").read_text() == "my notes on the model"
     assert sorted(p.name for p in (second.run_dir / "checkpoint-1").iterdir()) == ["probe.ipynb"]
