@@ -1,6 +1,8 @@
 """GPU parts of bench/gpu_check.sh: `loss` (memory and time of the loss at GPU sizes), `bf16` (the fused loss
 under the run's autocast against the simple path under the same autocast) and `train` (bf16 distillation
-throughput with nlm's trainer, live teacher and teacher cache). One JSON line each."""
+throughput with nlm's trainer, live teacher and teacher cache). One JSON line each, also written to
+`--out FILE` as soon as it is known (the train part after each mode), so a run cut off by its timeout keeps
+what it measured; `summary FILE...` prints one line per part file (bench/gpu_check.sh calls it)."""
 
 from __future__ import annotations
 
@@ -149,7 +151,15 @@ def bf16_part(tokens: int = 4096, hidden: int = 4096, vocab: int = 131072, smoke
             "fp32_fused_grad_rel_diff": relative(fp32_grads, reference_grads)}
 
 
-def train_part(steps: int = 30, batch: int = 8, seq: int = 1024, smoke: bool = False) -> dict:
+def _write(out: Path | None, result: dict) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(json.dumps(result) + "\n")
+        partial.replace(out)
+
+
+def train_part(steps: int = 20, batch: int = 8, seq: int = 1024, smoke: bool = False, out: Path | None = None) -> dict:
     import random
 
     import nlm.training.run as run_module
@@ -191,7 +201,10 @@ def train_part(steps: int = 30, batch: int = 8, seq: int = 1024, smoke: bool = F
                   per_device_train_batch_size=batch, learning_rate=1e-4, save_strategy="no", logging_steps=10,
                   precision="fp32" if smoke else "bf16", lr_scheduler_type="constant",
                   device_preference=["cpu"] if smoke else ["cuda"])
-    results = {}
+    results: dict = {}
+    report = {"part": "train_throughput", "gpu": _gpu_name(), "teacher_params": params["teacher"],
+              "student_params": params["student"], "batch": batch, "seq": seq, "steps": steps, "complete": False,
+              "results": results}
     for mode in ("live", "cached"):
         marks.clear()
         _reset_peak()
@@ -212,12 +225,44 @@ def train_part(steps: int = 30, batch: int = 8, seq: int = 1024, smoke: bool = F
             flops += step_flops(tokens, targets, params["teacher"] - head_params["teacher"], head_params["teacher"], False)
         results[mode] = {"tokens_per_s": round(tokens / seconds), "peak_memory_gib": round(_peak() / 2**30, 2),
                          "mfu": round(flops / seconds / (card_peak() * 1e12), 4)}
-    return {"part": "train_throughput", "gpu": _gpu_name(), "teacher_params": params["teacher"],
-            "student_params": params["student"], "batch": batch, "seq": seq, "steps": steps, "results": results}
+        _write(out, report)  # the live figures survive a timeout during the cache build
+    report["complete"] = True
+    return report
+
+
+def summary(result: dict | None, name: str) -> str:
+    """One line for a part's JSON (or for a part that wrote nothing before its timeout)."""
+    if result is None:
+        return f"{name}: no result (cut off before its first figure)"
+    part, figures = result.get("part", name), result.get("results", {})
+    cut = "" if result.get("complete", True) else " [cut off: partial]"
+    if part == "loss_memory":
+        text = " | ".join(f"{k} " + (v["error"][:40] if "error" in v else f"{v['peak_extra_gib']} GiB {v['seconds']} s")
+                          for k, v in figures.items())
+    elif part == "bf16_fused_vs_simple":
+        text = (f"loss diff {result['loss_abs_diff']:.2e} (fp32 {result['fp32_fused_loss_abs_diff']:.2e}), "
+                f"grad rel diff {result['grad_rel_diff']:.2e} (fp32 {result['fp32_fused_grad_rel_diff']:.2e})")
+    elif part == "train_throughput":
+        text = " | ".join(f"{k} {v['tokens_per_s']} tok/s MFU {v['mfu']} peak {v['peak_memory_gib']} GiB"
+                          for k, v in figures.items() if isinstance(v, dict))
+    else:
+        text = " | ".join(f"{k} " + ("ok" if isinstance(v, dict) and v.get("same_step1_loss") and v.get("fused_stayed_on")
+                                     else str(v.get("error") or v.get("skipped") or "MISMATCH")[:60] if isinstance(v, dict)
+                                     else "n/a") for k, v in figures.items())
+    return f"{part}{cut}: {text}"
 
 
 if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else "loss"
+    if part == "summary":
+        for path in map(Path, sys.argv[2:]):
+            print(summary(json.loads(path.read_text()) if path.is_file() else None, path.stem), flush=True)
+        sys.exit(0)
     smoke = "--smoke" in sys.argv  # CPU, tiny sizes: checks the script itself, measures nothing
-    parts = {"loss": loss_part, "bf16": bf16_part, "train": train_part}
-    print(json.dumps(parts[part](smoke=smoke)), flush=True)
+    out_file = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else None
+    if part == "train":
+        result = train_part(smoke=smoke, out=out_file)
+    else:
+        result = {"loss": loss_part, "bf16": bf16_part}[part](smoke=smoke)
+    _write(out_file, result)
+    print(json.dumps(result), flush=True)

@@ -7,7 +7,9 @@ and `_line` (its line in that source's file) added. Prints the examples drawn fr
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nlm.config.paths import output_path_check
 
 
 class Options(BaseModel):
@@ -18,7 +20,9 @@ class Options(BaseModel):
     config: str = Field(description="training config (YAML) with train_mixture or train_file, and any curriculum")
     output: str = Field(description="JSONL file to write (ORDER.jsonl)")
     epoch: int = Field(0, ge=0, description="which epoch's order to write (0 = the first)")
-    overwrite: bool = Field(False, description="replace the output file if it exists")
+    overwrite: bool = Field(False, description="replace the output file if an earlier nlm command wrote it")
+
+    _output_is_safe = field_validator("output")(staticmethod(output_path_check))
 
 
 def run(options: Options) -> int:
@@ -26,7 +30,7 @@ def run(options: Options) -> int:
     import os
     from pathlib import Path
 
-    from nlm.config.paths import path_inside
+    from nlm.config.paths import claim_file, path_inside, record_file
     from nlm.config.sources import load_config
     from nlm.data.prepare import prepare_datasets
     from nlm.errors import ConfigError
@@ -34,9 +38,7 @@ def run(options: Options) -> int:
     from nlm.training.order import build_order, write_order
 
     config = load_config([], Path(options.config)).config
-    output = Path(options.output)
-    if output.exists() and not options.overwrite:
-        raise ConfigError(f"--output {output} already exists; pass --overwrite to replace it")
+    output = claim_file(options.output, overwrite=options.overwrite)
     if not config.student_model:
         raise ConfigError("student_model is required (its tokenizer decides which records become examples)")
     hub = {"revision": config.student_revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
@@ -47,7 +49,8 @@ def run(options: Options) -> int:
     if plan is None:
         raise ConfigError(f"{options.config}: neither train_mixture nor curriculum is set, so the order is the trainer's own shuffle")
     counts = write_order(config, data, plan, output, options.epoch)
-    print(f"{output}: epoch {options.epoch}, {sum(counts.values())} examples")
+    record_file(output, "nlm data mix")
+    print(f"{options.output}: epoch {options.epoch}, {sum(counts.values())} examples")
     for name, count in counts.items():
         print(f"  {name}: {count}")
     return 0

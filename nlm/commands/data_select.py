@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from nlm.config.paths import output_path_check
 
 
 class Options(BaseModel):
@@ -34,8 +36,10 @@ class Options(BaseModel):
     max_seq_length: int = Field(512, ge=8, description="longer records are truncated for scoring")
     max_new_tokens: int = Field(64, ge=1, description="longest student answer for prompt-only records")
     device: Literal["cuda", "mps", "cpu"] | None = Field(None, description="device (default: the best available)")
-    overwrite: bool = Field(False, description="replace existing output files")
+    overwrite: bool = Field(False, description="replace output files an earlier nlm command wrote")
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub repository")
+
+    _outputs_are_safe = field_validator("output", "scores")(staticmethod(output_path_check))
 
     @model_validator(mode="after")
     def _one_size(self) -> Options:
@@ -50,17 +54,16 @@ def run(options: Options) -> int:
 
     import torch
 
+    from nlm.config.paths import claim_file, record_file
     from nlm.data.tokenize import TokenizeSettings
     from nlm.distill.active import select_from_pool
-    from nlm.errors import ConfigError
     from nlm.models.device import select_device
     from nlm.models.loading import freeze, load_causal_lm, load_tokenizer
     from nlm.models.vocab import shared_vocab_width
 
-    outputs = [Path(options.output)] + ([Path(options.scores)] if options.scores else [])
-    for path in outputs:
-        if path.exists() and not options.overwrite:
-            raise ConfigError(f"{path} already exists; pass --overwrite to replace it")
+    outputs = {"--output": Path(options.output)} | ({"--scores": Path(options.scores)} if options.scores else {})
+    for option, path in outputs.items():
+        claim_file(path, overwrite=options.overwrite, option=option)
     device = select_device(forced=options.device) if options.device else select_device()
     hub = {"trust_remote_code": options.trust_remote_code}
     tokenizer = load_tokenizer(options.student, **hub)
@@ -73,6 +76,8 @@ def run(options: Options) -> int:
         diverse=options.diverse, settings=TokenizeSettings(max_seq_length=options.max_seq_length),
         batch_size=options.batch_size, max_new_tokens=options.max_new_tokens, vocab_width=width,
     )
+    for path in outputs.values():
+        record_file(path, "nlm data select")
     generated = f" ({selection.generated} answered by the student)" if selection.generated else ""
     print(f"{options.output}: {len(selection.lines)} of {selection.scored} pool records by {options.by}{generated}")
     return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nlm.config.paths import output_path_check
 
 
 class Options(BaseModel):
@@ -20,6 +22,8 @@ class Options(BaseModel):
     overwrite: bool = Field(False, description="replace an earlier demo in output_dir")
     data_only: bool = Field(False, description="only write the data set and tokenizer",
                             json_schema_extra={"aliases": ["--data-only"]})
+
+    _output_is_safe = field_validator("output_dir")(staticmethod(output_path_check))
 
 
 def run(options: Options) -> int:

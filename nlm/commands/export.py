@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nlm.config.paths import output_path_check
 
 
 class Options(BaseModel):
@@ -19,12 +21,14 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="trained run folder or its final/ folder")
-    output: str = Field(description="folder to write (must be new or empty, or an earlier export with --overwrite)")
+    output: str = Field(description="folder to write (new or empty, or an earlier export with --overwrite)")
     format: Literal["merged", "int8", "int4", "gguf"] = Field("merged", description="what to write")
     quant: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="GGUF tensor type (--format gguf only)")
     eval_file: str | None = Field(None, description="held-out JSONL: report the loss/perplexity delta vs the source")
     overwrite: bool = Field(False, description="replace an earlier export in --output (only files nlm wrote)")
     trust_remote_code: bool = Field(False, description="run model code shipped with the model")
+
+    _output_is_safe = field_validator("output")(staticmethod(output_path_check))
 
 
 def run(options: Options) -> int:

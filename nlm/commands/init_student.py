@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from nlm.config.paths import output_path_check
+
 
 class Options(BaseModel):
     """The command's flags."""
@@ -20,8 +22,10 @@ class Options(BaseModel):
     output: str = Field(description="folder to write the student to")
     layers: str | None = Field(None, description="comma-separated teacher layers to keep, 0-based (e.g. 0,5,10)")
     keep_every: int | None = Field(None, ge=1, description="keep every N-th layer (and the last); instead of --layers")
-    overwrite: bool = Field(False, description="replace a model folder already at --output")
+    overwrite: bool = Field(False, description="replace a student an earlier init-student wrote at --output (only its files)")
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub repository")
+
+    _output_is_safe = field_validator("output")(staticmethod(output_path_check))
 
     @field_validator("layers")
     @classmethod

@@ -7,7 +7,9 @@ from their newest checkpoint, unfinished ones.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nlm.config.paths import output_path_check
 
 
 class Options(BaseModel):
@@ -18,6 +20,8 @@ class Options(BaseModel):
     run_dir: str = Field(description="a run folder (output_dir/run_name)", json_schema_extra={"positional": True})
     compare: list[str] = Field(default_factory=list, description="more run folders to draw in the same report")
     output: str | None = Field(None, description="folder for report.png and report.md (default: RUN_DIR/report)")
+
+    _output_is_safe = field_validator("output")(staticmethod(output_path_check))
 
 
 def run(options: Options) -> int:

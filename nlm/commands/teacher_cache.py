@@ -7,7 +7,9 @@ the settings the training run will use.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nlm.config.paths import output_path_check
 
 
 class Options(BaseModel):
@@ -20,6 +22,8 @@ class Options(BaseModel):
     batch_size: int = Field(8, ge=1, description="sequences per teacher forward")
     shard_examples: int = Field(1024, ge=1, description="examples per shard (resume unit)")
     training_args: list[str] = Field(default_factory=list, json_schema_extra={"training_flags": True})
+
+    _output_is_safe = field_validator("output")(staticmethod(output_path_check))
 
 
 def run(options: Options) -> int:

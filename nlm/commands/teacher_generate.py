@@ -9,7 +9,9 @@ interruption and it continues where it stopped. The output trains with `nlm trai
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nlm.config.paths import output_path_check
 
 
 class Options(BaseModel):
@@ -31,7 +33,9 @@ class Options(BaseModel):
     device: str | None = Field(None, description="cuda, mps or cpu (default: the first available)")
     teacher_revision: str | None = Field(None, description="hub revision of the teacher")
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub repository")
-    overwrite: bool = Field(False, description="replace an existing output file instead of resuming it")
+    overwrite: bool = Field(False, description="replace an existing output file (one nlm wrote) instead of resuming it")
+
+    _output_is_safe = field_validator("output")(staticmethod(output_path_check))
 
 
 def run(options: Options) -> int:

@@ -1,12 +1,14 @@
 """Where nlm may write and what it may delete.
 
 Never into system directories; only inside the run's output directory; and `--overwrite` deletes only
-folders nlm created (marked with `.nlm-folder.json`) and, inside them, only what nlm wrote.
+folders nlm created (marked with `.nlm-folder.json`) and, inside them, only what nlm wrote — sub-folders
+included; a one-file output is replaced only when nlm noted it had written it (`.nlm-files.json`).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
 import logging
 import os
@@ -51,6 +53,17 @@ def path_inside(base: Path, relative: Path | str) -> Path:
     if not _is_within(candidate, root):
         raise UnsafePathError(f"refusing to write {relative}: it resolves to {candidate}, outside {root}")
     return candidate
+
+
+def output_path_check(value: Any) -> Any:
+    """For a command's `Options`: `field_validator("output")(staticmethod(output_path_check))` refuses a
+    system path when the options are parsed (exit 2, before any model loads), as `output_dir` is for training."""
+    if value is not None:
+        try:
+            safe_output_dir(value)
+        except UnsafePathError as exc:
+            raise ValueError(str(exc)) from None
+    return value
 
 
 # --- Folders nlm owns ---------------------------------------------------------------------------------
@@ -117,10 +130,56 @@ def require_owned(folder: Path) -> dict[str, Any]:
     return marker
 
 
-def clear_owned(folder: Path) -> list[str]:
-    """Remove what nlm wrote in the marked `folder` (recursing into marked sub-folders); keep everything else.
+# Files transformers, PEFT, datasets and TensorBoard write in the folders nlm owns (checkpoint-N/, runs/,
+# and output written by an nlm older than the per-folder markers). Inside an owned folder that has no marker
+# of its own, only these are removed; anything else is kept and named.
+RECOGNISED_FILES = (
+    "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json", "adapter_config.json",
+    "training_metadata.json", "export_metadata.json", "distill_projections.safetensors", "trainer_state.json",
+    "training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state*.pth",
+    "events.out.tfevents.*", "*.arrow", "dataset_info.json", "state.json", "dataset_dict.json", "stats.json", "*.partial",
+    "latest", "zero_to_fp32.py", "global_step*", "pytorch_model_fsdp*", "optimizer_*", "model_*",
+)  # fmt: skip
 
-    Returns the kept entries (paths relative to `folder`); the folder itself and its marker stay.
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()  # a file, or a link (removed, never followed)
+
+
+def _clear_recognised(folder: Path) -> list[str]:
+    """Inside an owned folder without a marker: remove the files nlm's libraries write (RECOGNISED_FILES),
+    recurse into sub-folders, keep the rest. Returns what was kept; the folder goes when nothing is."""
+    kept: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and not entry.is_symlink() and read_marker(entry) is not None:
+            inside = clear_owned(entry)
+            if not inside:
+                (entry / MARKER).unlink()
+                entry.rmdir()
+            kept += [f"{entry.name}/{name}" for name in inside]
+        elif entry.is_dir() and not entry.is_symlink():
+            kept += [f"{entry.name}/{name}" for name in _clear_recognised(entry)]
+        elif any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in RECOGNISED_FILES):
+            entry.unlink()
+        else:
+            kept.append(entry.name)
+    if not kept and folder.exists():
+        folder.rmdir()
+    return kept
+
+
+def clear_owned(folder: Path) -> list[str]:
+    """Remove what nlm wrote in the marked `folder`, keep everything else; returns the kept entries (paths
+    relative to `folder`).
+
+    An owned entry that is a folder is never removed whole: with a marker of its own it is cleared by that
+    marker, without one only the files nlm's libraries write there are removed (RECOGNISED_FILES). A folder
+    left empty goes; `folder` itself and its marker stay.
     """
     folder = Path(folder)
     refuse_protected(folder)
@@ -129,6 +188,7 @@ def clear_owned(folder: Path) -> list[str]:
     for entry in sorted(folder.iterdir()):
         if entry.name == MARKER:
             continue
+        owned = any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in owns)
         if entry.is_dir() and not entry.is_symlink() and read_marker(entry) is not None:
             inside = clear_owned(entry)
             if inside:
@@ -136,14 +196,30 @@ def clear_owned(folder: Path) -> list[str]:
             else:
                 (entry / MARKER).unlink()
                 entry.rmdir()
-        elif any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in owns):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()  # a file, or a link (removed, never followed)
+        elif owned and entry.is_dir() and not entry.is_symlink():
+            kept += [f"{entry.name}/{name}" for name in _clear_recognised(entry)]
+        elif owned:
+            _remove(entry)
         else:
             kept.append(entry.name)
     return kept
+
+
+def record_written(folder: Path | str, created_by: str, before: Sequence[str] = ()) -> Path:
+    """After nlm wrote into `folder`: mark it (or extend its marker) so that it owns every entry that is there
+    now and was not in `before` (the names listed before writing). `--overwrite` then removes exactly those."""
+    folder = Path(folder)
+    marker = read_marker(folder)
+    new = sorted(glob.escape(entry.name) for entry in folder.iterdir()
+                 if entry.name != MARKER and entry.name not in set(before))
+    if marker is None:
+        marker = {"created_by": created_by, "owns": [], "nlm_version": _version(),
+                  "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    marker["owns"] = list(dict.fromkeys([*marker["owns"], *new]))
+    partial = folder / (MARKER + ".partial")
+    partial.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, folder / MARKER)
+    return folder
 
 
 def claim_folder(folder: Path | str, *, created_by: str, owns: Sequence[str], overwrite: bool,
@@ -170,3 +246,59 @@ def _version() -> str:
     from nlm import __version__
 
     return __version__
+
+
+# --- Files nlm writes into folders it does not own ------------------------------------------------------
+# A command whose output is one file (`teacher-generate`, `data select`, `data mix`) may be pointed into any
+# folder. It records the file in `.nlm-files.json` next to it, and replaces (`--overwrite`) only a file so
+# recorded: a user's file of the same name is never replaced.
+
+FILES_RECORD = ".nlm-files.json"
+
+
+def _files_record(folder: Path) -> dict[str, Any]:
+    path = folder / FILES_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else {}
+    except (OSError, ValueError):
+        record = {}
+    return record if isinstance(record.get("files"), dict) else {"files": {}}
+
+
+def written_by_nlm(path: Path | str) -> bool:
+    """Whether nlm wrote the file at `path`: recorded next to it, or owned by the marker of its folder."""
+    path = Path(path)
+    marker = read_marker(path.parent)
+    if marker is not None and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in marker["owns"]):
+        return True
+    return path.name in _files_record(path.parent)["files"]
+
+
+def record_file(path: Path | str, created_by: str) -> None:
+    """Note that nlm wrote the file at `path` (after writing it), so a later `--overwrite` may replace it."""
+    path = Path(path)
+    record = _files_record(path.parent)
+    record["files"][path.name] = {"created_by": created_by,
+                                  "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    partial = path.parent / (FILES_RECORD + ".partial")
+    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(partial, path.parent / FILES_RECORD)
+
+
+def claim_file(path: Path | str, *, overwrite: bool, option: str = "--output", resumable: bool = False) -> Path:
+    """The one way a command takes an output file: checked (system paths, a folder in the way), and an
+    existing file only when nlm wrote it — replaced with `overwrite`, or kept for a `resumable` command to
+    continue; otherwise RunExistsError, or FolderNotOwnedError when nlm did not write it."""
+    resolved = safe_output_dir(path)
+    if resolved.is_dir():
+        raise UnsafePathError(f"{option} {path} is a folder, expected a file")
+    if resolved.exists() or resolved.is_symlink():
+        if not written_by_nlm(resolved):
+            raise FolderNotOwnedError(
+                f"{option} {path} already exists and was not written by nlm; nlm never replaces such a file, even "
+                "with --overwrite: choose another path or move the file away")
+        if not overwrite and not resumable:
+            raise RunExistsError(f"{option} {path} already exists (written by nlm earlier); pass --overwrite to "
+                                 "replace it")
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    return resolved

@@ -51,6 +51,8 @@ class LoRAConfig(BaseModel):
     def _split_comma_list(cls, value: object) -> object:
         if isinstance(value, str) and value != "auto":
             return [name.strip() for name in value.split(",") if name.strip()]
+        if value == ["auto"]:  # `--lora.target_modules auto`: the CLI source hands a list-typed option a list
+            return "auto"
         return value
 
 

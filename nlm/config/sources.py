@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import json
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,31 @@ from nlm.errors import ConfigError
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("nlm_yaml_file", default=None)
 
 
+class _FlowValues:
+    """A complex value (a dict- or list-typed option) from the environment or a flag may be written as in the
+    YAML file (`{0: 1, 1: 3}`), not only as JSON: the documented form works in every source."""
+
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)  # type: ignore[misc]
+        except ValueError:
+            try:
+                parsed = yaml.safe_load(value) if isinstance(value, str) else None
+            except yaml.YAMLError:
+                parsed = None
+            if isinstance(parsed, dict | list):
+                return parsed
+            raise
+
+
+class _EnvSource(_FlowValues, EnvSettingsSource):
+    pass
+
+
+class _CliSource(_FlowValues, CliSettingsSource):
+    pass
+
+
 class _LayeredTrainingConfig(TrainingConfig):
     """TrainingConfig whose file source is the YAML named by `--config` (set through a context variable)."""
 
@@ -45,7 +72,7 @@ class _LayeredTrainingConfig(TrainingConfig):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, _EnvSource(settings_cls))
         yaml_file = _yaml_file.get()
         if yaml_file is not None:
             sources += (YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file),)
@@ -79,6 +106,7 @@ def _normalise_flags(cli_args: Sequence[str]) -> list[str]:
     """Reject unknown flags with a suggestion; accept `--flag true|false` for booleans too."""
     keys = known_keys()
     bool_keys = {k for k, f in keys.items() if f.annotation is bool}
+    mapping_keys = {k for k, f in keys.items() if _holds_dict(f.annotation)}
     flag_names = list(keys) + [f"no-{k}" for k in bool_keys]
     args: list[str] = []
     i = 0
@@ -97,6 +125,11 @@ def _normalise_flags(cli_args: Sequence[str]) -> list[str]:
                     if value.lower() not in ("true", "false"):
                         raise ConfigError(f"--{name} = {value!r} (from command line): expected true or false")
                     arg = f"--{plain}" if value.lower() == "true" else f"--no-{plain}"
+            elif plain in mapping_keys and (has_value or i + 1 < len(cli_args)):
+                if not has_value:
+                    value = cli_args[i + 1]
+                    i += 1
+                arg = f"--{plain}={_as_json_mapping(value)}"
             elif plain != name or has_value:
                 arg = f"--{plain}" + (f"={value}" if has_value else "")
         elif arg.startswith("-") and not _is_number(arg):
@@ -104,6 +137,22 @@ def _normalise_flags(cli_args: Sequence[str]) -> list[str]:
         args.append(arg)
         i += 1
     return args
+
+
+def _holds_dict(annotation: Any) -> bool:
+    return annotation is dict or typing.get_origin(annotation) is dict or any(
+        _holds_dict(arg) for arg in typing.get_args(annotation))
+
+
+def _as_json_mapping(value: str) -> str:
+    """`{0: 1, 1: 3}` as in the YAML file -> JSON for the CLI source (which reads JSON objects only)."""
+    if not value.lstrip().startswith("{"):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return json.dumps(parsed) if isinstance(parsed, dict) else value
 
 
 def _is_number(text: str) -> bool:
@@ -140,7 +189,7 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
     """Read and check a training YAML config: a mapping of known keys, and no secrets."""
     data = read_yaml_mapping(path)
     keys = known_keys()
-    for dotted, value in _flatten(data).items():
+    for dotted, value in _flatten(data, leaves=keys).items():
         if dotted in SECRET_FIELDS and value is not None:  # `hf_token: null` (as config show prints) is no secret
             raise ConfigError(
                 f"config file {path}: '{dotted}' is a secret and must not be stored in a file; "
@@ -151,12 +200,15 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(data: Mapping[str, Any], prefix: str = "", leaves: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Dotted option names -> values. The walk stops at an option (`leaves`, every known one by default), so
+    the value of a dict-typed option (`distillation.hidden_states.layers: {0: 1}`) stays one value."""
+    leaves = known_keys() if leaves is None else leaves
     flat: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, dotted + "."))
+        if isinstance(value, Mapping) and value and dotted not in leaves:
+            flat.update(_flatten(value, dotted + ".", leaves))
         else:
             flat[dotted] = value
     return flat
@@ -168,14 +220,14 @@ def load_config(cli_args: Sequence[str] = (), config_file: Path | str | None = N
     args = _normalise_flags(cli_args)
     yaml_data = read_yaml_config(config_path) if config_path is not None else {}
     try:
-        cli_source = CliSettingsSource(
+        cli_source = _CliSource(
             TrainingConfig, cli_parse_args=args, cli_exit_on_error=False, cli_implicit_flags=True
         )
     except SettingsError as exc:
         raise ConfigError(str(exc).replace("error parsing CLI: ", "command line: ")) from None
     layers = {
         "cli": _flatten(cli_source()),
-        "env": _flatten(EnvSettingsSource(TrainingConfig)()),
+        "env": _flatten(_EnvSource(TrainingConfig)()),
         "yaml": _flatten(yaml_data),
     }
     token = _yaml_file.set(config_path)

@@ -23,6 +23,7 @@ from typing import Any
 import datasets
 
 import nlm
+from nlm.config.paths import record_written
 from nlm.data.files import files_fingerprint
 from nlm.data.paired import PAIRED_COLUMNS, teacher_columns
 from nlm.data.reader import DEFAULT_MAX_LINE_BYTES, ReadStats, iter_numbered_records
@@ -249,6 +250,7 @@ def tokenize_records(
             shutil.rmtree(partial, ignore_errors=True)
             dataset.save_to_disk(str(partial / "dataset"))
             (partial / "stats.json").write_text(json.dumps(asdict(stats)))
+            record_written(partial, "nlm tokenize")  # an --overwrite of the folder around it removes exactly this
             shutil.rmtree(cache_dir, ignore_errors=True)
             partial.rename(cache_dir)
             dataset = datasets.load_from_disk(str(cache_dir / "dataset"))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nlm.config.paths import claim_folder, mark_folder, path_inside
+from nlm.config.paths import claim_folder, mark_folder, path_inside, record_written
 from nlm.config.settings import TrainingConfig
 from nlm.data.tokenize import TokenizeSettings
 from nlm.demo.report import write_report
@@ -57,6 +57,7 @@ def prepare_output(output_dir: Path, overwrite: bool) -> Path:
 def write_demo_data(root: Path, seed: int, task: DemoTaskSpec | None = None) -> dict[str, Path]:
     task = task or get_task("colours")
     data = task.build_data(seed)
+    before = {name: _names(root / name) for name in ("data", "tokenizer")}  # a user's files kept by --overwrite
     files = {
         "teacher_train": write_jsonl(path_inside(root, "data/teacher_train.jsonl"), data.teacher_train),
         "student_train": write_jsonl(path_inside(root, "data/student_train.jsonl"), data.student_train),
@@ -64,6 +65,9 @@ def write_demo_data(root: Path, seed: int, task: DemoTaskSpec | None = None) -> 
     }
     tokenizer = build_tokenizer(task.corpus(data), vocab_size=400)
     tokenizer.save_pretrained(path_inside(root, "tokenizer"))
+    # data/, tokenizer/ and models/ hold only what the marker of each lists: --overwrite removes exactly that.
+    for name, names in before.items():
+        record_written(root / name, "nlm demo", names)
     logger.info("demo data: %d teacher examples, %d student examples, %d held-out", len(data.teacher_train),
                 len(data.student_train), len(data.heldout))
     return files
@@ -77,9 +81,16 @@ def initial_model(root: Path, name: str, layers: int, hidden: int, seed: int) ->
     model = build_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=hidden, num_layers=layers,
                             num_heads=4, max_positions=64, seed=seed)
     folder = path_inside(root, f"models/{name}-init")
+    before = _names(folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    record_written(folder, "nlm demo", before)
+    record_written(root / "models", "nlm demo", [name for name in _names(root / "models") if name != folder.name])
     return folder
+
+
+def _names(folder: Path) -> list[str]:
+    return [entry.name for entry in folder.iterdir()] if folder.is_dir() else []
 
 
 def _train(root: Path, run_name: str, student: Path, train_file: Path, epochs: float, lr: float, batch: int, seed: int,

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nlm.config.paths import claim_file, record_file
 from nlm.data.files import files_fingerprint
 from nlm.data.reader import ReadStats, iter_records
 from nlm.errors import ConfigError, DataError
@@ -83,8 +84,10 @@ def _state_key(data: Path, teacher_model: str, settings: TeacherGenerateSettings
 
 
 def _resume_point(output: Path, progress: Path, key: str, overwrite: bool) -> tuple[int, int]:
-    """(prompts done, bytes of output that hold them); 0, 0 for a fresh start. Never replaces a file nlm did
-    not write unless asked."""
+    """(prompts done, bytes of output that hold them); 0, 0 for a fresh start. Never replaces or continues a
+    file nlm did not write, even when asked."""
+    if not progress.is_file():  # a file nlm did not write (no progress, no record) is never replaced or continued
+        claim_file(output, overwrite=True, resumable=True)
     if overwrite:
         output.unlink(missing_ok=True)
         progress.unlink(missing_ok=True)
@@ -93,8 +96,8 @@ def _resume_point(output: Path, progress: Path, key: str, overwrite: bool) -> tu
         progress.unlink(missing_ok=True)
         return 0, 0
     if not progress.is_file():
-        raise ConfigError(f"{output} already exists and was not written by teacher-generate (no {progress.name}); "
-                          "pass --overwrite to replace it or choose another --output")
+        raise ConfigError(f"{output} already exists and holds no teacher-generate progress ({progress.name}), so it "
+                          "cannot be continued; pass --overwrite to replace it or choose another --output")
     state = json.loads(progress.read_text())
     if state.get("key") != key:
         raise ConfigError(f"{output} was generated from other data, teacher or settings; pass --overwrite to "
@@ -146,6 +149,8 @@ def generate_teacher_data(
                                 settings.num_return_sequences)
     stops, pad_id = stop_token_ids(model, tokenizer), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     output.parent.mkdir(parents=True, exist_ok=True)
+    output.touch()
+    record_file(output, "nlm teacher-generate")
     with output.open("ab") as handle, tqdm(total=len(prompts), initial=done, desc="teacher-generate", unit="prompt",
                                            disable=not progress_bar) as bar:
         handle.truncate(size)  # drop a batch that was being written when an earlier run stopped

@@ -1,46 +1,30 @@
-"""The export folder: created fresh, or replaced with --overwrite only when nlm wrote everything in it.
+"""The export folder: one nlm owns (marked, as every output folder), created fresh or, with --overwrite, emptied
+of what an earlier export wrote there; a user's files in it are kept.
 
-(Interim helper until the project-wide run-folder markers land: an export folder is recognised by its
-export_metadata.json, which lists every file the export wrote; nothing else is ever deleted.)
+An export written before the markers existed is recognised by its export_metadata.json, which lists every
+file that export wrote: it is adopted (marked with exactly those files) so that --overwrite can replace it.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import shutil
 from pathlib import Path
 
-from nlm.config.paths import safe_output_dir
-from nlm.errors import RunExistsError
-
-logger = logging.getLogger(__name__)
+from nlm.config.paths import claim_folder, read_marker, record_written, safe_output_dir
 
 EXPORT_METADATA_FILE = "export_metadata.json"
 
 
 def prepare_export_dir(path: str | Path, overwrite: bool) -> Path:
-    """`path` resolved and empty (created if missing). A non-empty folder needs --overwrite, and then every
-    entry in it must be one a previous `nlm export` listed in its export_metadata.json."""
+    """`path` resolved, created and marked as nlm's. A non-empty folder needs --overwrite and an nlm marker
+    (or an earlier export's metadata); then only the earlier export's files are removed."""
     folder = safe_output_dir(path)
-    if folder.exists() and not folder.is_dir():
-        raise RunExistsError(f"--output {path} is a file, not a folder")
-    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    if entries:
-        if not overwrite:
-            raise RunExistsError(f"--output {folder} is not empty ({len(entries)} entries); choose a new folder "
-                                 "or pass --overwrite to replace an earlier export")
+    if folder.is_dir() and read_marker(folder) is None and (folder / EXPORT_METADATA_FILE).is_file():
         written = _files_of_earlier_export(folder)
-        foreign = [name for name in entries if name not in written]
-        if foreign:
-            raise RunExistsError(f"--overwrite: {folder} holds files nlm did not write ({', '.join(foreign[:5])}); "
-                                 "refusing to delete them: choose another --output")
-        logger.warning("--overwrite: replacing the earlier export in %s", folder)
-        for name in entries:
-            target = folder / name
-            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+        record_written(folder, "nlm export", before=[p.name for p in folder.iterdir() if p.name not in written])
+    return claim_folder(folder, created_by="nlm export", owns=("*.partial", ".nlm-staging-*"), overwrite=overwrite,
+                        exists_message=f"--output {folder} already holds an export; choose a new folder or pass "
+                                       "--overwrite to replace it")
 
 
 def _files_of_earlier_export(folder: Path) -> set[str]:

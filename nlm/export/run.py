@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from nlm.config.paths import record_written
 from nlm.errors import ConfigError
 from nlm.export.output import EXPORT_METADATA_FILE, prepare_export_dir
 from nlm.models.loading import gguf_file_in, is_adapter_dir, load_tokenizer, load_trained_model
@@ -146,6 +147,7 @@ def export_model(
         metadata["quality"] = quality_delta(source, output_dir, Path(eval_file), batch_size, trust_remote_code)
     metadata["seconds"] = round(time.perf_counter() - started, 3)
     (output_dir / EXPORT_METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    record_written(output_dir, "nlm export", before)  # the marker owns exactly what this export wrote
     logger.info("%s export written to %s (%.2fx the fp32 size)", fmt, output_dir, metadata["sizes"]["ratio"] or 0)
     return ExportResult(output_dir=output_dir, metadata=metadata)
 

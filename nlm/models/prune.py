@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from nlm.errors import ConfigError, RunExistsError
+from nlm.config.paths import claim_folder, record_written
+from nlm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -84,21 +85,17 @@ def init_student(teacher: str, output: Path, layers: Sequence[int] | None = None
     """Write a student folder (config, weights, tokenizer, generation config) made of the teacher's `layers`."""
     from nlm.models.loading import load_causal_lm, load_tokenizer
 
-    output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        marker = output / "config.json"
-        if not overwrite:
-            raise RunExistsError(f"{output} is not empty; choose another --output or pass --overwrite")
-        if not marker.is_file():
-            raise RunExistsError(f"{output} is not empty and holds no model; nlm will not overwrite it")
+    output = claim_folder(output, created_by="nlm init-student", owns=("*.partial",), overwrite=overwrite,
+                          exists_message=f"{output} already holds a student; choose another --output or pass --overwrite")
+    before = [entry.name for entry in output.iterdir()]  # what --overwrite kept (a user's files) stays theirs
     model = load_causal_lm(teacher, dtype=torch.float32, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
     depth = _depth(model.config)
     keep = choose_layers(depth, layers, keep_every)
     prune_layers(model, keep)
-    output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output))
     tokenizer.save_pretrained(str(output))
+    record_written(output, "nlm init-student", before)
     parameters = sum(p.numel() for p in model.parameters())
     logger.info("student with teacher layers %s (%d of %d) written to %s: %d parameters", keep, len(keep), depth, output, parameters)
     return {"output": str(output), "layers": keep, "teacher_layers": depth, "parameters": parameters}

@@ -13,7 +13,7 @@ import torch
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from nlm.config.paths import claim_folder, mark_folder, path_inside, safe_output_dir
+from nlm.config.paths import claim_folder, mark_folder, path_inside, record_written, safe_output_dir
 from nlm.config.settings import TrainingConfig
 from nlm.data.files import resolve_eval_files
 from nlm.data.mixture import source_specs
@@ -40,6 +40,7 @@ from nlm.models.lora import apply_lora
 from nlm.models.vocab import own_vocab_width, tokenizers_equal
 from nlm.training.arguments import training_arguments
 from nlm.training.callbacks import add_hardware_metrics, install_callbacks
+from nlm.training.fingerprint import FINGERPRINT_FILE, record_fingerprint
 from nlm.training.metadata import redacted_config, write_metadata
 from nlm.training.objective_setup import (
     attach_objective,
@@ -68,7 +69,7 @@ class TrainResult:
 
 # What nlm train writes directly inside a run folder (the Trainer's checkpoints and logs, our final/):
 # `--overwrite` removes only these; anything else a user put there is kept.
-RUN_FOLDER_ENTRIES = ("checkpoint-*", "tmp-checkpoint-*", "final", "runs", "*.partial")
+RUN_FOLDER_ENTRIES = ("checkpoint-*", "tmp-checkpoint-*", "final", "runs", "*.partial", FINGERPRINT_FILE)
 
 
 def prepare_run_dir(config: TrainingConfig) -> tuple[Path, str | None]:
@@ -141,8 +142,11 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     # Under torchrun/accelerate every process runs this; only the main one checks, clears and marks the run
     # folder (the others would see its marker as an earlier run), then the others find its checkpoint.
     with args.main_process_first(local=False, desc="run folder"):
+        resumed_changes: dict[str, Any] = {}
         if args.process_index == 0:
             run_dir, checkpoint = prepare_run_dir(config)
+            # Resuming other data or models is refused here, before any model loads; changed settings are kept.
+            resumed_changes = record_fingerprint(config, run_dir, resuming=checkpoint is not None)
         else:
             checkpoint = get_last_checkpoint(str(run_dir)) if config.resume else None
     prepare_trackers(config.report_to, config.output_dir, run_dir)
@@ -202,6 +206,8 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         metrics.update(_final_eval(trainer))
 
     detach_objective(trainer.model)
+    final_path = run_dir / "final"
+    kept_in_final = [entry.name for entry in final_path.iterdir()] if final_path.is_dir() else []  # a user's
     final_dir = save_final(trainer, tokenizer, run_dir, config)
     if trainer.is_world_process_zero():
         save_projections(objective, final_dir)
@@ -230,7 +236,9 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         best_metric=trainer.state.best_metric,
         best_checkpoint=trainer.state.best_model_checkpoint,
         log_history=trainer.state.log_history,
+        resumed={"checkpoint": checkpoint, "changed_settings": resumed_changes} if checkpoint else None,
     )
+    record_written(final_dir, "nlm train", kept_in_final)  # --overwrite removes exactly what this run wrote there
     logger.info("final model written to %s (%.1fs)", final_dir, seconds)
     return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
 

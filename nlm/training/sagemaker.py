@@ -192,7 +192,7 @@ def _config_file(job: TrainingJob, name: Any) -> Path | None:
 def run_folder(job: TrainingJob) -> Path:
     """Where `nlm train` writes: the checkpoint folder (synced to S3, restored on a spot restart) when the job
     has one, else a scratch folder on the job's storage volume."""
-    return job.checkpoint_dir if job.checkpoint_dir is not None else job.root / "output" / "nlm-work"
+    return job.checkpoint_dir if job.checkpoint_dir is not None else job.output_dir / "nlm-work"
 
 
 def training_arguments(job: TrainingJob) -> tuple[list[str], Path | None]:
@@ -219,7 +219,7 @@ def training_arguments(job: TrainingJob) -> tuple[list[str], Path | None]:
     args.append(f"--output_dir={run_folder(job)}")
     run_dir = run_folder(job) / run_name
     if run_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in run_dir.iterdir()):
-        logger.info("resuming from the checkpoints in %s (a restarted job)", run_dir)
+        logger.info("%s holds checkpoints: resuming them if they are this job's (its fingerprint is checked)", run_dir)
         args.append("--resume=true")
     elif run_dir.is_dir() and any(run_dir.iterdir()):
         args.append("--overwrite=true")  # our own scratch run from an attempt that saved no checkpoint
@@ -288,6 +288,30 @@ def write_failure(job_output_dir: Path, reason: str) -> None:
         logger.error("could not write the failure file in %s: %s", job_output_dir, exc)
 
 
+def same_job(run_dir: Path, config: Any, environ: Mapping[str, str]) -> bool:
+    """Whether the work folder `run_dir` may be reused: empty, or started with this job's fingerprint
+    (settings, data hashes, models: a restarted job). Bad data raises here (DataError), as on a first run."""
+    from nlm.training.fingerprint import read_fingerprint, run_fingerprint
+
+    fingerprint = json.loads(json.dumps(run_fingerprint(config, environ)))
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return True
+    started = read_fingerprint(run_dir)
+    if started == fingerprint:
+        return True
+    logger.warning("%s was started by another job (fingerprint %s; this job's is %s): starting afresh there",
+                   run_dir, _digest(started), _digest(fingerprint))
+    return False
+
+
+def _digest(fingerprint: Any) -> str:
+    import hashlib
+
+    if fingerprint is None:
+        return "none"
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def run_training_job(environ: Mapping[str, str] | None = None) -> int:
     """Read the job, run `nlm train` (one process per GPU), publish the model. Raises NlmError on failure."""
     from nlm.models.model_info import METADATA_FILE
@@ -299,7 +323,10 @@ def run_training_job(environ: Mapping[str, str] | None = None) -> int:
     env = child_environment(channel_environment(job), base=environ)
     config = validate(args, config_file, env)
     run_dir = run_folder(job) / config.run_name
-    if (run_dir / "final" / METADATA_FILE).is_file():
+    reuse = same_job(run_dir, config, env)
+    if not reuse:
+        args = [a for a in args if not a.startswith(("--resume=", "--overwrite="))] + ["--overwrite=true"]
+    if reuse and (run_dir / "final" / METADATA_FILE).is_file():
         logger.info("%s already holds the finished model (a restarted job): publishing it", run_dir)
     else:
         topology = Topology(

@@ -41,7 +41,17 @@ def test_paths_must_stay_inside_the_output_dir(tmp_path):
 
 # --- folders nlm owns: --overwrite deletes only what nlm made -----------------------------------------
 
-from nlm.config.paths import MARKER, claim_folder, clear_owned, mark_folder, read_marker, refuse_protected  # noqa: E402
+from nlm.config.paths import (  # noqa: E402
+    MARKER,
+    claim_file,
+    claim_folder,
+    clear_owned,
+    mark_folder,
+    read_marker,
+    record_file,
+    record_written,
+    refuse_protected,
+)
 from nlm.errors import FolderNotOwnedError, RunExistsError  # noqa: E402
 
 
@@ -76,6 +86,7 @@ def test_overwrite_removes_only_what_nlm_wrote_in_a_marked_folder(tmp_path):
     folder = _claim(tmp_path / "out")
     (folder / "data").mkdir()
     (folder / "data" / "train.jsonl").write_text("{}\n")
+    record_written(folder / "data", "nlm test")
     (folder / "report.md").write_text("# report")
     (folder / "notes.txt").write_text("my notes")
     (folder / "papers").mkdir()
@@ -172,3 +183,74 @@ def test_output_paths_are_checked_when_the_configuration_is_parsed(tmp_path, cap
     os.symlink("/tmp", tmp_path / "out" / "escape")
     assert main(["config", "show", "--output_dir", str(tmp_path / "out"), "--run_name", "escape"]) == 2
     assert "run_name 'escape'" in capsys.readouterr().err
+
+
+def test_an_owned_folder_is_never_removed_whole_a_users_file_inside_survives(tmp_path):
+    """data/, final/, checkpoint-N/, runs/: what nlm wrote goes (listed in the folder's marker, or one of the
+    files transformers/TensorBoard write when it has no marker), a user's file there stays and is named."""
+    folder = _claim(tmp_path / "out")
+    data = folder / "data"
+    data.mkdir()
+    (data / "mine.jsonl").write_text("{}\n")  # the user's, there before nlm wrote
+    (data / "train.jsonl").write_text("{}\n")
+    record_written(data, "nlm test", before=["mine.jsonl"])
+    assert read_marker(data)["owns"] == ["train.jsonl"]
+    for name in ("report.md",):
+        (folder / name).write_text("x")
+    run = mark_folder(folder / "runs", "nlm test", ("checkpoint-*",))
+    checkpoint = run / "checkpoint-2"
+    (checkpoint / "nested").mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.pt", "trainer_state.json", "nested/events.out.tfevents.1"):
+        (checkpoint / name).write_text("nlm's")
+    (checkpoint / "analysis.ipynb").write_text("the user's")
+    kept = clear_owned(folder)
+    assert kept == ["data/mine.jsonl", "runs/checkpoint-2/analysis.ipynb"]
+    assert sorted(p.name for p in data.iterdir()) == [MARKER, "mine.jsonl"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["analysis.ipynb"]
+    assert not (folder / "report.md").exists()
+
+
+def test_an_output_file_is_replaced_only_when_nlm_wrote_it(tmp_path):
+    mine = tmp_path / "selected.jsonl"
+    mine.write_text("the user's\n")
+    for overwrite in (False, True):
+        with pytest.raises(FolderNotOwnedError, match="was not written by nlm"):
+            claim_file(mine, overwrite=overwrite)
+    assert mine.read_text() == "the user's\n"
+    ours = tmp_path / "ours.jsonl"
+    assert claim_file(ours, overwrite=False) == ours.resolve()
+    ours.write_text("{}\n")
+    record_file(ours, "nlm test")
+    with pytest.raises(RunExistsError, match="pass --overwrite"):
+        claim_file(ours, overwrite=False)
+    assert claim_file(ours, overwrite=True) == ours.resolve()
+    assert claim_file(ours, overwrite=False, resumable=True) == ours.resolve()
+    with pytest.raises(UnsafePathError, match="system directory"):
+        claim_file("/etc/nlm.jsonl", overwrite=True)
+    with pytest.raises(UnsafePathError, match="is a folder"):
+        claim_file(tmp_path, overwrite=True)
+
+
+# Every command that writes checks its output path when its options are parsed: a system path is exit 2
+# with one line, before any model (these do not even exist) is looked at.
+WRITING_COMMANDS = {
+    "init-student": ["init-student", "--teacher", "none", "--keep_every", "2", "--output", "/etc/nlm-x"],
+    "export": ["export", "--model", "none", "--output", "/usr/nlm-x"],
+    "teacher-generate": ["teacher-generate", "--teacher_model", "none", "--data", "none.jsonl", "--output", "/etc/x.jsonl"],
+    "data select": ["data", "select", "--teacher", "none", "--student", "none", "--data", "none.jsonl", "--count", "1",
+                    "--output", "ok.jsonl", "--scores", "/proc/x.jsonl"],
+    "data mix": ["data", "mix", "--config", "none.yaml", "--output", "/etc/order.jsonl"],
+    "teacher-cache": ["teacher-cache", "--config", "none.yaml", "--output", "/boot/cache"],
+    "report": ["report", "none", "--output", "/sys/report"],
+    "demo": ["demo", "--output_dir", "/etc/demo"],
+}
+
+
+@pytest.mark.parametrize("command", list(WRITING_COMMANDS))
+def test_every_writing_command_refuses_a_system_path_when_parsing(command, capsys, tmp_path, monkeypatch):
+    from nlm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(WRITING_COMMANDS[command]) == 2
+    err = capsys.readouterr().err
+    assert "inside the system directory" in err and len(err.strip().splitlines()) == 1, err

@@ -173,3 +173,20 @@ def test_configuration_reference_is_in_sync():
 
     committed = Path(__file__).resolve().parents[2] / "docs" / "CONFIGURATION.md"
     assert committed.read_text() == render_reference(), "run: python -m nlm.commands.reference > docs/CONFIGURATION.md"
+
+
+@pytest.mark.parametrize("text", ["{0: 1, 1: 3}", "{'0': 1, '1': 3}"])
+def test_a_dict_valued_option_is_one_value_in_yaml_env_and_cli(tmp_path, monkeypatch, text):
+    path = tmp_path / "h.yaml"
+    path.write_text(f"distillation:\n  hidden_states:\n    layers: {text}\n")
+    assert load_config([], path).config.distillation.hidden_states.layers == {0: 1, 1: 3}
+    assert load_config(["--distillation.hidden_states.layers", text]).config.distillation.hidden_states.layers == {0: 1, 1: 3}
+    monkeypatch.setenv("NLM_DISTILLATION__HIDDEN_STATES__LAYERS", text)
+    assert load_config([]).config.distillation.hidden_states.layers == {0: 1, 1: 3}
+
+
+def test_unknown_keys_are_still_caught_next_to_a_dict_valued_option(tmp_path):
+    path = tmp_path / "h.yaml"
+    path.write_text("distillation:\n  hidden_states:\n    layers: {0: 1}\n    layer: 2\n")
+    with pytest.raises(ConfigError, match="unknown key 'distillation.hidden_states.layer'"):
+        load_config([], path)

@@ -85,6 +85,12 @@ def test_demo_never_deletes_a_users_folder_or_files(tmp_path, capsys):
     demo = tmp_path / "demo"
     assert main(["demo", "--data-only", "--output_dir", str(demo)]) == 0
     (demo / "thesis.txt").write_text("saved next to the demo")
+    (demo / "data" / "my_extra.jsonl").write_text("{}\n")  # inside a folder nlm owns: kept too
+    (demo / "tokenizer" / "notes.md").write_text("vocab notes")
     assert main(["demo", "--data-only", "--output_dir", str(demo), "--overwrite"]) == 0
     assert (demo / "thesis.txt").read_text() == "saved next to the demo"
+    assert (demo / "data" / "my_extra.jsonl").read_text() == "{}\n"
+    assert (demo / "tokenizer" / "notes.md").read_text() == "vocab notes"
     assert (demo / "data" / "heldout.jsonl").is_file()
+    assert main(["demo", "--data-only", "--output_dir", str(demo), "--overwrite"]) == 0  # and again: still theirs
+    assert (demo / "data" / "my_extra.jsonl").is_file() and (demo / "tokenizer" / "notes.md").is_file()

@@ -39,9 +39,17 @@ def test_select_keeps_exactly_count_records_from_the_pool_verbatim(tmp_path, mod
     best = sorted(table, key=lambda r: -r["score"])[:7]
     assert {r["line"] for r in best} == {r["id"] + 1 for r in selected}
     assert all(r["score"] == r["teacher_student_kl"] and 0 <= r["disagreement"] <= 1 for r in table)
-    with pytest.raises(ConfigError, match="already exists"):
+    from nlm.errors import FolderNotOwnedError, RunExistsError
+
+    with pytest.raises(RunExistsError, match="already exists .*pass --overwrite"):
         run(Options(teacher=str(model_dirs["teacher"]), student=str(model_dirs["student"]), data=str(pool),
                     output=str(out), fraction=0.5))
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("the user's\n")
+    with pytest.raises(FolderNotOwnedError, match="not written by nlm"):  # --overwrite replaces only nlm's output
+        run(Options(teacher=str(model_dirs["teacher"]), student=str(model_dirs["student"]), data=str(pool),
+                    output=str(out), scores=str(mine), fraction=0.5, overwrite=True))
+    assert mine.read_text() == "the user's\n"
 
 
 @pytest.mark.slow

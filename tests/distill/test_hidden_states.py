@@ -85,9 +85,17 @@ def test_init_student_writes_a_pruned_model_that_loads_cleanly(model_dirs, tmp_p
     assert student(ids).logits.shape == (1, 6, teacher.config.vocab_size)
     # generation with a KV cache walks the kept layers by their new indices
     student.generate(ids, max_new_tokens=3, do_sample=False)
-    with pytest.raises(RunExistsError, match="not empty"):
+    with pytest.raises(RunExistsError, match="already holds a student"):
         init_student(str(model_dirs["teacher"]), out, keep_every=2)
+    (out / "notes.md").write_text("why these layers")  # a user's file in the output survives --overwrite
     assert init_student(str(model_dirs["teacher"]), out, keep_every=2, overwrite=True)["layers"] == [0, 2, 3]
+    assert (out / "notes.md").read_text() == "why these layers"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")  # not written by nlm: never replaced, even with --overwrite
+    with pytest.raises(RunExistsError, match="not created by nlm"):
+        init_student(str(model_dirs["teacher"]), mine, keep_every=2, overwrite=True)
+    assert (mine / "config.json").read_text() == "{}"
 
 
 @pytest.mark.slow

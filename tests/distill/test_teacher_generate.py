@@ -78,17 +78,23 @@ def test_same_seed_same_file_and_a_stopped_run_resumes_to_the_same_file(model_di
 
 
 def test_never_replaces_a_file_it_did_not_write(model_dirs, tmp_path):
+    from nlm.errors import FolderNotOwnedError
+
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hello"}])
     mine = tmp_path / "mine.jsonl"
     mine.write_text("precious\n")
-    with pytest.raises(ConfigError, match="not written by teacher-generate"):
-        generate_teacher_data(str(model_dirs["teacher"]), data, mine, _settings(), device="cpu", progress_bar=False)
+    for overwrite in (False, True):  # not continued, and not replaced even when asked
+        with pytest.raises(FolderNotOwnedError, match="was not written by nlm"):
+            generate_teacher_data(str(model_dirs["teacher"]), data, mine, _settings(), device="cpu",
+                                  progress_bar=False, overwrite=overwrite)
     assert mine.read_text() == "precious\n"
-    generate_teacher_data(str(model_dirs["teacher"]), data, mine, _settings(), device="cpu", progress_bar=False,
+    ours = tmp_path / "ours.jsonl"
+    generate_teacher_data(str(model_dirs["teacher"]), data, ours, _settings(), device="cpu", progress_bar=False)
+    generate_teacher_data(str(model_dirs["teacher"]), data, ours, _settings(), device="cpu", progress_bar=False,
                           overwrite=True)
-    assert len(_lines(mine)) == 1
+    assert len(_lines(ours)) == 1
     with pytest.raises(ConfigError, match="other data, teacher or settings"):
-        generate_teacher_data(str(model_dirs["teacher"]), data, mine, _settings(max_new_tokens=3), device="cpu",
+        generate_teacher_data(str(model_dirs["teacher"]), data, ours, _settings(max_new_tokens=3), device="cpu",
                               progress_bar=False)
 
 

@@ -56,7 +56,7 @@ def test_merged_equals_the_adapter_model_and_is_a_plain_folder(lora_final, token
     meta = json.loads((out / "export_metadata.json").read_text())
     assert meta["format"] == "merged" and meta["source"] == str(lora_final.resolve())
     assert meta["source_run"]["run_name"] == "r1" and meta["source_run"]["git_commit"] == "abc"
-    assert set(meta["files"]) == {p.name for p in out.iterdir()}
+    assert set(meta["files"]) == {p.name for p in out.iterdir()} - {".nlm-folder.json"}
     assert (out / "training_metadata.json").is_file()  # lineage and the prompt separator travel along
 
 
@@ -123,18 +123,31 @@ def test_output_folder_is_never_clobbered(model_dirs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(RunExistsError, match="not empty"):
-        export_model(model_dirs["student"], out)
-    with pytest.raises(RunExistsError, match="did not write.*notes.txt"):
-        export_model(model_dirs["student"], out, overwrite=True)
-    assert (out / "notes.txt").read_text() == "mine"
+    for overwrite in (False, True):
+        with pytest.raises(RunExistsError, match="not created by nlm.*notes.txt"):
+            export_model(model_dirs["student"], out, overwrite=overwrite)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
     fresh = tmp_path / "fresh"
     export_model(model_dirs["student"], fresh)
-    with pytest.raises(RunExistsError):
+    with pytest.raises(RunExistsError, match="already holds an export"):
         export_model(model_dirs["student"], fresh, "int8")
-    export_model(model_dirs["student"], fresh, "int8", overwrite=True)  # an earlier export may be replaced
+    (fresh / "notes.txt").write_text("mine")  # a user's file next to the export survives --overwrite
+    export_model(model_dirs["student"], fresh, "int8", overwrite=True)
     assert json.loads((fresh / "export_metadata.json").read_text())["format"] == "int8"
+    assert (fresh / "notes.txt").read_text() == "mine"
+    assert "notes.txt" not in json.loads((fresh / "export_metadata.json").read_text())["files"]
+
+
+def test_an_export_from_before_the_markers_is_adopted_by_its_metadata(model_dirs, tmp_path):
+    from nlm.config.paths import MARKER
+
+    old = tmp_path / "old"
+    export_model(model_dirs["student"], old)
+    (old / MARKER).unlink()  # as an export written before the markers existed
+    (old / "notes.txt").write_text("mine")
+    export_model(model_dirs["student"], old, overwrite=True)
+    assert (old / "notes.txt").read_text() == "mine" and (old / "model.safetensors").is_file()
 
 
 def test_export_command_prints_a_json_summary(model_dirs, tmp_path, capsys):

@@ -1,5 +1,5 @@
 """The fused loss under FSDP2 on two CPU processes (gloo): same step-1 loss and gradient norm as one process
-with full logits. See fsdp_step.py for why the script wraps the model itself rather than going through
+with full logits. See bench/fsdp_step.py for why the script wraps the model itself rather than going through
 accelerate (which enables FSDP on accelerators only)."""
 
 import json
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def run_step(model_dirs, tmp_path, head_unit: str, gather: str) -> list[dict]:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    script = Path(__file__).with_name("fsdp_step.py")
+    script = Path(__file__).resolve().parents[2] / "bench" / "fsdp_step.py"  # also run by gpu_check_sharded --smoke
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(model_dirs["student"]),

@@ -31,10 +31,11 @@ def make_job(root: Path, model_dirs: dict, hyperparameters: dict, rows: list, ch
     return root
 
 
-def run_job(root: Path) -> subprocess.CompletedProcess:
+def run_job(root: Path, **variables: str) -> subprocess.CompletedProcess:
     executable = Path(sys.executable).parent / "train"
     command = [str(executable)] if executable.exists() else [sys.executable, "-m", "nlm.training.entrypoint"]
-    env = {**os.environ, "NLM_SAGEMAKER_ROOT": str(root), "SM_NUM_GPUS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "NLM_SAGEMAKER_ROOT": str(root), "SM_NUM_GPUS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           **variables}
     return subprocess.run([*command, "train"], capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -94,3 +95,41 @@ def test_failed_job_leaves_a_one_line_reason(model_dirs, tmp_path):
     reason = (root / "output" / "failure").read_text()
     assert reason.count("\n") == 1 and "part-0.jsonl" in reason, reason
     assert not (root / "model" / "model.safetensors").exists()
+
+
+def test_a_job_never_publishes_another_jobs_work_folder(model_dirs, tmp_path):
+    """Same host, same work folder: a later job with bad data fails (exit non-zero, `failure` written) instead
+    of publishing the earlier job's model; one with other hyperparameters trains afresh instead of reusing."""
+    root = make_job(tmp_path / "opt_ml", model_dirs, HPS, ROWS)
+    assert run_job(root).returncode == 0
+    work = root / "output" / "nlm-work" / "distill"
+    assert (work / "run_fingerprint.json").is_file()
+
+    bad = tmp_path / "bad_channel"
+    bad.mkdir()
+    (bad / "nope").write_text("not a JSONL file")
+    result = run_job(root, SM_CHANNEL_TRAIN=str(bad), SM_MODEL_DIR=str(tmp_path / "model-2"))
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "already holds the finished model" not in result.stderr
+    assert (root / "output" / "failure").read_text().strip()
+    assert not (tmp_path / "model-2" / "model.safetensors").exists()
+
+    (root / "output" / "failure").unlink()
+    (root / "input" / "config" / "hyperparameters.json").write_text(
+        json.dumps({k: json.dumps(v) for k, v in {**HPS, "learning_rate": 0.0005}.items()}))
+    result = run_job(root, SM_MODEL_DIR=str(tmp_path / "model-3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "was started by another job" in result.stderr and "already holds the finished model" not in result.stderr
+    metadata = json.loads((tmp_path / "model-3" / "training_metadata.json").read_text())
+    assert metadata["config"]["learning_rate"] == 0.0005 and metadata["global_step"] == 4, result.stderr[-6000:]
+
+    result = run_job(root, SM_MODEL_DIR=str(tmp_path / "model-4"))  # the same job restarted: reused
+    assert result.returncode == 0 and "already holds the finished model" in result.stderr, result.stderr[-3000:]
+
+
+def test_the_work_folder_follows_sm_output_dir(model_dirs, tmp_path):
+    from nlm.training.sagemaker import read_job, run_folder
+
+    root = make_job(tmp_path / "opt_ml", model_dirs, HPS, ROWS)
+    job = read_job({"NLM_SAGEMAKER_ROOT": str(root), "SM_NUM_GPUS": "0", "SM_OUTPUT_DIR": str(tmp_path / "out")})
+    assert run_folder(job) == tmp_path / "out" / "nlm-work"

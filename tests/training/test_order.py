@@ -135,8 +135,15 @@ def test_data_mix_writes_records_verbatim_with_their_source(tmp_path, model_dirs
         if row["_source"] == "math":
             assert {k: v for k, v in row.items() if not k.startswith("_")} == math[row["_line"] - 1]
     assert "math: 12" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="already exists"):
+    from nlm.errors import FolderNotOwnedError, RunExistsError
+
+    with pytest.raises(RunExistsError, match="already exists .*pass --overwrite"):
         run_mix(MixOptions(config=str(config), output=str(output)))
+    mine = output.with_name("mine.jsonl")
+    mine.write_text("the user's\n")
+    with pytest.raises(FolderNotOwnedError, match="not written by nlm"):  # never replaced, --overwrite or not
+        run_mix(MixOptions(config=str(config), output=str(mine), overwrite=True))
+    assert mine.read_text() == "the user's\n"
     from nlm.cli import main
 
     assert main(["data", "mix", "--config", str(config), "--output", str(output), "--epoch", "1", "--overwrite"]) == 0

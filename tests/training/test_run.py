@@ -1,6 +1,7 @@
 """End-to-end training in-process on tiny models: outputs, LoRA, resume, best model, guards."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -262,9 +263,16 @@ def test_overwrite_replaces_only_what_an_earlier_run_wrote(model_dirs, pc_file, 
     first = train(_config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "1", "--save_steps", "1"))
     assert read_marker(first.run_dir)["created_by"] == "nlm train"
     (first.run_dir / "notes.txt").write_text("why this run matters")
+    (first.final_dir / "eval_by_hand.md").write_text("my notes on the model")  # inside final/, which nlm owns
+    (first.run_dir / "checkpoint-1" / "probe.ipynb").write_text("{}")
     second = train(_config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "2", "--save_steps", "2", "--overwrite"))
-    assert sorted(p.name for p in second.run_dir.iterdir()) == [MARKER, "checkpoint-2", "final", "notes.txt"]
+    assert sorted(p.name for p in second.run_dir.iterdir()) == [MARKER, "checkpoint-1", "checkpoint-2", "final", "notes.txt",
+                                                              "run_fingerprint.json"]
     assert (second.run_dir / "notes.txt").read_text() == "why this run matters"
+    assert (second.final_dir / "eval_by_hand.md").read_text() == "my notes on the model"
+    assert sorted(p.name for p in (second.run_dir / "checkpoint-1").iterdir()) == ["probe.ipynb"]
+    assert "eval_by_hand.md" not in read_marker(second.final_dir)["owns"]
+    assert {"model.safetensors", "training_metadata.json"} <= set(read_marker(second.final_dir)["owns"])
 
     mine = tmp_path / "out" / "mine"
     mine.mkdir()
@@ -298,3 +306,28 @@ def test_gradient_accumulation_4x1_equals_one_batch_of_4(model_dirs, pc_file, tm
         finals[name] = _weights(result.final_dir)
     for key in finals["4x1"]:
         torch.testing.assert_close(finals["4x1"][key], finals["1x4"][key], rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_data_or_models_and_records_changed_settings(model_dirs, pc_file, tmp_path):
+    """--resume continues only the run the folder holds: other data or another model is refused by name
+    (before any model loads); a new learning rate or a longer run is allowed, logged and recorded."""
+    from nlm.training.fingerprint import FINGERPRINT_FILE
+
+    first = train(_config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "2", "--save_steps", "2"))
+    assert (first.run_dir / FINGERPRINT_FILE).is_file()
+    shutil.rmtree(first.final_dir)
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text(pc_file.read_text().replace("answer", "reply"))
+    with pytest.raises(RunExistsError, match=r"started with other data \(train\)"):
+        train(_config(model_dirs, other_data, tmp_path / "out", "--resume", "--max_steps", "3"))
+    retrained = tmp_path / "teacher-v2"  # another teacher at a new path: its files differ
+    shutil.copytree(model_dirs["teacher"], retrained)
+    (retrained / "model.safetensors").write_bytes((retrained / "model.safetensors").read_bytes() + b" ")
+    with pytest.raises(RunExistsError, match="other teacher model"):
+        train(_config({**model_dirs, "teacher": retrained}, pc_file, tmp_path / "out", "--resume", "--max_steps", "3"))
+    resumed = train(_config(model_dirs, pc_file, tmp_path / "out", "--resume", "--max_steps", "3", "--save_steps", "2",
+                            "--learning_rate", "5e-4"))
+    resumed_meta = json.loads((resumed.final_dir / "training_metadata.json").read_text())["resumed"]
+    assert resumed_meta["checkpoint"].endswith("checkpoint-2")
+    assert resumed_meta["changed_settings"] == {"learning_rate": [0.001, 0.0005], "max_steps": [2, 3]}

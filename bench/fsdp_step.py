@@ -1,4 +1,5 @@
-"""One FSDP2 training step of the fused loss on CPU processes (gloo); run by test_fsdp.py under torchrun.
+"""One FSDP2 training step of the fused loss on CPU processes (gloo), under torchrun: run by
+tests/integration/test_fsdp.py and by `bench/gpu_check_sharded.py --smoke`.
 
 accelerate enables FSDP only on accelerators (on the CPU it falls back to plain multi-process), so this script
 wraps the student with PyTorch's `fully_shard` itself — as accelerate's FSDP2 plugin does: one unit per
