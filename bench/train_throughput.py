@@ -7,7 +7,13 @@ repeat; the script prints medians, ratios to TRL, peak RSS and model FLOP utilis
 machine's fp32 matmul peak, measured in the same script.
 
     .venv/bin/pip install -r bench/requirements.txt     # trl==1.16.0
-    .venv/bin/python bench/train_throughput.py [--steps 6] [--repeats 3]
+    .venv/bin/python bench/train_throughput.py [--steps 6] [--repeats 3] [--threads N]
+    .venv/bin/python bench/train_throughput.py --quick  # regression guard: nlm live vs the plain loop, < 1 min
+
+`--quick` runs one nlm-live process and one plain-loop process (3 steps, 2 timed, batch 4, no TRL, no cache)
+and prints their ratio with the commit; docs/BENCHMARKS.md records it, so a slowdown of the training path
+shows up in the change that causes it. Per-repeat ratios are printed too: on a shared machine the ratio
+within one repeat (runners back to back) is the figure to trust, not the absolute tokens/s.
 
 Timing covers the optimiser steps after the first (warm-up) one: loading, tokenisation and cache
 building are excluded for every runner alike.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import statistics
@@ -231,9 +238,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every runner alike (1 on a shared machine)")
+    parser.add_argument("--quick", action="store_true",
+                        help="regression guard: nlm_live vs reference, 3 steps, batch 4, one repeat (under a minute)")
     parser.add_argument("--runner", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick and not args.runner:
+        args.runners, args.steps, args.batch, args.repeats = ["nlm_live", "reference"], 3, 4, 1
     if args.runner:
         root = Path(args.root)
         run = {"nlm_live": lambda: run_nlm(root, args.steps, args.batch, args.seed, cached=False),
@@ -261,10 +273,14 @@ def main() -> None:
             cache_seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
             cache_bytes = sum(f.stat().st_size for f in (root / "cache").glob("*.safetensors"))
         samples: dict[str, list[dict]] = {name: [] for name in args.runners}
+        env = dict(os.environ)
+        if args.threads:  # oversubscribed OpenMP threads spin against other processes: on a shared machine use 1
+            env["OMP_NUM_THREADS"] = str(args.threads)
         for repeat in range(args.repeats):
             for name in args.runners:  # alternate, so drift on a shared machine hits every runner alike
                 done = subprocess.run([sys.executable, __file__, "--runner", name, "--root", str(root), "--steps", str(args.steps),
-                                       "--batch", str(args.batch), "--seed", str(args.seed)], capture_output=True, text=True)
+                                       "--batch", str(args.batch), "--seed", str(args.seed)], capture_output=True, text=True,
+                                      env=env)
                 if done.returncode != 0:
                     raise SystemExit(f"{name} failed:\n{done.stderr[-4000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -281,11 +297,21 @@ def main() -> None:
             "achieved_gflops": round(tps * flops_per_token[kind(name)] / 1e9, 1),
             "mfu": round(tps * flops_per_token[kind(name)] / (peak * 1e9), 4),
         }
-    if "trl_gkd" in summary:
+    for base, label in (("trl_gkd", "trl"), ("reference", "reference")):
+        if base not in summary:
+            continue
         for name in summary:
-            summary[name]["speed_vs_trl"] = round(summary[name]["tokens_per_s"] / summary["trl_gkd"]["tokens_per_s"], 3)
-            summary[name]["memory_vs_trl"] = round(summary[name]["peak_rss_mib"] / summary["trl_gkd"]["peak_rss_mib"], 3)
-    print(json.dumps({"setup": {"teacher": "llama 8x512", "student": "llama 4x256", "vocab": VOCAB, "batch": args.batch,
+            summary[name][f"speed_vs_{label}"] = round(summary[name]["tokens_per_s"] / summary[base]["tokens_per_s"], 3)
+            summary[name][f"memory_vs_{label}"] = round(summary[name]["peak_rss_mib"] / summary[base]["peak_rss_mib"], 3)
+            # Within one repeat the runners ran back to back: the spread of these is the measurement's noise.
+            summary[name][f"speed_vs_{label}_per_repeat"] = [
+                round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(samples[name], samples[base], strict=True)]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=Path(__file__).parent).stdout.strip()
+    print(json.dumps({"setup": {"commit": (commit.stdout.strip() or None) and commit.stdout.strip() + ("+dirty" if dirty else ""),
+                                "quick": args.quick, "threads": args.threads,
+                                "teacher": "llama 8x512", "student": "llama 4x256", "vocab": VOCAB, "batch": args.batch,
                                 "tokens_per_batch": per_batch, "steps_timed": args.steps - 1, "repeats": args.repeats,
                                 "matmul_peak_gflops_fp32": round(peak, 1), "model_flops_per_token": flops_per_token,
                                 "cache_build_seconds": cache_seconds and round(cache_seconds, 1),

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nlm.distill.loss import LossParts, LossSettings, combine_terms, objective_from_settings
-from nlm.distill.objective import Objective
+from nlm.distill.objective import Objective, Scratch
 from nlm.distill.targets import SparseTargets, TeacherTargets
 
 # Elements of one [chunk, V] logits tensor: 2**22 floats = 16 MiB; the chunk's handful of temporaries stay
@@ -73,23 +73,34 @@ class _FusedLoss(torch.autograd.Function):
         n = hidden.shape[0]
         totals = [hidden.new_zeros((), dtype=torch.float32) for _ in weights]
         grad_hidden = torch.zeros_like(hidden) if needs_grad else None
-        grad_params = [torch.zeros_like(p) for p in params] if needs_grad else []
         linear = spec["linear"]
+        # A plain linear head's weight gradient is written by the first chunk's product (no head-sized fill).
+        grad_params = [torch.empty_like(p) if linear is not None and p is linear[0] else torch.zeros_like(p)
+                       for p in params] if needs_grad else []
         for start in range(0, n, rows):
             end = min(start + rows, n)
             if linear is not None:
                 sums = _linear_chunk(hidden[start:end], linear, params, head_count, grad_hidden, grad_params,
                                      start, end, teacher_rows, targets, objective, width, weights, needs_grad,
-                                     spec["autocast"])
+                                     spec["autocast"], spec["scratch"])
             else:
                 chunk = hidden[start:end].detach().requires_grad_(needs_grad)
                 with torch.enable_grad() if needs_grad else torch.no_grad():
                     with spec["autocast"]():  # the head product in the run's precision; sums below in fp32
                         logits = head(chunk)[..., :width]
                     logits = logits.float()  # [c, V]
-                    sums = objective.row_sums(logits, teacher_rows(start, end), targets[start:end])
-                    if needs_grad:
+                    teacher = teacher_rows(start, end)
+                    if needs_grad and objective.has_gradient_rule(teacher):
+                        # The terms' gradient with respect to the logits by hand; autograd only through the head.
+                        sums, grad_logits = objective.row_sums_and_gradient(logits.detach(), teacher, targets[start:end],
+                                                                            weights, spec["scratch"])
+                        grads = torch.autograd.grad(logits, [chunk, *params], grad_logits, allow_unused=True)
+                    elif needs_grad:
+                        sums = objective.row_sums(logits, teacher, targets[start:end])
                         grads = torch.autograd.grad(_weighted(weights, sums), [chunk, *params], allow_unused=True)
+                    else:
+                        sums = objective.row_sums(logits, teacher, targets[start:end])
+                    if needs_grad:
                         grad_hidden[start:end] = grads[0]
                         for accumulated, grad in zip(grad_params, grads[1:], strict=True):
                             if grad is not None:
@@ -122,7 +133,8 @@ def _weighted(weights: list[float], sums: list[torch.Tensor]) -> torch.Tensor:
 def _linear_chunk(hidden: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None], params: tuple[torch.Tensor, ...],
                   head_count: int, grad_hidden: torch.Tensor | None, grad_params: list[torch.Tensor], start: int, end: int,
                   teacher_rows: TeacherRows, targets: torch.Tensor, objective: Objective, width: int,
-                  weights: list[float], needs_grad: bool, autocast: Autocast = _no_autocast) -> list[torch.Tensor]:
+                  weights: list[float], needs_grad: bool, autocast: Autocast = _no_autocast,
+                  scratch: Scratch | None = None) -> list[torch.Tensor]:
     """A plain linear head: gradients by hand (addmm into the accumulators), so no chunk allocates a
     head-sized gradient — with autograd each chunk would, which dominates time at large vocabularies.
 
@@ -136,11 +148,20 @@ def _linear_chunk(hidden: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor
     rows_weight = weight[:width]
     with autocast():
         raw = torch.nn.functional.linear(hidden, rows_weight, bias[:width] if bias is not None else None)
-    logits = raw.float().requires_grad_(needs_grad)  # [c, V]
-    with torch.enable_grad() if needs_grad else torch.no_grad():
-        sums = objective.row_sums(logits, teacher_rows(start, end), targets[start:end])
-        if needs_grad:
-            grad_logits, *grad_extra = torch.autograd.grad(_weighted(weights, sums), [logits, *extra], allow_unused=True)
+    logits = raw.float()  # [c, V]
+    teacher = teacher_rows(start, end)
+    if needs_grad and objective.has_gradient_rule(teacher):
+        # Every row term gives ∂/∂logits by hand: a few passes over [c, V] instead of autograd's graph.
+        sums, grad_logits = objective.row_sums_and_gradient(logits, teacher, targets[start:end], weights,
+                                                            scratch if scratch is not None else Scratch())
+        grad_extra = [None] * len(extra)
+    else:
+        logits.requires_grad_(needs_grad)
+        with torch.enable_grad() if needs_grad else torch.no_grad():
+            sums = objective.row_sums(logits, teacher, targets[start:end])
+            if needs_grad:
+                grad_logits, *grad_extra = torch.autograd.grad(_weighted(weights, sums), [logits, *extra],
+                                                               allow_unused=True)
     if needs_grad:
         assert grad_hidden is not None
         grad_logits = grad_logits.to(weight.dtype)
@@ -150,7 +171,10 @@ def _linear_chunk(hidden: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor
             if param is weight:
                 # In place and in fp32 (the master weights' dtype) even under autocast: a low-precision product
                 # would need a head-sized temporary per chunk; fp32 accumulation is also the more exact one.
-                accumulated[:width].addmm_(grad_logits.T, hidden.to(weight.dtype))
+                # The buffer starts uninitialised (see _FusedLoss.forward): beta=0 ignores it on the first chunk.
+                accumulated[:width].addmm_(grad_logits.T, hidden.to(weight.dtype), beta=0 if start == 0 else 1)
+                if start == 0:
+                    accumulated[width:].zero_()
             elif param is bias:
                 accumulated[:width] += grad_logits.sum(0)
         for accumulated, grad in zip(grad_params[head_count:], grad_extra, strict=True):
@@ -211,7 +235,7 @@ def fused_distillation_loss(
         "head": student_head, "teacher_rows": teacher_rows, "targets": targets, "objective": objective,
         "width": vocab_width, "rows": chunk_size or chunk_rows(vocab_width, student_hidden.device),
         "weights": [t.weight / denominator_value for t in objective.row_terms], "head_count": len(head_parameters),
-        "linear": linear_head, "autocast": autocast or _no_autocast,
+        "linear": linear_head, "autocast": autocast or _no_autocast, "scratch": Scratch(),  # chunk temporaries, reused
         "needs_grad": torch.is_grad_enabled() and (student_hidden.requires_grad or any(p.requires_grad for p in params)),
     }
     if n == 0:
