@@ -204,7 +204,7 @@ def load_tune(path: Path | str) -> TuneSetup:
     try:
         spec = TuneSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"config file {path}: {_describe(exc)}") from None
+        raise ConfigError(f"config file {path}: {_describe(exc, 'tune.')}") from None
     if spec.metric_key not in METRICS:
         raise ConfigError(f"config file {path}: tune.metric = {spec.metric!r}: expected one of {', '.join(METRICS)}")
     config = _load_training(path, merged(data, spec.budget), "tune.budget" if spec.budget else None)
@@ -302,10 +302,10 @@ def _load_training(path: Path, document: dict[str, Any], budget: str | None) -> 
         os.unlink(name)
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, prefix: str = "") -> str:
     problems = []
     for error in exc.errors():
         loc = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
         message = str(error["msg"]).removeprefix("Value error, ")
-        problems.append(f"{loc}: {message}" if loc else message)
+        problems.append(f"{prefix}{loc}: {message}" if loc else message)
     return "; ".join(dict.fromkeys(problems))
