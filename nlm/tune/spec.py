@@ -84,10 +84,12 @@ class TuneSpec(BaseModel):
     budget: dict[str, Any] = Field(default_factory=dict, description="Training options of every trial (e.g. max_steps).")
     space: dict[str, Any] = Field(
         min_length=1, description="Training option (dotted name) -> {low, high, log, step} or a list of choices.")
-    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
-    pruner: Literal["median", "successive_halving", "none"] = Field("median", description="Optuna pruner.")
-    startup_trials: int = Field(5, ge=0, description="Trials sampled at random and never pruned before TPE and "
-                                "the pruner learn from the others.")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler: tpe (learns from finished trials) or random.")
+    pruner: Literal["median", "successive_halving", "none"] = Field(
+        "median", description="Optuna pruner: median (stop a trial worse than the median trial at the same step), "
+        "successive_halving (ASHA rungs) or none.")
+    startup_trials: int = Field(5, ge=0, description="Until this many trials have finished, trials are sampled at "
+                                "random (tpe) and none is pruned.")
     seed: int | None = Field(None, ge=0, description="Sampler seed (one worker: the same trials again).")
     teacher_cache: Literal["auto", "off"] = Field(
         "auto", description="auto: build one teacher cache for all trials when no searched option changes it.")
@@ -309,3 +311,13 @@ def _describe(exc: ValidationError, prefix: str = "") -> str:
         message = str(error["msg"]).removeprefix("Value error, ")
         problems.append(f"{prefix}{loc}: {message}" if loc else message)
     return "; ".join(dict.fromkeys(problems))
+
+
+def render_keys() -> str:
+    """The `tune:` keys as a Markdown table (docs/TUNE.md holds it; a test keeps it current)."""
+    lines = ["| key | default | description |", "|---|---|---|"]
+    for model, prefix in ((TuneSpec, ""), (Range, "space.OPTION.")):
+        for name, field in model.model_fields.items():
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            lines.append(f"| `{prefix}{name}` | {default} | {field.description or ''} |")
+    return "\n".join(lines) + "\n"

@@ -84,3 +84,13 @@ def test_dimensions_sample_the_option_type_and_documents_merge(tmp_path, pc_file
     best = setup.best_document(params)
     assert "max_steps" not in best and "tune" not in best and best["output_dir"] == str(tmp_path / "out")
     assert setup.spec.resolved_direction == "minimize"
+
+
+def test_the_keys_table_in_docs_is_current():
+    from pathlib import Path
+
+    from nlm.tune.spec import render_keys
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "TUNE.md").read_text()
+    table = text.split("<!-- tune-keys -->\n")[1].split("<!-- /tune-keys -->")[0]
+    assert table == render_keys(), "paste nlm.tune.spec.render_keys() between the tune-keys markers of docs/TUNE.md"
