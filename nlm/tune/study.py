@@ -199,12 +199,19 @@ def _storage(optuna: Any, url: str) -> Any:
     engine: dict[str, Any] = {}
     if parsed.drivername.startswith("sqlite"):
         engine = {"connect_args": {"timeout": 60}}  # several processes share one file
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120,
-                                          failed_trial_callback=None)
-    except Exception as exc:  # noqa: BLE001 - driver missing, host unreachable, bad credentials
-        raise ConfigError(f"--storage {_shown(url)}: cannot open it ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120)
+        except Exception as exc:  # noqa: BLE001 - driver missing, host unreachable, bad credentials
+            # Workers that open a new database at the same moment race to create its tables (the loser sees
+            # "UNIQUE constraint failed: alembic_version..." or a locked file); once one has, the rest open it.
+            racing = "UNIQUE constraint" in str(exc) or "already exists" in str(exc) or "locked" in str(exc)
+            if racing and attempt < 5:
+                time.sleep(1 + attempt)
+                continue
+            raise ConfigError(f"--storage {_shown(url)}: cannot open it ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+    raise AssertionError("unreachable")
 
 
 def _shown(url: str) -> str:
