@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@# Install the pinned CPU torch first when no torch is present, so the project's lower bound
 	@# is already met and pip never pulls a multi-GB CUDA build. An existing torch is kept.
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[serve,plot,dev,track,export]"
+	$(PY) -m pip install -q -e ".[serve,plot,dev,track,export,tune]"
 	@touch $(STAMP)
 
 # Opt-in real-model benchmarks (bench/realmodel.py): SmolLM2-135M-Instruct from a pip package, never in tests.

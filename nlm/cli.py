@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "data mix": "nlm.commands.data_mix",
     "data select": "nlm.commands.data_select",
     "pipeline run": "nlm.commands.pipeline_run",
+    "tune": "nlm.commands.tune",
     "export": "nlm.commands.export",
     "publish": "nlm.commands.publish",
     "report": "nlm.commands.report",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +52,12 @@ def error_line(lines: Sequence[str], returncode: int) -> str:
 
 
 def run_logged(command: Sequence[str], env: Mapping[str, str], log_path: Path | None = None,
-               echo: bool = False, keep_lines: int = 200) -> tuple[int, str | None]:
+               echo: bool = False, keep_lines: int = 200,
+               on_line: Callable[[str], bool] | None = None) -> tuple[int, str | None]:
     """Run `command`, writing its stdout and stderr to `log_path` (and to our stderr when `echo`).
 
-    Returns the exit code and, on failure, the one-line reason.
+    `on_line` sees every line as it arrives; when it returns True the child is stopped (`nlm tune` prunes a
+    trial this way). Returns the exit code and, on failure, the one-line reason.
     """
     tail: list[str] = []
     log = open(log_path, "a", encoding="utf-8") if log_path is not None else None  # noqa: SIM115 - closed below
@@ -72,19 +74,26 @@ def run_logged(command: Sequence[str], env: Mapping[str, str], log_path: Path | 
                     sys.stderr.write(line)
                 tail.append(line)
                 del tail[:-keep_lines]
+                if on_line is not None and on_line(line):
+                    _stop(process)
+                    break
             returncode = process.wait()
         except BaseException:
             # Interrupted (Ctrl-C, SIGTERM turned into an exception): stop the child too, then re-raise.
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            _stop(process)
             raise
     finally:
         if log is not None:
             log.close()
     return returncode, (None if returncode == 0 else error_line(tail, returncode))
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def child_environment(extra: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
