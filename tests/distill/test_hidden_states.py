@@ -181,3 +181,16 @@ def test_init_student_through_the_cli(model_dirs, tmp_path, capsys):
     assert "comma-separated layer numbers" in capsys.readouterr().err
     assert main(["init-student", "--teacher", str(model_dirs["teacher"]), "--layers", "0,9", "--output", str(tmp_path / "u")]) == 2
     assert "the teacher has layers 0..3" in capsys.readouterr().err
+
+
+def test_layers_auto_follows_the_kept_layers_of_an_init_student_student(model_dirs, pc_file, tmp_path):
+    """The map a run (and a teacher cache) uses for `layers: auto` reads the kept layers from the student's config."""
+    from nlm.config.settings import TrainingConfig
+    from nlm.distill.cache_builder import cached_hidden_layers
+
+    init_student(str(model_dirs["teacher"]), tmp_path / "s", layers=[0, 1])
+    config = TrainingConfig(student_model=str(tmp_path / "s"), teacher_model=str(model_dirs["teacher"]), train_file=str(pc_file),
+                            distillation={"hidden_states": {"weight": 1.0, "layers": "auto"}})
+    assert cached_hidden_layers(config, teacher_layers=4, teacher_width=64) == (0, 3)  # evenly spread it would be (1, 3)
+    config.student_model = str(model_dirs["student"])  # no kept layers recorded: spread evenly
+    assert cached_hidden_layers(config, teacher_layers=4, teacher_width=64) == (1, 3)
