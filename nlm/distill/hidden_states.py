@@ -4,13 +4,14 @@ For each pair (student layer s → teacher layer t) the student's hidden state a
 mapped to the teacher's width by a learned linear projection (only when the widths differ) and compared
 with the teacher's, scale-free by construction (issue 24):
 
-- mse: the squared error divided by the teacher layer's mean square over the batch's target rows,
-  Σ_d (h - t)² / mean_rows,d(t²) / H per row: a relative error, 1 for a student that outputs zeros, 0 on a
-  match, unchanged when both sides are scaled. The raw residual stream of a real model has a mean square
-  of thousands (SmolLM2-135M: ~4,500 per token at the start of training against ~14 for CE), so a raw
-  MSE drowned the logit terms; normalised, it is of the order of CE/KD at any model size. Dividing by the
-  teacher's statistic (not each side by its own norm, which would be the cosine) keeps the magnitude
-  information, as TinyBERT/MiniLM-style relative losses do.
+- mse: per target row, the squared error divided by the teacher row's square norm,
+  Σ_d (h - t)² / Σ_d t²: a relative error, 1 for a student that outputs zeros, 0 on a match, unchanged
+  when both sides are scaled. Per row (not per batch), so a row's value does not depend on the other rows:
+  gradient accumulation and several processes give the same loss as one large batch, and the few tokens
+  with outsized residual norms (attention sinks) weigh no more than any other. The raw residual stream
+  of a real model has a mean square of thousands (SmolLM2-135M: ~4,500 per token at the start of
+  training against ~14 for CE), so a raw MSE drowned the logit terms; normalised, it is of the order of CE/KD at any model size. Dividing by the
+  teacher's norm (not each side by its own, which would be the cosine) keeps the magnitude information.
 - cosine: 1 - cos(h, t) per row, direction only.
 
 The term is the mean over layer pairs, summed over target tokens like every other term, so the run's
@@ -108,9 +109,8 @@ class HiddenStatesTerm(LossTerm):
                 projection = self.projections[key]
                 hidden = F.linear(hidden, projection.weight.float())
             target = teacher[teacher_layer].to(hidden.device, torch.float32)
-            if self.loss == "mse":  # relative to the teacher layer's mean square (a constant: no gradient)
-                scale = target.pow(2).mean().clamp_min(1e-12)
-                per_row = (hidden - target).pow(2).mean(-1) / scale
+            if self.loss == "mse":  # relative to the teacher row's mean square (no gradient: the teacher's)
+                per_row = (hidden - target).pow(2).mean(-1) / target.pow(2).mean(-1).clamp_min(1e-12)
             else:
                 per_row = 1 - F.cosine_similarity(hidden, target, dim=-1, eps=1e-6)
             total = per_row.sum() if total is None else total + per_row.sum()

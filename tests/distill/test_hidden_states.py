@@ -26,9 +26,9 @@ def test_mse_and_cosine_equal_a_hand_computation():
     assert len(term.projections) == 0  # equal widths: compared directly
     student = {0: torch.randn(5, 8), 1: torch.randn(5, 8)}
     teacher = {1: torch.randn(5, 8), 3: torch.randn(5, 8)}
-    # mse is relative to the teacher layer's mean square (issue 24: scale-free), re-pinned from the raw MSE
-    expected = (((student[0] - teacher[1]) ** 2).mean(-1).sum() / teacher[1].pow(2).mean()
-                + ((student[1] - teacher[3]) ** 2).mean(-1).sum() / teacher[3].pow(2).mean()) / 2
+    # mse is relative to each teacher row's square norm (issue 24: scale-free), re-pinned from the raw MSE
+    expected = ((((student[0] - teacher[1]) ** 2).sum(-1) / teacher[1].pow(2).sum(-1)).sum()
+                + (((student[1] - teacher[3]) ** 2).sum(-1) / teacher[3].pow(2).sum(-1)).sum()) / 2
     torch.testing.assert_close(term.batch_sum(student, teacher), expected)
     cosine = HiddenStatesTerm({0: 1}, "cosine", 8, 8)
     torch.testing.assert_close(cosine.batch_sum(student, teacher), (1 - F.cosine_similarity(student[0], teacher[1], dim=-1)).sum())
