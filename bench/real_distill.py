@@ -50,6 +50,7 @@ ROWS: dict[str, tuple[str, str, dict]] = {
     "hidden_mse": ("even", "live", {"hidden_states": {"weight": 1.0, "loss": "mse", "layers": "auto"}}),
     "hidden_cosine": ("even", "live", {"hidden_states": {"weight": 1.0, "loss": "cosine", "layers": "auto"}}),
     "importance_kd": ("importance", "live", {}),
+    "importance_finetune": ("importance", "none", {"alpha": 0.0}),  # the baseline of the importance cut
     "reverse_kl": ("even", "live", {"divergence": "reverse_kl"}),
     "jsd": ("even", "live", {"divergence": "jsd"}),
     "adaptive_temperature": ("even", "live", {"temperature_mode": "entropy"}),
