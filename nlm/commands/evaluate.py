@@ -13,6 +13,9 @@ class Options(BaseModel):
     model: str = Field(description="a trained model folder (full or LoRA adapter) or hub id")
     data: str = Field(description="JSONL file to score", json_schema_extra={"file": True})
     teacher: str | None = Field(None, description="also report KL to and top-1 agreement with this teacher")
+    baseline: str | None = Field(None, description="with --teacher: also report the share of the teacher-baseline gap "
+                                                   "(loss, token accuracy) this model closes; the baseline is e.g. the "
+                                                   "same student fine-tuned without a teacher")
     batch_size: int = Field(8, ge=1, description="sequences per forward")
     max_seq_length: int = Field(512, ge=1, description="longer sequences are truncated")
     device: Literal["cuda", "mps", "cpu"] | None = Field(None, description="force one device")
@@ -45,6 +48,13 @@ def run(options: Options) -> int:
         device=options.device, trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle,
         exact_match=options.exact_match,
     )
+    if options.baseline is not None:
+        from nlm.training.gap import gap_against
+
+        result.update(gap_against(result, options.teacher, options.baseline, lambda path: evaluate_model(
+            path, Path(options.data), batch_size=options.batch_size, device=options.device,
+            settings=TokenizeSettings(max_seq_length=options.max_seq_length, prompt_separator=prompt_separator(path)),
+            trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle)))
     if options.as_json:
         print(json.dumps(result))
         return 0

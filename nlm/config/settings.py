@@ -78,7 +78,8 @@ class HiddenStatesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     weight: float = Field(0.0, ge=0, description="Weight of the hidden-state term; 0 turns it off.")
-    loss: Literal["mse", "cosine"] = Field("mse", description="mse (after projection) or cosine (1 - cos).")
+    loss: Literal["mse", "cosine"] = Field("mse", description="mse: squared error relative to the teacher's square norm, "
+                                           "per token (scale-free; after projection); cosine: 1 - cos.")
     layers: dict[int, int] | Literal["auto"] = Field(
         "auto", description="{student_layer: teacher_layer}, 0-based; auto maps student layers evenly onto the teacher's."
     )

@@ -142,10 +142,12 @@ def cached_hidden_layers(config: TrainingConfig, teacher_layers: int, teacher_wi
 
     from nlm.distill.hidden_states import HiddenShapes
     from nlm.distill.objective import objective_from_config
+    from nlm.models.prune import kept_layers
 
     student = AutoConfig.from_pretrained(config.student_model, revision=config.student_revision, token=config.hf_token,
                                          trust_remote_code=config.trust_remote_code)
-    shapes = HiddenShapes(int(student.num_hidden_layers), int(student.hidden_size), teacher_layers, teacher_width)
+    shapes = HiddenShapes(int(student.num_hidden_layers), int(student.hidden_size), teacher_layers, teacher_width,
+                          kept_layers(student, teacher_layers))
     try:
         term = objective_from_config(config.distillation, shapes).term("hidden_states")
     except ValueError as exc:

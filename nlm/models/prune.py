@@ -19,6 +19,22 @@ from nlm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+# Written into the student's config.json: the teacher layers it was cut from (0-based) and the teacher's depth,
+# so `distillation.hidden_states.layers: auto` maps each kept layer to the teacher layer it stands for.
+KEPT_LAYERS_KEY = "nlm_kept_layers"
+TEACHER_DEPTH_KEY = "nlm_teacher_num_layers"
+
+
+def kept_layers(config: Any, teacher_depth: int | None = None) -> tuple[int, ...] | None:
+    """The teacher layers a student made by `init_student` keeps, when its config records them (and, given
+    `teacher_depth`, they were cut from a teacher of that depth); None otherwise."""
+    kept = getattr(config, KEPT_LAYERS_KEY, None)
+    if not isinstance(kept, (list, tuple)) or not kept:
+        return None
+    if teacher_depth is not None and getattr(config, TEACHER_DEPTH_KEY, None) not in (None, teacher_depth):
+        return None
+    return tuple(int(layer) for layer in kept)
+
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
     """The model's list of decoder blocks: the ModuleList as long as `num_hidden_layers`."""
@@ -46,7 +62,7 @@ def _set_depth(config: Any, depth: int) -> None:
 def choose_layers(depth: int, layers: Sequence[int] | None = None, keep_every: int | None = None) -> list[int]:
     """Sorted, distinct layer numbers to keep: given ones, or every N-th starting at 0 plus the last."""
     if (layers is None) == (keep_every is None):
-        raise ConfigError("give --layers or --keep_every, exactly one")
+        raise ConfigError("give --layers, --keep_every or --num_layers, exactly one")
     if keep_every is not None:
         if keep_every < 1:
             raise ConfigError(f"--keep_every {keep_every}: expected a positive number")
@@ -81,8 +97,11 @@ def prune_layers(model: Any, keep: Sequence[int]) -> Any:
 
 
 def init_student(teacher: str, output: Path, layers: Sequence[int] | None = None, keep_every: int | None = None,
-                 overwrite: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Write a student folder (config, weights, tokenizer, generation config) made of the teacher's `layers`."""
+                 overwrite: bool = False, trust_remote_code: bool = False, num_layers: int | None = None,
+                 by: str = "even", data: Path | None = None, samples: int = 64,
+                 max_seq_length: int = 512) -> dict[str, Any]:
+    """Write a student folder (config, weights, tokenizer, generation config) made of the teacher's `layers`,
+    or of `num_layers` layers chosen `by` even spacing or by block influence measured on `data`."""
     from nlm.models.loading import load_causal_lm, load_tokenizer
 
     output = claim_folder(output, created_by="nlm init-student", owns=("*.partial",), overwrite=overwrite,
@@ -91,11 +110,36 @@ def init_student(teacher: str, output: Path, layers: Sequence[int] | None = None
     model = load_causal_lm(teacher, dtype=torch.float32, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
     depth = _depth(model.config)
-    keep = choose_layers(depth, layers, keep_every)
+    influence = None
+    if num_layers is None:
+        if by != "even" or data is not None:
+            raise ConfigError("--by and --data choose --num_layers layers: pass --num_layers N")
+        keep = choose_layers(depth, layers, keep_every)
+    elif layers is not None or keep_every is not None:
+        raise ConfigError("give --num_layers, --layers or --keep_every, exactly one")
+    elif by == "importance":
+        from nlm.models.importance import block_influence, important_layers, sample_batches
+
+        if data is None:
+            raise ConfigError("--by importance measures the layers on sample data: pass --data FILE")
+        model.eval()
+        influence = block_influence(model, sample_batches(Path(data), tokenizer, samples, max_seq_length))
+        keep = important_layers(influence, num_layers)
+    elif by == "even":
+        from nlm.models.importance import even_layers
+
+        keep = even_layers(depth, num_layers)
+    else:
+        raise ConfigError(f"--by {by}: expected even or importance")
     prune_layers(model, keep)
+    setattr(model.config, KEPT_LAYERS_KEY, list(keep))
+    setattr(model.config, TEACHER_DEPTH_KEY, depth)
     model.save_pretrained(str(output))
     tokenizer.save_pretrained(str(output))
     record_written(output, "nlm init-student", before)
     parameters = sum(p.numel() for p in model.parameters())
     logger.info("student with teacher layers %s (%d of %d) written to %s: %d parameters", keep, len(keep), depth, output, parameters)
-    return {"output": str(output), "layers": keep, "teacher_layers": depth, "parameters": parameters}
+    report: dict[str, Any] = {"output": str(output), "layers": keep, "teacher_layers": depth, "parameters": parameters}
+    if influence is not None:
+        report["influence"] = [round(value, 6) for value in influence]
+    return report

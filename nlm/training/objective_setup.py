@@ -15,6 +15,7 @@ from nlm.distill.hidden_states import HiddenShapes
 from nlm.distill.objective import Objective, objective_from_config
 from nlm.distill.teacher import Teacher
 from nlm.errors import ConfigError
+from nlm.models.prune import kept_layers
 
 ATTACHED = "nlm_objective"  # the student's submodule holding the objective's learnable parts during training
 PROJECTIONS_FILE = "distill_projections.safetensors"
@@ -32,7 +33,8 @@ def build_objective(config: TrainingConfig, student: Any, teacher: Teacher | Non
             raise ConfigError("distillation.hidden_states needs one teacher's hidden states: a live teacher_model, or a "
                               "teacher cache built with distillation.hidden_states set (several teachers supply none)")
         shapes = HiddenShapes(int(student.config.num_hidden_layers), int(student.config.hidden_size),
-                              int(teacher.hidden_layers), int(teacher.hidden_size()))
+                              int(teacher.hidden_layers), int(teacher.hidden_size()),
+                              kept_layers(student.config, int(teacher.hidden_layers)))
     try:
         return objective_from_config(distillation, shapes)
     except ValueError as exc:

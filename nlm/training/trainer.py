@@ -23,6 +23,7 @@ from nlm.distill.teacher import Teacher
 from nlm.errors import ConfigError, TrainingDivergedError
 from nlm.models.heads import capture_hidden, output_head
 from nlm.training.policy import StepPolicy
+from nlm.training.term_balance import warn_unbalanced_terms
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +255,9 @@ class DistillationTrainer(Trainer):
         # Parts are normalised per optimiser step; back to sums over this micro-batch's target tokens, so the
         # logged figures are per-token means over the window and over every process (see `log`).
         scale = float(normalizer) if normalizer is not None else float(max(parts.tokens, 1))
+        if not getattr(self, "_balance_checked", False):  # once, on the first batch (issue 24)
+            self._balance_checked = True
+            warn_unbalanced_terms(self.objective, parts)
         self._window["task"] += parts.task.item() * scale
         self._window["distill"] += parts.distill.item() * scale
         for name, value in parts.terms.items():

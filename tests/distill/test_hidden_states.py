@@ -26,11 +26,31 @@ def test_mse_and_cosine_equal_a_hand_computation():
     assert len(term.projections) == 0  # equal widths: compared directly
     student = {0: torch.randn(5, 8), 1: torch.randn(5, 8)}
     teacher = {1: torch.randn(5, 8), 3: torch.randn(5, 8)}
-    expected = (((student[0] - teacher[1]) ** 2).mean(-1).sum() + ((student[1] - teacher[3]) ** 2).mean(-1).sum()) / 2
+    # mse is relative to each teacher row's square norm (issue 24: scale-free), re-pinned from the raw MSE
+    expected = ((((student[0] - teacher[1]) ** 2).sum(-1) / teacher[1].pow(2).sum(-1)).sum()
+                + (((student[1] - teacher[3]) ** 2).sum(-1) / teacher[3].pow(2).sum(-1)).sum()) / 2
     torch.testing.assert_close(term.batch_sum(student, teacher), expected)
     cosine = HiddenStatesTerm({0: 1}, "cosine", 8, 8)
     torch.testing.assert_close(cosine.batch_sum(student, teacher), (1 - F.cosine_similarity(student[0], teacher[1], dim=-1)).sum())
     assert cosine.batch_sum({0: teacher[1] * 3}, teacher).abs() < 1e-5  # scale-free, zero on aligned states
+
+
+def test_mse_is_scale_free_and_one_for_a_zero_student():
+    torch.manual_seed(0)
+    term = HiddenStatesTerm({0: 0}, "mse", 8, 8)
+    student, teacher = {0: torch.randn(6, 8)}, {0: torch.randn(6, 8) * 3 + 1}
+    scaled = term.batch_sum({0: student[0] * 1000}, {0: teacher[0] * 1000})
+    torch.testing.assert_close(scaled, term.batch_sum(student, teacher))  # a residual stream of any magnitude
+    torch.testing.assert_close(term.batch_sum({0: torch.zeros(6, 8)}, teacher), torch.tensor(6.0))  # 1 per row
+    assert term.batch_sum(teacher, teacher) == 0
+
+
+def test_auto_map_sends_each_kept_layer_to_the_teacher_layer_it_stands_for():
+    # kept teacher layers 0, 1, 23: student 0 is teacher 0 (next kept is 1) -> 0; student 1 stands for 1..22 -> 22;
+    # the last stands for 23..29 -> 29
+    assert auto_layer_map(3, 30, (0, 1, 23)) == {0: 0, 1: 22, 2: 29}
+    assert auto_layer_map(6, 30, (0, 5, 10, 15, 20, 25)) == auto_layer_map(6, 30)  # an even cut: the same map
+    assert auto_layer_map(2, 4, (0, 7)) == auto_layer_map(2, 4)  # kept layers from another teacher: ignored
 
 
 def test_different_widths_get_a_trainable_projection():
@@ -96,6 +116,43 @@ def test_init_student_writes_a_pruned_model_that_loads_cleanly(model_dirs, tmp_p
     with pytest.raises(RunExistsError, match="not created by nlm"):
         init_student(str(model_dirs["teacher"]), mine, keep_every=2, overwrite=True)
     assert (mine / "config.json").read_text() == "{}"
+    config = json.loads((out / "config.json").read_text())
+    assert (config["nlm_kept_layers"], config["nlm_teacher_num_layers"]) == ([0, 2, 3], 4)
+
+
+def test_block_influence_equals_one_minus_cos_of_consecutive_hidden_states(model_dirs, pc_file):
+    """The hook-measured influence of each inner layer equals 1 - cos(hidden_states[l], hidden_states[l+1]) from
+    transformers' own outputs (the last one is after the final norm there, so it is left out)."""
+    from nlm.models.importance import block_influence, sample_batches
+    from nlm.models.loading import load_tokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(model_dirs["teacher"]).eval()
+    batches = sample_batches(pc_file, load_tokenizer(str(model_dirs["teacher"])), samples=10, max_seq_length=64, batch_size=4)
+    influence = block_influence(teacher, batches)
+    sums, count = torch.zeros(3, dtype=torch.float64), 0
+    with torch.no_grad():
+        for batch in batches:
+            states = teacher(**batch, output_hidden_states=True).hidden_states
+            mask = batch["attention_mask"].bool()
+            for layer in range(3):
+                sums[layer] += (1 - F.cosine_similarity(states[layer][mask], states[layer + 1][mask], dim=-1)).double().sum()
+            count += int(mask.sum())
+    torch.testing.assert_close(torch.tensor(influence[:3], dtype=torch.float64), sums / count, rtol=1e-4, atol=1e-6)
+    assert len(influence) == 4 and all(0 <= value <= 2 for value in influence)
+
+
+def test_init_student_by_importance_keeps_the_most_influential_layers(model_dirs, pc_file, tmp_path):
+    from nlm.models.importance import even_layers, important_layers
+
+    assert important_layers([0.1, 0.5, 0.05, 0.3], 2) == [1, 3]
+    assert even_layers(30, 6) == [0, 5, 10, 15, 20, 25] and even_layers(4, 4) == [0, 1, 2, 3]
+    report = init_student(str(model_dirs["teacher"]), tmp_path / "s", num_layers=2, by="importance", data=pc_file)
+    assert report["layers"] == important_layers(report["influence"], 2)
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["nlm_kept_layers"] == report["layers"]
+    with pytest.raises(ConfigError, match="pass --data FILE"):
+        init_student(str(model_dirs["teacher"]), tmp_path / "t", num_layers=2, by="importance")
+    with pytest.raises(ConfigError, match="exactly one"):
+        init_student(str(model_dirs["teacher"]), tmp_path / "t", num_layers=2, layers=[0])
 
 
 @pytest.mark.slow
@@ -132,3 +189,16 @@ def test_init_student_through_the_cli(model_dirs, tmp_path, capsys):
     assert "comma-separated layer numbers" in capsys.readouterr().err
     assert main(["init-student", "--teacher", str(model_dirs["teacher"]), "--layers", "0,9", "--output", str(tmp_path / "u")]) == 2
     assert "the teacher has layers 0..3" in capsys.readouterr().err
+
+
+def test_layers_auto_follows_the_kept_layers_of_an_init_student_student(model_dirs, pc_file, tmp_path):
+    """The map a run (and a teacher cache) uses for `layers: auto` reads the kept layers from the student's config."""
+    from nlm.config.settings import TrainingConfig
+    from nlm.distill.cache_builder import cached_hidden_layers
+
+    init_student(str(model_dirs["teacher"]), tmp_path / "s", layers=[0, 1])
+    config = TrainingConfig(student_model=str(tmp_path / "s"), teacher_model=str(model_dirs["teacher"]), train_file=str(pc_file),
+                            distillation={"hidden_states": {"weight": 1.0, "layers": "auto"}})
+    assert cached_hidden_layers(config, teacher_layers=4, teacher_width=64) == (0, 3)  # evenly spread it would be (1, 3)
+    config.student_model = str(model_dirs["student"])  # no kept layers recorded: spread evenly
+    assert cached_hidden_layers(config, teacher_layers=4, teacher_width=64) == (1, 3)
