@@ -104,6 +104,15 @@ def init_student(teacher: str, output: Path, layers: Sequence[int] | None = None
     or of `num_layers` layers chosen `by` even spacing or by block influence measured on `data`."""
     from nlm.models.loading import load_causal_lm, load_tokenizer
 
+    # The choice of layers is checked before anything is written or loaded (bad input leaves no folder).
+    if num_layers is None and (by != "even" or data is not None):
+        raise ConfigError("--by and --data choose --num_layers layers: pass --num_layers N")
+    if num_layers is not None and (layers is not None or keep_every is not None):
+        raise ConfigError("give --num_layers, --layers or --keep_every, exactly one")
+    if by not in ("even", "importance"):
+        raise ConfigError(f"--by {by}: expected even or importance")
+    if num_layers is not None and by == "importance" and data is None:
+        raise ConfigError("--by importance measures the layers on sample data: pass --data FILE")
     output = claim_folder(output, created_by="nlm init-student", owns=("*.partial",), overwrite=overwrite,
                           exists_message=f"{output} already holds a student; choose another --output or pass --overwrite")
     before = [entry.name for entry in output.iterdir()]  # what --overwrite kept (a user's files) stays theirs
@@ -112,16 +121,10 @@ def init_student(teacher: str, output: Path, layers: Sequence[int] | None = None
     depth = _depth(model.config)
     influence = None
     if num_layers is None:
-        if by != "even" or data is not None:
-            raise ConfigError("--by and --data choose --num_layers layers: pass --num_layers N")
         keep = choose_layers(depth, layers, keep_every)
-    elif layers is not None or keep_every is not None:
-        raise ConfigError("give --num_layers, --layers or --keep_every, exactly one")
     elif by == "importance":
         from nlm.models.importance import block_influence, important_layers, sample_batches
 
-        if data is None:
-            raise ConfigError("--by importance measures the layers on sample data: pass --data FILE")
         model.eval()
         influence = block_influence(model, sample_batches(Path(data), tokenizer, samples, max_seq_length))
         keep = important_layers(influence, num_layers)
@@ -129,8 +132,6 @@ def init_student(teacher: str, output: Path, layers: Sequence[int] | None = None
         from nlm.models.importance import even_layers
 
         keep = even_layers(depth, num_layers)
-    else:
-        raise ConfigError(f"--by {by}: expected even or importance")
     prune_layers(model, keep)
     setattr(model.config, KEPT_LAYERS_KEY, list(keep))
     setattr(model.config, TEACHER_DEPTH_KEY, depth)

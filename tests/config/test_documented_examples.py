@@ -121,7 +121,13 @@ def test_the_examples_include_the_forms_the_docs_name():
 def test_documented_example_loads_from_yaml(example, tmp_path):
     path = tmp_path / "example.yaml"
     path.write_text(example.text)
-    load_config([], path)
+    if "tune" in (yaml.safe_load(example.text) or {}):
+        # A `tune:` file is read by `nlm tune`: its training part as `nlm train` reads it, and its search checked.
+        from nlm.tune.spec import load_tune
+
+        load_tune(path)
+    else:
+        load_config([], path)
 
 
 def _leaves(data: dict, prefix: str = "") -> dict[str, object]:
