@@ -1,15 +1,25 @@
 """Weight quantization with torchao through transformers' `TorchAoConfig`.
 
 Which torchao configs run where (checked with torch 2.13 CPU and torchao 0.18; see docs/BENCHMARKS.md):
-- int8: `Int8WeightOnlyConfig` runs on CPU and CUDA and saves to safetensors; the `quantization_config` in
-  config.json makes a plain `from_pretrained` (so `nlm eval/generate/serve`) rebuild it with no extra flag.
+- int8: linears get `Int8WeightOnlyConfig` (per row); the input embedding and the output head get
+  `IntxWeightOnlyConfig(int8, per row)`, whose tensor serves both a lookup and a matmul. All of it saves to
+  safetensors; the `quantization_config` in config.json makes a plain `from_pretrained` (so `nlm
+  eval/generate/serve`) rebuild it with no extra flag.
 - int4: `Int4WeightOnlyConfig` (packed int4, tinygemm kernels) needs CUDA; on CPU it fails at load time,
   so the CPU path uses `IntxWeightOnlyConfig(int4, per-group)`: int4 values and group scales, stored one
-  value per byte (same size as int8 on disk; the accuracy of int4). Both reload with no extra flag.
+  value per byte (torchao 0.18 has no packed int4 tensor that both runs on CPU and saves to safetensors).
+  The embedding and head use the same Intx config on every device.
+- A quantization-aware run (`quantization_aware:` in the training config, `nlm.training.quantization_aware`)
+  trains against `weight_config(scheme, group_size)`; its export uses exactly that config for every linear,
+  the embedding and the head, so the exported model is the one that was trained.
+- A tied head and embedding stay tied: one quantized tensor (Intx, per row or per group along the hidden
+  width) is both the lookup table and the head, stored once (`drop_tied_head`). Untying would store the
+  vocabulary matrix twice (for SmolLM2-135M +28M bytes at int8, +0.05x of the fp32 size).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +27,7 @@ import torch
 from nlm.errors import ConfigError
 
 
-def _group_size(model_config: Any, preferred: int) -> int:
+def group_size_for(model_config: Any, preferred: int) -> int:
     """The largest of preferred, 64, 32 that divides every linear input width (hidden and MLP sizes)."""
     widths = [getattr(model_config, name, None) for name in ("hidden_size", "intermediate_size")]
     widths = [w for w in widths if w]
@@ -27,24 +37,109 @@ def _group_size(model_config: Any, preferred: int) -> int:
     raise ConfigError(f"int4 export: hidden/intermediate sizes {widths} are not multiples of 32")
 
 
-def torchao_config(fmt: str, model_config: Any, device: str) -> Any:
-    """The `TorchAoConfig` for `fmt` ('int8' or 'int4') on `device` ('cpu' or 'cuda')."""
+def _torchao() -> Any:
     try:
-        from torchao.quantization import (
-            Int4WeightOnlyConfig,
-            Int8WeightOnlyConfig,
-            IntxWeightOnlyConfig,
-            PerGroup,
-        )
-        from transformers import TorchAoConfig
+        import torchao.quantization as ao
+        from transformers import TorchAoConfig  # noqa: F401
     except ImportError:
         raise ConfigError("--format int8/int4 needs torchao: run `pip install 'torchao>=0.18,<0.19'` "
                           "(or: pip install -e '.[export]' in the nlm checkout)") from None
+    return ao
+
+
+def weight_config(scheme: str, group_size: int) -> Any:
+    """The torchao weight-only config of a scheme, shared by quantization-aware training and its export.
+
+    int8 is per row (group_size unused); int4 is per group of `group_size` input columns. Both are
+    `IntxWeightOnlyConfig`, which torchao's QAT maps to the matching fake quantizer and which runs on CPU.
+    """
+    ao = _torchao()
+    if scheme == "int8":
+        return ao.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=ao.PerAxis(0))
+    if scheme == "int4":
+        return ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=ao.PerGroup(group_size))
+    raise ConfigError(f"unknown quantized format {scheme!r}: expected int8 or int4")
+
+
+def _linear_config(fmt: str, group_size: int, device: str) -> Any:
+    """What a post-training export uses for the transformer's linears (the head and embedding aside)."""
+    ao = _torchao()
     if fmt == "int8":
-        return TorchAoConfig(Int8WeightOnlyConfig())
-    if fmt == "int4":
-        if device == "cuda":
-            return TorchAoConfig(Int4WeightOnlyConfig(group_size=_group_size(model_config, 128)))
-        return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4,
-                                                  granularity=PerGroup(_group_size(model_config, 128))))
-    raise ConfigError(f"unknown quantized format {fmt!r}: expected int8 or int4")
+        return ao.Int8WeightOnlyConfig()
+    if fmt == "int4" and device == "cuda":
+        return ao.Int4WeightOnlyConfig(group_size=group_size)
+    return weight_config(fmt, group_size)
+
+
+def torchao_config(
+    fmt: str,
+    model: Any,
+    device: str,
+    *,
+    group_size: int | None = None,
+    keep_head_fp: bool = False,
+    trained_scheme: bool = False,
+) -> Any:
+    """The `TorchAoConfig` for `fmt` ('int8' or 'int4') on `device` ('cpu' or 'cuda') for `model`.
+
+    The head and the input embedding are quantized too unless `keep_head_fp`; `trained_scheme` (a
+    quantization-aware run) uses `weight_config` for every module, whatever the device.
+    """
+    _torchao()
+    from torchao.quantization import FqnToConfig
+    from transformers import TorchAoConfig
+
+    if fmt not in ("int8", "int4"):
+        raise ConfigError(f"unknown quantized format {fmt!r}: expected int8 or int4")
+    size = group_size or group_size_for(model.config, 128)
+    linears = weight_config(fmt, size) if trained_scheme else _linear_config(fmt, size, device)
+    if keep_head_fp:
+        return TorchAoConfig(linears)
+    table = weight_config(fmt, size)
+    names = embedding_names(model)
+    configs = {"_default": linears, names["input"]: table}
+    if not names["tied"] and names["output"]:
+        configs[names["output"]] = table if fmt == "int4" or trained_scheme else linears
+    return TorchAoConfig(FqnToConfig(configs), include_input_output_embeddings=True)
+
+
+def embedding_names(model: Any) -> dict[str, Any]:
+    """Module names of the input embedding and the output head, and whether they share one weight."""
+    modules = {id(m): name for name, m in model.named_modules()}
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = outputs is not None and outputs.weight is inputs.weight
+    return {"input": modules[id(inputs)], "output": modules.get(id(outputs)) if outputs is not None else None,
+            "tied": tied}
+
+
+def drop_tied_head(folder: Path, head: str) -> None:
+    """Remove the head's copy of a tied, quantized embedding from the saved safetensors.
+
+    transformers' tied-weight dedup matches `lm_head.weight`, not the flattened torchao keys
+    (`lm_head._weight_qdata`, ...), so the tied matrix would be written twice and reloading would fail
+    comparing the two copies (torchao tensors have no `equal`). Without the head's keys, loading ties the
+    head to the quantized embedding as for any tied checkpoint.
+    """
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    prefix = f"{head}."
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(file))
+        if not any(key.startswith(prefix) for key in tensors):
+            continue
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+        metadata = {k: v for k, v in metadata.items() if not k.startswith(prefix)}
+        if "tensor_names" in metadata:
+            metadata["tensor_names"] = json.dumps([n for n in json.loads(metadata["tensor_names"])
+                                                   if not n.startswith(prefix)])
+        save_file(tensors, str(file), metadata=metadata)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data.get("weight_map", {}).items() if not k.startswith(prefix)}
+        index.write_text(json.dumps(data, indent=2) + "\n")
