@@ -11,7 +11,7 @@ Which torchao configs run where (checked with torch 2.13 CPU and torchao 0.18; s
   The embedding and head use the same Intx config on every device.
 - A quantization-aware run (`quantization_aware:` in the training config, `nlm.training.quantization_aware`)
   trains against `weight_config(scheme, group_size)`; its export uses exactly that config for every linear,
-  the embedding and the head, so the exported model is the one that was trained.
+  the embedding and the head, so the exported model is the one that was trained (`nlm.models.quantization`).
 - A tied head and embedding stay tied: one quantized tensor (Intx, per row or per group along the hidden
   width) is both the lookup table and the head, stored once (`drop_tied_head`). Untying would store the
   vocabulary matrix twice (for SmolLM2-135M +28M bytes at int8, +0.05x of the fp32 size).
@@ -22,48 +22,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nlm.errors import ConfigError
+from nlm.models.quantization import embedding_names, group_size_for, torchao_quantization, weight_config
 
-
-def group_size_for(model_config: Any, preferred: int) -> int:
-    """The largest of preferred, 64, 32 that divides every linear input width (hidden and MLP sizes)."""
-    widths = [getattr(model_config, name, None) for name in ("hidden_size", "intermediate_size")]
-    widths = [w for w in widths if w]
-    for size in (preferred, 64, 32):
-        if all(w % size == 0 for w in widths):
-            return size
-    raise ConfigError(f"int4 export: hidden/intermediate sizes {widths} are not multiples of 32")
-
-
-def _torchao() -> Any:
-    try:
-        import torchao.quantization as ao
-        from transformers import TorchAoConfig  # noqa: F401
-    except ImportError:
-        raise ConfigError("--format int8/int4 needs torchao: run `pip install 'torchao>=0.18,<0.19'` "
-                          "(or: pip install -e '.[export]' in the nlm checkout)") from None
-    return ao
-
-
-def weight_config(scheme: str, group_size: int) -> Any:
-    """The torchao weight-only config of a scheme, shared by quantization-aware training and its export.
-
-    int8 is per row (group_size unused); int4 is per group of `group_size` input columns. Both are
-    `IntxWeightOnlyConfig`, which torchao's QAT maps to the matching fake quantizer and which runs on CPU.
-    """
-    ao = _torchao()
-    if scheme == "int8":
-        return ao.IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=ao.PerAxis(0))
-    if scheme == "int4":
-        return ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=ao.PerGroup(group_size))
-    raise ConfigError(f"unknown quantized format {scheme!r}: expected int8 or int4")
+__all__ = ["drop_tied_head", "embedding_names", "group_size_for", "torchao_config", "weight_config"]
 
 
 def _linear_config(fmt: str, group_size: int, device: str) -> Any:
     """What a post-training export uses for the transformer's linears (the head and embedding aside)."""
-    ao = _torchao()
+    ao = torchao_quantization()
     if fmt == "int8":
         return ao.Int8WeightOnlyConfig()
     if fmt == "int4" and device == "cuda":
@@ -85,7 +52,7 @@ def torchao_config(
     The head and the input embedding are quantized too unless `keep_head_fp`; `trained_scheme` (a
     quantization-aware run) uses `weight_config` for every module, whatever the device.
     """
-    _torchao()
+    torchao_quantization()
     from torchao.quantization import FqnToConfig
     from transformers import TorchAoConfig
 
@@ -101,15 +68,6 @@ def torchao_config(
     if not names["tied"] and names["output"]:
         configs[names["output"]] = table if fmt == "int4" or trained_scheme else linears
     return TorchAoConfig(FqnToConfig(configs), include_input_output_embeddings=True)
-
-
-def embedding_names(model: Any) -> dict[str, Any]:
-    """Module names of the input embedding and the output head, and whether they share one weight."""
-    modules = {id(m): name for name, m in model.named_modules()}
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = outputs is not None and outputs.weight is inputs.weight
-    return {"input": modules[id(inputs)], "output": modules.get(id(outputs)) if outputs is not None else None,
-            "tied": tied}
 
 
 def drop_tied_head(folder: Path, head: str) -> None:

@@ -104,8 +104,8 @@ def quantization_settings(source: Path, fmt: str, group_size: int | None, keep_h
     size G (anything else would export a model other than the one trained): another --format or
     --group_size is refused.
     """
-    trained = (training_metadata(source).get("config") or {}).get("quantization_aware") or None
-    if not trained:
+    trained = (training_metadata(source).get("config") or {}).get("quantization_aware") or {}
+    if trained.get("scheme", "none") == "none":
         return {"group_size": group_size, "keep_head_fp": keep_head_fp, "trained": False}
     if trained["scheme"] != fmt:
         raise ConfigError(f"--format {fmt}: {source} was trained quantization-aware for {trained['scheme']} "
