@@ -41,6 +41,16 @@ def weight_config(scheme: str, group_size: int, what: str = "--format int8/int4"
     raise ConfigError(f"unknown quantized format {scheme!r}: expected int8 or int4")
 
 
+def table_config(scheme: str, group_size: int, what: str = "--format int8/int4") -> Any:
+    """The config of the vocabulary matrices (input embedding, output head) under a scheme: int8 per row.
+
+    For int4 too: int4 on the vocabulary matrix cost SmolLM2-135M +9.7% held-out loss against +1.5% with it
+    in fp32 (docs/BENCHMARKS.md), while int8 costs nothing measurable; and on CPU torchao stores int4 one
+    value per byte, so int8 there costs no bytes either.
+    """
+    return weight_config("int8", group_size, what)
+
+
 def group_size_for(model_config: Any, preferred: int, what: str = "int4 export") -> int:
     """The largest of preferred, 64, 32 that divides every linear input width (hidden and MLP sizes)."""
     widths = [getattr(model_config, name, None) for name in ("hidden_size", "intermediate_size")]

@@ -3,7 +3,8 @@
 `quantization_aware: {scheme: int4, group_size: 32}` in the training config. Before training,
 `prepare_student` swaps the student's nn.Linear layers (and, unless `keep_head_fp`, its input embedding and
 output head) for torchao's `FakeQuantizedLinear` / `FakeQuantizedEmbedding`, whose fake quantizers come from
-the same `IntxWeightOnlyConfig` that `nlm export --format <scheme>` applies (`nlm.models.quantization`).
+the same `IntxWeightOnlyConfig`s that `nlm export --format <scheme>` applies (`nlm.models.quantization`:
+the scheme for the linears, int8 per row for the embedding and head).
 The forward sees the quantized weights, the backward passes straight through to the fp32 weights, and the
 usual objective (any teacher: often the student's own full-precision folder) pulls the quantized model back
 towards the teacher's distribution. A tied head and embedding keep one weight: both fake-quantize it alike,
@@ -25,7 +26,7 @@ import torch
 
 from nlm.config.settings import QuantizationAwareConfig
 from nlm.errors import ConfigError
-from nlm.models.quantization import embedding_names, weight_config
+from nlm.models.quantization import embedding_names, table_config, weight_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +41,13 @@ def prepare_student(student: Any, settings: QuantizationAwareConfig) -> Any:
     from torchao.quantization.qat import QATConfig
 
     _check_group_size(student, settings)
-    base = weight_config(settings.scheme, settings.group_size, WHAT)
     names = embedding_names(student)
-    skip = {names["input"], names["output"]} if settings.keep_head_fp else set()
-    quantize_(student, QATConfig(base, step="prepare"),
-              filter_fn=lambda module, fqn: fqn not in skip and isinstance(module, (torch.nn.Linear, torch.nn.Embedding)))
+    tables = {names["input"], names["output"]}
+    quantize_(student, QATConfig(weight_config(settings.scheme, settings.group_size, WHAT), step="prepare"),
+              filter_fn=lambda module, fqn: fqn not in tables and isinstance(module, torch.nn.Linear))
+    if not settings.keep_head_fp:  # the vocabulary matrices as the export stores them (int8 per row)
+        quantize_(student, QATConfig(table_config(settings.scheme, settings.group_size, WHAT), step="prepare"),
+                  filter_fn=lambda module, fqn: fqn in tables)
     if names["tied"] and not settings.keep_head_fp:
         head, table = student.get_output_embeddings(), student.get_input_embeddings()
         if head.weight is not table.weight:  # torchao keeps the Parameter; checked so a tie is never lost
