@@ -111,7 +111,7 @@ def main() -> None:
         if not getattr(args, which):
             continue
         run = argparse.Namespace(**vars(args))
-        for key, value in zip(("steps", "batch", "seq", "lr"), defaults):
+        for key, value in zip(("steps", "batch", "seq", "lr"), defaults, strict=True):
             if getattr(run, key) is None:
                 setattr(run, key, value)
         with tempfile.TemporaryDirectory(prefix=f"nlm-qad-{which}-") as scratch:
