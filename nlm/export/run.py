@@ -71,21 +71,53 @@ def _parameter_bytes(model: Any) -> int:
     return sum(t.numel() * t.element_size() for t in distinct.values())
 
 
-def _write_quantized(plain_dir: Path, output: Path, fmt: str, trust_remote_code: bool) -> dict[str, Any]:
-    """Load `plain_dir` through TorchAoConfig (transformers quantizes while loading) and save it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _write_quantized(plain: Any, staging: Path, output: Path, fmt: str, settings: dict[str, Any],
+                     trust_remote_code: bool) -> dict[str, Any]:
+    """Load the staged `plain` model through TorchAoConfig (transformers quantizes while loading) and save it."""
+    from transformers import AutoModelForCausalLM
 
-    from nlm.export.quantize import torchao_config
+    from nlm.export.quantize import drop_tied_head, embedding_names, group_size_for, torchao_config
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    quantization = torchao_config(fmt, AutoConfig.from_pretrained(plain_dir), device)
-    model = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float32, device_map=device,
+    group_size = (settings["group_size"] or group_size_for(plain.config, 128)) if fmt == "int4" else None
+    quantization = torchao_config(fmt, plain, device, group_size=group_size,
+                                  keep_head_fp=settings["keep_head_fp"], trained_scheme=settings["trained"])
+    names = embedding_names(plain)
+    model = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32, device_map=device,
                                                  quantization_config=quantization,
                                                  trust_remote_code=trust_remote_code)
     model.save_pretrained(output)
+    head_quantized = not settings["keep_head_fp"]
+    if names["tied"] and head_quantized:
+        drop_tied_head(output, names["output"])
     quant_type = quantization.quant_type
     return {"library": "torchao", "config": type(quant_type).__name__, "device": device,
+            "head_and_embedding": "fp32" if not head_quantized else ("quantized, tied (stored once)"
+                                                                     if names["tied"] else "quantized"),
+            "quantization_aware": settings["trained"], "group_size": group_size,
             "settings": {k: str(v) for k, v in vars(quant_type).items() if not k.startswith("_")}}
+
+
+def quantization_settings(source: Path, fmt: str, group_size: int | None, keep_head_fp: bool) -> dict[str, Any]:
+    """Group size and scheme of an int8/int4 export; a quantization-aware run's own scheme wins.
+
+    A run trained with `quantization_aware: {scheme: S, group_size: G}` is exported with scheme S and group
+    size G (anything else would export a model other than the one trained): another --format or
+    --group_size is refused.
+    """
+    trained = (training_metadata(source).get("config") or {}).get("quantization_aware") or {}
+    if trained.get("scheme", "none") == "none":
+        return {"group_size": group_size, "keep_head_fp": keep_head_fp, "trained": False}
+    if trained["scheme"] != fmt:
+        raise ConfigError(f"--format {fmt}: {source} was trained quantization-aware for {trained['scheme']} "
+                          f"(training_metadata.json); export it with --format {trained['scheme']} (or merged)")
+    if group_size is not None and group_size != trained["group_size"] and fmt == "int4":
+        raise ConfigError(f"--group_size {group_size}: {source} was trained with group_size "
+                          f"{trained['group_size']}; leave --group_size out")
+    if keep_head_fp != bool(trained.get("keep_head_fp", False)):
+        raise ConfigError(f"--keep_head_fp {keep_head_fp}: {source} was trained with quantization_aware."
+                          f"keep_head_fp: {bool(trained.get('keep_head_fp', False))}; leave the flag out")
+    return {"group_size": trained["group_size"], "keep_head_fp": keep_head_fp, "trained": True}
 
 
 def export_model(
@@ -98,6 +130,8 @@ def export_model(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     batch_size: int = 8,
+    group_size: int | None = None,
+    keep_head_fp: bool = False,
 ) -> ExportResult:
     """Write `model` (run folder or final/) to `output` in `fmt`; returns the folder and its metadata."""
     started = time.perf_counter()
@@ -108,6 +142,7 @@ def export_model(
     source = resolve_source(model)
     if fmt == "gguf":
         _check_gguf_request(quant)
+    settings = quantization_settings(source, fmt, group_size, keep_head_fp) if fmt in ("int8", "int4") else {}
     output_dir = prepare_export_dir(output, overwrite)
     before = set(p.name for p in output_dir.iterdir())
 
@@ -126,8 +161,8 @@ def export_model(
         # transformers quantizes while loading: stage the plain model in a folder nlm creates and removes.
         with tempfile.TemporaryDirectory(prefix=".nlm-staging-", dir=output_dir) as staging:
             plain.save_pretrained(staging)
+            details = _write_quantized(plain, Path(staging), output_dir, fmt, settings, trust_remote_code)
             del plain
-            details = _write_quantized(Path(staging), output_dir, fmt, trust_remote_code)
     tokenizer.save_pretrained(output_dir)
     if (source / METADATA_FILE).is_file():
         shutil.copy2(source / METADATA_FILE, output_dir / METADATA_FILE)  # lineage + the prompt separator

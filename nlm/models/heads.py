@@ -37,7 +37,8 @@ def capture_hidden(model: Any) -> Iterator[tuple[dict[str, torch.Tensor], Callab
         # gradient; the fused loss delivers the head's gradient later, so the head must look used here.
         empty = hidden[..., :0]
         # Looked up at call time: FSDP2 swaps the sharded parameters for whole ones around the forward.
-        for param in (p for p in head.parameters() if p.requires_grad):
+        # (A quantized head's torchao weight is frozen and has no reshape: skipped.)
+        for param in (p for p in head.parameters() if p.requires_grad and type(p.data) is torch.Tensor):
             empty = empty + param.reshape(-1)[:1].sum() * 0
         return empty
 
@@ -79,6 +80,8 @@ def sliced_head(model_or_head: Any, width: int) -> Callable[[torch.Tensor], torc
         weight, bias = head.weight, head.bias
 
         def rows(hidden: torch.Tensor) -> torch.Tensor:
+            if width >= weight.shape[0]:  # nothing to drop (and a torchao-quantized weight need not slice)
+                return torch.nn.functional.linear(hidden, weight, bias)
             return torch.nn.functional.linear(hidden, weight[:width], bias[:width] if bias is not None else None)
 
         return rows

@@ -51,6 +51,7 @@ from nlm.training.objective_setup import (
 )
 from nlm.training.order import build_order, global_batch, model_scorer
 from nlm.training.policy import StepPolicy
+from nlm.training.quantization_aware import prepare_student, strip_fake_quantizers
 from nlm.training.trackers import direct_tracker_output, prepare_trackers
 from nlm.training.trainer import DistillationTrainer
 
@@ -154,6 +155,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     tokenizer = load_tokenizer(config.student_model, **_hub(config, config.student_revision))
     set_seed(config.seed)  # weights a checkpoint lacks are initialised randomly: same seed, same weights
     student, teacher, vocab_width = load_models(config, tokenizer, device, precision)
+    student = prepare_student(student, config.quantization_aware)  # issue 25: scheme none -> unchanged
     with args.main_process_first(local=False, desc="tokenisation"):
         data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
                                 with_index=teacher is not None and "index" in getattr(teacher, "batch_columns", ()),
@@ -206,6 +208,8 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         metrics.update(_final_eval(trainer))
 
     detach_objective(trainer.model)
+    if config.quantization_aware.enabled:
+        strip_fake_quantizers(trainer.model)  # final/ holds plain weights; the scheme is in the metadata
     final_path = run_dir / "final"
     kept_in_final = [entry.name for entry in final_path.iterdir()] if final_path.is_dir() else []  # a user's
     final_dir = save_final(trainer, tokenizer, run_dir, config)

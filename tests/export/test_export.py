@@ -188,3 +188,22 @@ def test_reference_size_counts_a_tied_head_once(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "tied")
     sizes = export_model(tmp_path / "tied", tmp_path / "out").metadata["sizes"]
     assert sizes["ratio"] == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_quantizes_the_head_and_embedding_and_keeps_a_tied_pair_tied(tokenizer, tmp_path, tied):
+    source = tmp_path / "wide"  # vocabulary large against the width: the head and embedding dominate the bytes
+    build_causal_lm("llama", vocab_size=1024, hidden_size=64, tie_word_embeddings=tied).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    reference = _logits(load_trained_model(source), tokenizer)
+    full = export_model(source, tmp_path / "int8", "int8")
+    kept = export_model(source, tmp_path / "kept", "int8", keep_head_fp=True)
+    model = load_trained_model(full.output_dir)
+    head, table = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert type(table).__name__ == "IntxUnpackedToInt8Tensor" and type(head).__name__ != "Parameter"
+    assert (head is table) == tied
+    assert full.metadata["quantization"]["head_and_embedding"] == ("quantized, tied (stored once)" if tied else "quantized")
+    assert full.metadata["sizes"]["ratio"] <= 0.3 < kept.metadata["sizes"]["ratio"]
+    assert (_logits(model, tokenizer) - reference).abs().max() < 0.05
+    assert type(load_trained_model(kept.output_dir).get_input_embeddings().weight) is torch.nn.Parameter
