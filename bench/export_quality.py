@@ -48,21 +48,12 @@ PROMPTS = ["The capital of Italy is", "Once upon a time", "The best way to learn
 
 
 def _materialise_gguf(gguf_file: Path, folder: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import sys
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    # A model read from GGUF is marked quantized and refuses save_pretrained: copy its (dequantized) weights
-    # into a plain model built from the same config.
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    plain.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import realmodel
+
+    return realmodel.materialise_gguf(gguf_file, folder)
 
 
 def _tiny_student(folder: Path) -> Path:

@@ -46,10 +46,17 @@ def teacher_dir(root: Path = DEFAULT_ROOT) -> Path:
     done = folder / ".nlm-bench-done"
     if done.is_file():
         return folder
+    gguf_file = gguf_path()
+    materialise_gguf(gguf_file, folder)
+    done.write_text(gguf_file.name + "\n")
+    return folder
+
+
+def materialise_gguf(gguf_file: Path, folder: Path) -> Path:
+    """A GGUF file read by transformers (dequantised) and saved as a plain fp32 safetensors folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_file = gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     # A model read from GGUF is marked quantized and refuses save_pretrained: copy its dequantized weights
@@ -62,7 +69,6 @@ def teacher_dir(root: Path = DEFAULT_ROOT) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    done.write_text(gguf_file.name + "\n")
     return folder
 
 

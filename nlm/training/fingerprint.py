@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from nlm.config.dotted import flatten
 from nlm.config.settings import TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -66,19 +67,9 @@ def read_fingerprint(run_dir: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) and {"settings", "data", "models"} <= set(found) else None
 
 
-def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def changed_settings(before: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, list[Any]]:
     """{dotted option: [value the run started with, value now]} for every option that differs."""
-    old, new = _flat(before["settings"]), _flat(now["settings"])
+    old, new = flatten(before["settings"]), flatten(now["settings"])
     return {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
 
 

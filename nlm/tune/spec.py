@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from nlm.config.dotted import flatten
 from nlm.errors import ConfigError
 
 # Figures the trainer's evaluation reports (nlm.training.trainer.evaluation_loop); teacher_* need a teacher.
@@ -177,19 +178,9 @@ def set_dotted(document: dict[str, Any], key: str, value: Any) -> None:
 def merged(document: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of `document` with the (dotted or nested) `overrides` set on it."""
     result = copy.deepcopy(document)
-    for key, value in _flatten(overrides).items():
+    for key, value in flatten(overrides).items():
         set_dotted(result, key, copy.deepcopy(value))
     return result
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def load_tune(path: Path | str) -> TuneSetup:
@@ -224,7 +215,7 @@ def _eval_channel() -> bool:
 
 
 def _check_budget(path: Path, spec: TuneSpec) -> None:
-    for key in _flatten(spec.budget):
+    for key in flatten(spec.budget):
         if key in FIXED_BY_TUNE:
             raise ConfigError(f"config file {path}: tune.budget.{key}: cannot be set per trial ({FIXED_BY_TUNE[key]})")
 
