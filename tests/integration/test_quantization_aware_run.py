@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ from nlm.config.sources import load_config
 from nlm.export.run import export_model
 from nlm.training.run import train
 from tests.conftest import CORPUS, write_jsonl
+from tests.integration.serving import wait_until_ready
 from tests.integration.test_serve_process import free_port
 
 pytestmark = pytest.mark.slow
@@ -54,15 +54,8 @@ def test_a_quantization_aware_run_exports_the_model_it_trained_and_the_export_se
                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        base, deadline = f"http://127.0.0.1:{port}", time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{base}/ping", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stdout.read()
-            time.sleep(0.2)
+        base = f"http://127.0.0.1:{port}"
+        wait_until_ready(server, base)
         answer = httpx.post(f"{base}/invocations", json={"prompt": prompt, "max_new_tokens": 8, "temperature": 0},
                             timeout=120)
         assert answer.status_code == 200, answer.text

@@ -6,11 +6,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
+from tests.integration.serving import wait_until_ready
 from tests.integration.test_serve_process import free_port
 
 pytestmark = pytest.mark.slow
@@ -25,18 +25,8 @@ def _spawn(args):
 
 
 def _ready(process, base):
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/ping", timeout=1).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            raise AssertionError(process.stdout.read())
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError("server did not become ready")
+    wait_until_ready(process, base)
+    return process, base
 
 
 @pytest.fixture(scope="module")

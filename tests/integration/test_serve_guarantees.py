@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 
+from tests.integration.serving import wait_until_ready
 from tests.integration.test_serve_process import free_port
 
 pytestmark = pytest.mark.slow
@@ -37,19 +38,8 @@ def _start(args, env=None, timeout=180):
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/ping", timeout=1).status_code in (200, 503) and process.poll() is None:
-                if httpx.get(f"{base}/ping", timeout=1).status_code == 200:
-                    return process, base
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            raise AssertionError(process.stdout.read())
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError("server did not become ready")
+    wait_until_ready(process, base, timeout)
+    return process, base
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import time
 import httpx
 import pytest
 
+from tests.integration.serving import wait_until_ready
+
 pytestmark = pytest.mark.slow
 
 
@@ -39,19 +41,7 @@ def server(tmp_path_factory):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/ping", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            raise AssertionError(process.stdout.read())
-        time.sleep(0.2)
-    else:
-        process.kill()
-        raise AssertionError("server did not become ready")
+    wait_until_ready(process, base)
     yield {"base": base, "process": process, "headers": {"Authorization": "Bearer integration-key-123"}}
     if process.poll() is None:
         process.kill()
