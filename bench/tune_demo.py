@@ -125,9 +125,9 @@ def run_study(task: dict[str, Any], smoke: bool, scratch: Path) -> dict[str, Any
 
 
 def run_seed(seed: int, task: dict[str, Any], tuned: dict[str, Any], smoke: bool) -> dict[str, Any]:
+    from nlm.apps.evaluate import evaluate_model
     from nlm.data.tokenize import TokenizeSettings
     from nlm.demo.pipeline import _train, initial_model
-    from nlm.training.evaluate import evaluate_model
 
     budget, files, root = task["budget"], task["files"], task["root"]
     student_init = initial_model(root, f"student-seed{seed}", budget.student_layers, budget.student_hidden, seed)

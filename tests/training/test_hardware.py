@@ -37,9 +37,9 @@ def test_callback_adds_figures_to_training_logs_and_history_only():
 
 @pytest.mark.slow
 def test_json_logs_and_metadata_carry_hardware_figures(model_dirs, pc_file, tmp_path, capfd):
+    from nlm.apps.train import train
     from nlm.config.logging_setup import setup_logging
     from nlm.config.sources import load_config
-    from nlm.training.run import train
 
     setup_logging("INFO", "json")
     result = train(load_config([
