@@ -72,7 +72,7 @@ def demo_task(root: Path, seed: int, smoke: bool) -> dict[str, Any]:
 
 def _validation(root: Path, seed: int) -> Path:
     """Pool prompts 8..15 of each object (the students train on 0..7) with their noisy pool labels."""
-    from nlm.demo.task import build_demo_data, write_jsonl
+    from nlm.demo.colours import build_demo_data, write_jsonl
 
     data = build_demo_data(seed)
     labelled = {json.dumps(row, sort_keys=True) for row in data.student_train}

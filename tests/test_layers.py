@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "nlm"
 TOP = ("nlm.cli", "nlm.entrypoints")
 COMMANDS = ("nlm.commands",)
-APPLICATIONS = ("nlm.apps", "nlm.demo", "nlm.pipeline", "nlm.tune", "nlm.report")
+APPLICATIONS = ("nlm.apps", "nlm.demo", "nlm.pipeline", "nlm.tune")
 
 
 def _modules() -> dict[str, Path]:

@@ -52,7 +52,7 @@ from nlm.distill.teacher_loading import load_teacher, teacher_specs
 from nlm.errors import ConfigError, RunExistsError
 from nlm.models.device import resolve_precision, select_device, teacher_dtype
 from nlm.models.heads import head_reproduces_logits
-from nlm.models.loading import load_causal_lm, load_tokenizer, model_revision
+from nlm.models.loading import hub_options, load_causal_lm, load_tokenizer, model_revision
 from nlm.models.vocab import own_vocab_width, tokenizers_equal
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,7 @@ def cross_student_tokenizer(config: TrainingConfig, teacher_tokenizer: Any) -> A
     if not config.student_model:
         raise ConfigError("teacher-cache with distillation.cross_tokenizer aligns the teacher's tokens with the student's: "
                           "pass --student_model")
-    student_tokenizer = load_tokenizer(config.student_model, revision=config.student_revision, token=config.hf_token,
-                                       trust_remote_code=config.trust_remote_code)
+    student_tokenizer = load_tokenizer(config.student_model, **hub_options(config, config.student_revision))
     if tokenizers_equal(teacher_tokenizer, student_tokenizer):
         logger.info("distillation.cross_tokenizer=%s ignored: teacher and student share a tokenizer", method)
         return None
@@ -163,7 +162,7 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         raise ConfigError("teacher-cache stores one target per token: use teacher_mixture=average, or cache each teacher apart")
     train_files = resolve_train_files(config.train_file)  # a missing data file fails before the teacher loads
     output = safe_output_dir(output)
-    hub = {"revision": specs[0].revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
+    hub = hub_options(config, specs[0].revision)
     tokenizer = load_tokenizer(specs[0].model, **hub)
     width = len(tokenizer)
     student_tokenizer = cross_student_tokenizer(config, tokenizer)

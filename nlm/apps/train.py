@@ -50,7 +50,7 @@ from nlm.training.objective_setup import (
 from nlm.training.order import build_order, global_batch, model_scorer
 from nlm.training.policy import StepPolicy
 from nlm.training.quantization_aware import prepare_student, strip_fake_quantizers
-from nlm.training.trackers import direct_tracker_output, prepare_trackers
+from nlm.training.tracker_output import direct_tracker_output, prepare_trackers
 from nlm.training.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)

@@ -118,10 +118,9 @@ def _share_tokenised_data(config: Any, outcome: AgentOutcome, groups: dict[str, 
     from nlm.data.files import resolve_train_files
     from nlm.data.prepare import prepare_datasets, tokenize_settings
     from nlm.data.tokenize import tokenization_key
-    from nlm.models.loading import load_tokenizer
+    from nlm.models.loading import hub_options, load_tokenizer
 
-    tokenizer = load_tokenizer(config.student_model, revision=config.student_revision, token=config.hf_token,
-                               trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(config.student_model, **hub_options(config, config.student_revision))
     key = tokenization_key(resolve_train_files(config.train_file), tokenizer, tokenize_settings(config))
     groups.setdefault(key, []).append(outcome.name)
     outcome.shared["tokenized"] = key
@@ -130,11 +129,10 @@ def _share_tokenised_data(config: Any, outcome: AgentOutcome, groups: dict[str, 
 
 def _teacher_cache_dir(config: Any, pipeline: Pipeline) -> Path:
     from nlm.distill.cache import cache_fingerprint
-    from nlm.models.loading import load_tokenizer
+    from nlm.models.loading import hub_options, load_tokenizer
 
     assert pipeline.teacher_cache is not None
-    tokenizer = load_tokenizer(config.teacher_model, revision=config.teacher_revision, token=config.hf_token,
-                               trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(config.teacher_model, **hub_options(config, config.teacher_revision))
     fingerprint = cache_fingerprint(config, tokenizer, pipeline.teacher_cache.top_k)
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return pipeline.output_dir / ".cache" / "teacher" / digest

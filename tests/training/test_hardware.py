@@ -52,7 +52,7 @@ def test_json_logs_and_metadata_carry_hardware_figures(model_dirs, pc_file, tmp_
     history = json.loads((result.final_dir / "training_metadata.json").read_text())["log_history"]
     assert all("sys_rss_mb" in entry for entry in history if "loss" in entry)
 
-    from nlm.report.runs import write_report  # the report reads the same history: memory gets a panel
+    from nlm.apps.run_report import write_report  # the report reads the same history: memory gets a panel
 
     report = write_report([result.run_dir])
     assert report["png"] and report["rows"][0]["peak_rss_mb"] > 0
