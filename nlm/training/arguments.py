@@ -15,6 +15,13 @@ from nlm.models.device import PrecisionPlan
 logger = logging.getLogger(__name__)
 
 
+def _checkpointing_arguments(enabled: bool) -> dict:
+    """transformers >= 5.20 names it activation_checkpointing; the 5.x vLLM pins (< 5.20) gradient_checkpointing."""
+    prefix = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def training_arguments(
     config: TrainingConfig, run_dir: Path, device_type: str, precision: PrecisionPlan, log_format: str = "text"
 ) -> TrainingArguments:
@@ -37,8 +44,7 @@ def training_arguments(
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         auto_find_batch_size=config.auto_find_batch_size,
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        **_checkpointing_arguments(config.gradient_checkpointing),
         seed=config.seed,
         data_seed=config.seed,
         bf16=precision.bf16,
