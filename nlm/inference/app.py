@@ -34,6 +34,14 @@ from nlm.inference.jobs import (
     invocation_job,
     openai_job,
 )
+from nlm.inference.logprobs import (
+    chat_logprobs,
+    chat_spec,
+    completion_choices,
+    completion_spec,
+    model_card,
+    prompt_token_ids,
+)
 from nlm.inference.metrics import ServerMetrics
 from nlm.inference.middleware import GuardMiddleware
 from nlm.inference.registry import ServedModel, load_served_models
@@ -255,18 +263,33 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
     @app.get("/v1/models")
     async def models() -> dict:
         names = list(state.models) if state.ready else [name for name, _ in settings.served_models]
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nlm"} for name in names]}
+        cards = {name: model_card(entry.tokenizer, settings) for name, entry in state.models.items()} if state.ready else {}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nlm", **cards.get(name, {})}
+                                           for name in names]}
 
     @app.post("/v1/completions", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         served = _ready(body.model)
+        spec = completion_spec(body, settings)  # log-probs asked for (nlm/inference/logprobs.py)
+        if spec is not None and body.stream:
+            raise ClientError(422, "stream with logprobs is not supported; ask without stream", "stream")
 
         def prepare() -> GenerationJob:
-            ids = encode_prompt(served.tokenizer, clean_prompt(body.prompt, settings), settings)
-            return openai_job(ids, body, settings, body.max_tokens, served)
+            if isinstance(body.prompt, list):
+                ids = prompt_token_ids(body.prompt, served.tokenizer, settings)
+            else:
+                ids = encode_prompt(served.tokenizer, clean_prompt(body.prompt, settings), settings)
+            job = openai_job(ids, body, settings, body.max_tokens, served)
+            job.logprobs = spec
+            return job
 
         job = await _off_loop(prepare)
-        return await _respond(job, served, body.stream, "text_completion", chat=False, request=request)
+
+        def shape(output: GenerationOutput) -> list[dict]:
+            text = body.prompt if isinstance(body.prompt, str) else served.tokenizer.decode(job.prompt_ids)
+            return completion_choices(body, output, job.prompt_ids, text, served.tokenizer)
+
+        return await _respond(job, served, body.stream, "text_completion", chat=False, request=request, shape=shape)
 
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -275,19 +298,32 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
 
         def prepare() -> GenerationJob:
             ids = chat_prompt_ids(body.messages, served, settings)
-            return openai_job(ids, body, settings, body.max_completion_tokens or body.max_tokens, served, field_name, "messages")
+            job = openai_job(ids, body, settings, body.max_completion_tokens or body.max_tokens, served, field_name, "messages")
+            job.logprobs = spec
+            return job
 
+        spec = chat_spec(body, settings)
+        if spec is not None and body.stream:
+            raise ClientError(422, "stream with logprobs is not supported; ask without stream", "stream")
         job = await _off_loop(prepare)
-        return await _respond(job, served, body.stream, "chat.completion", chat=True, request=request)
+
+        def shape(output: GenerationOutput) -> list[dict]:
+            return [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                     "logprobs": chat_logprobs(output, i, served.tokenizer, bool(body.return_tokens_as_token_ids))}
+                    for i, (text, reason) in enumerate(zip(output.texts, output.finish_reasons, strict=True))]
+
+        return await _respond(job, served, body.stream, "chat.completion", chat=True, request=request, shape=shape)
 
     async def _respond(job: GenerationJob, served: ServedModel, stream: bool | None, kind: str, chat: bool,
-                       request: Request) -> Any:
+                       request: Request, shape: Callable[[GenerationOutput], list[dict]] | None = None) -> Any:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if stream:
             return _stream(job, served, ident, created, chat)
         output = await _run(job, served, request)
-        if chat:
+        if shape is not None:
+            choices = shape(output)
+        elif chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
                        for i, (text, reason) in enumerate(zip(output.texts, output.finish_reasons, strict=True))]
         else:
