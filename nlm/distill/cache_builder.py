@@ -47,7 +47,7 @@ from nlm.distill.cross_cache import (
 )
 from nlm.distill.cross_loss import AlignedTeacher, CrossSettings
 from nlm.distill.fused import chunk_rows
-from nlm.distill.targets import target_logp
+from nlm.distill.targets import SparseTargets, target_logp
 from nlm.distill.teacher import Teacher
 from nlm.distill.teacher_loading import load_teacher, teacher_specs
 from nlm.errors import ConfigError, RunExistsError
@@ -112,6 +112,9 @@ def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k
     ids, logp, tail, offsets = [], [], [], [0]
     hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
     rows_per_chunk = chunk_rows(teacher.vocab_width, device)
+    prefetch = getattr(teacher, "prefetch", None)  # a served teacher: the shard's requests all in flight at once
+    for batch in batches if prefetch is not None else ():
+        prefetch(batch)
     for batch in batches:
         mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [b, s-1]: the positions the loss trains on
         signal = teacher.signal(batch, mask, device, layers=hidden_layers)
@@ -119,9 +122,13 @@ def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k
             hidden[layer].append(signal.hidden[layer].to("cpu", torch.bfloat16))
         for start in range(0, signal.count, rows_per_chunk):
             rows = signal.rows(start, min(start + rows_per_chunk, signal.count))
-            top = target_logp(rows, temperature).topk(top_k, dim=-1)
-            ids.append(top.indices.to("cpu", dtype))
-            stored, rest = rounded_targets(top.values)
+            if isinstance(rows, SparseTargets):  # a served teacher: its top-k at the temperature already
+                top_ids, top_values = rows.ids[:, :top_k], rows.logp[:, :top_k]
+            else:
+                top = target_logp(rows, temperature).topk(top_k, dim=-1)
+                top_ids, top_values = top.indices, top.values
+            ids.append(top_ids.to("cpu", dtype))
+            stored, rest = rounded_targets(top_values)
             logp.append(stored.cpu())
             tail.append(rest.cpu())
         for row in range(mask.shape[0]):
@@ -175,6 +182,9 @@ def cross_student_tokenizer(config: TrainingConfig, teacher_tokenizer: Any) -> A
 
 
 def _weights_fingerprint(config: TrainingConfig, teacher: Teacher) -> str | list[str]:
+    if config.teacher_url:  # a served teacher: what the server said it serves
+        described = teacher.describe()
+        return f"served:{described['teacher_url']}#{described['served_model']}@{described['tokenizer_fingerprint']}"
     specs = teacher_specs(config)
     found = [model_revision(model) or weights_fingerprint(spec.model, spec.revision)
              for model, spec in zip(teacher.models(), specs, strict=True)]
@@ -185,14 +195,24 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
                         shard_examples: int = 1024, overwrite: bool = False) -> dict[str, Any]:
     """Write (or finish) the cache for `config`'s teacher and training data; returns the manifest."""
     specs = teacher_specs(config)
-    if not specs:
-        raise ConfigError("teacher-cache needs the teacher: pass --teacher MODEL (or --teacher_model, or teachers in the config)")
+    if not specs and not config.teacher_url:
+        raise ConfigError("teacher-cache needs the teacher: pass --teacher MODEL (or --teacher_model, --teacher_url, or "
+                          "teachers in the config)")
+    if config.teacher_url and not config.student_model:
+        raise ConfigError("teacher-cache from teacher_url tokenises the data with the student's tokenizer: pass --student_model")
     if config.distillation.teacher_mixture == "route" and config.teachers:
         raise ConfigError("teacher-cache stores one target per token: use teacher_mixture=average, or cache each teacher apart")
     train_files = resolve_train_files(config.train_file)  # a missing data file fails before the teacher loads
     output = safe_output_dir(output)
-    hub = {"revision": specs[0].revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
-    tokenizer = load_tokenizer(specs[0].model, **hub)
+    if config.teacher_url:  # issue 30: nothing loads before the server answered (exit 2 naming the URL)
+        from nlm.distill.served_teacher import probe_server
+
+        config = config.model_copy(update={"teacher_top_k": top_k})  # the server is asked for the cache's k
+
+        probe_server(config)[0].close()
+    source = (specs[0].model, specs[0].revision) if specs else (config.student_model, config.student_revision)
+    hub = {"revision": source[1], "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
+    tokenizer = load_tokenizer(source[0], **hub)
     width = len(tokenizer)
     student_tokenizer = cross_student_tokenizer(config, tokenizer)
     if student_tokenizer is not None:

@@ -51,6 +51,10 @@ def load_teacher(config: TrainingConfig, tokenizer: Any, student: Any | None, de
     """The run's teacher: its cache, one live model, an ensemble of several, or None (plain fine-tuning)."""
     if config.teacher_cache:
         return open_teacher_cache(config, tokenizer)
+    if config.teacher_url:  # issue 30: the teacher behind an OpenAI-compatible server
+        from nlm.distill.served_teacher import load_served_teacher
+
+        return load_served_teacher(config, tokenizer)
     specs = teacher_specs(config)
     if not specs:
         return None

@@ -111,7 +111,8 @@ def _check_required(config: TrainingConfig) -> None:
     if config.distillation.lmbda > 0 and config.distillation.alpha == 0:
         raise ConfigError("distillation.lmbda > 0 trains on the teacher's scores of the student's samples: "
                           "set distillation.alpha > 0")
-    if not config.teacher_model and not config.teachers and not config.teacher_cache and config.distillation.alpha > 0:
+    if (not config.teacher_model and not config.teachers and not config.teacher_cache and not config.teacher_url
+            and config.distillation.alpha > 0):
         raise ConfigError(
             "teacher_model is required when distillation.alpha > 0: pass --teacher_model (or --teacher_cache DIR), "
             "or --distillation.alpha 0 for plain fine-tuning"
@@ -130,6 +131,10 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     """Distil `teacher_model` into `student_model` on the configured data; returns where the model went."""
     started = time.perf_counter()
     _check_required(config)
+    if config.teacher_url:  # a teacher server that does not answer fails here, before any model loads (exit 2)
+        from nlm.distill.served_teacher import probe_server
+
+        probe_server(config)[0].close()
     # Fail on a missing model before any data work or folder creation.
     check_model_exists(config.student_model, **_hub(config, config.student_revision))
     if not config.teacher_cache:
@@ -202,7 +207,9 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     install_callbacks(trainer)
     direct_tracker_output(trainer, run_dir)
     add_hardware_metrics(trainer)
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+    output = train_saving_on_teacher_loss(trainer, checkpoint)
+    if hasattr(teacher, "close"):  # a served teacher: its connections and request threads
+        teacher.close()
     metrics = dict(output.metrics)
     if data.eval is not None:
         metrics.update(_final_eval(trainer))
@@ -245,6 +252,22 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     record_written(final_dir, "nlm train", kept_in_final)  # --overwrite removes exactly what this run wrote there
     logger.info("final model written to %s (%.1fs)", final_dir, seconds)
     return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
+
+
+def train_saving_on_teacher_loss(trainer: DistillationTrainer, checkpoint: str | None) -> Any:
+    """trainer.train(); when a served teacher stays unreachable, a checkpoint of the last finished step is
+    written first (`--resume` continues from it to the same final weights)."""
+    from nlm.distill.served_teacher import TeacherUnavailableError
+
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    except TeacherUnavailableError:
+        trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own format: optimizer, scheduler, RNG
+        logger.info("checkpoint of step %d saved before stopping", trainer.state.global_step)
+        close = getattr(trainer.teacher, "close", None)
+        if close is not None:
+            close()
+        raise
 
 
 def load_models(config: TrainingConfig, tokenizer: Any, device: torch.device, precision: PrecisionPlan
