@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from nlm.distill.fused import fused_distillation_loss
+from nlm.distill.engines.fused import fused_distillation_loss
 from nlm.distill.loss import LossSettings, distillation_loss
 from nlm.distill.sharded_head import gathered_head
 from nlm.distill.teacher import LiveTeacher

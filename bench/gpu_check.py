@@ -54,7 +54,7 @@ def _gpu_name() -> str:
 
 
 def loss_part(tokens: int = 8192, hidden: int = 4096, vocab: int = 131072, smoke: bool = False) -> dict:
-    from nlm.distill.fused import dense_teacher_rows, fused_distillation_loss
+    from nlm.distill.engines.fused import dense_teacher_rows, fused_distillation_loss
     from nlm.distill.loss import LossSettings, distillation_loss
 
     device = torch.device("cpu" if smoke else "cuda")
@@ -110,7 +110,7 @@ def bf16_part(tokens: int = 4096, hidden: int = 4096, vocab: int = 131072, smoke
     must run their head products in bf16 as the simple path does inside the model's forward."""
     import torch.nn.functional as F
 
-    from nlm.distill.fused import fused_distillation_loss
+    from nlm.distill.engines.fused import fused_distillation_loss
     from nlm.distill.loss import LossSettings, distillation_loss
 
     device_type = "cpu" if smoke else "cuda"

@@ -48,7 +48,7 @@ def run_case(impl: str, vocab: int, tokens: int, hidden: int) -> dict:
                 teacher_logits = teacher_hidden @ teacher_head.T
             loss = distillation_loss(student_logits, teacher_logits, targets, alpha=0.5, temperature=2.0).total
         elif impl == "fused":
-            from nlm.distill.fused import dense_teacher_rows, fused_distillation_loss
+            from nlm.distill.engines.fused import dense_teacher_rows, fused_distillation_loss
             from nlm.distill.loss import LossSettings
 
             rows = dense_teacher_rows(teacher_hidden, lambda x: x @ teacher_head.T, vocab, torch.device("cpu"))

@@ -7,13 +7,25 @@ Sources and their precedence are in `nlm.config.sources`.
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"]
+
+def registered_divergences() -> tuple[str, ...]:
+    """The names `@register_divergence` gives in nlm/distill/divergences.py, read from its source: importing it
+    would import torch, which validating a config must not. So the choices follow the registry, one file."""
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "distill" / "divergences.py").read_text(encoding="utf-8"))
+    return tuple(decorator.args[0].value for node in tree.body if isinstance(node, ast.FunctionDef)
+                 for decorator in node.decorator_list
+                 if isinstance(decorator, ast.Call) and getattr(decorator.func, "id", None) == "register_divergence")
+
+
+DIVERGENCE_NAMES = registered_divergences()
+Divergence = Literal[DIVERGENCE_NAMES]  # type: ignore[valid-type]
 DeviceName = Literal["cuda", "mps", "cpu"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -110,9 +122,12 @@ class DistillationConfig(BaseModel):
 
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation term; 0 is plain fine-tuning.")
     temperature: float = Field(2.0, gt=0, le=100, description="Softmax temperature for both models' distributions.")
-    divergence: Divergence = Field("forward_kl", description="forward_kl, reverse_kl, jsd, tvd or skew_kl.")
+    divergence: Divergence = Field("forward_kl", description=f"{', '.join(DIVERGENCE_NAMES[:-1])} or {DIVERGENCE_NAMES[-1]}.")
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="Mixture weight of the generalised Jensen-Shannon divergence.")
     skew_lambda: float = Field(0.1, ge=0, lt=1, description="Skew of skew_kl: KL(p || λp + (1-λ)q).")
+    divergence_options: dict[str, float] = Field(
+        default_factory=dict, description="Options of the chosen divergence that have no setting of their own, by "
+        "keyword of its function in nlm/distill/divergences.py (e.g. {beta: 0.3}); checked when the run starts.")
     # Cross-tokenizer distillation (a teacher whose tokenizer differs from the student's)
     cross_tokenizer: Literal["uld", "hybrid", "alm"] | None = Field(
         None, description="Teacher with another tokenizer: uld (sorted-probability distance), hybrid (exact KL over "

@@ -12,7 +12,7 @@ import bisect
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nlm.distill.loss import SparseTargets
+import nlm
+from nlm.data.files import files_fingerprint, resolve_train_files
+from nlm.data.prepare import tokenize_settings
+from nlm.data.tokenize import tokenizer_fingerprint
+from nlm.distill.targets import SparseTargets
 from nlm.errors import ConfigError
 
 FORMAT = "nlm-teacher-cache"
@@ -174,3 +178,30 @@ def weights_fingerprint(model_path: str, revision: str | None) -> str:
                 while chunk := handle.read(1 << 20):
                     digest.update(chunk)
     return "sha256:" + digest.hexdigest()
+
+
+def cache_fingerprint(config: Any, tokenizer: Any, top_k: int) -> dict[str, Any]:
+    """Everything the cached numbers depend on: the data files in their order (the example indices follow
+    it), every tokenisation setting (max_line_bytes included: it decides which lines are skipped), the
+    tokenizer and its chat template, the temperature, top-k, and — when the run names the teacher — its
+    weights (a hub id and revision, or the SHA-256 of the local weight files)."""
+    settings = tokenize_settings(config)
+    fingerprint = {
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "chat_template": str(getattr(tokenizer, "chat_template", None)),
+        "temperature": config.distillation.temperature,
+        "max_seq_length": settings.max_seq_length,
+        "completion_only_loss": settings.completion_only_loss,
+        "prompt_separator": settings.prompt_separator,
+        "tokenize_settings": json.loads(json.dumps(asdict(settings))),  # as the manifest stores it (tuples as lists)
+        "data_files": list(files_fingerprint(resolve_train_files(config.train_file)).values()),  # in order
+        "top_k": top_k,
+        "nlm_version": nlm.__version__,
+    }
+    if config.teacher_model:
+        fingerprint["teacher_model"] = config.teacher_model
+        fingerprint["teacher_weights"] = weights_fingerprint(config.teacher_model, config.teacher_revision)
+    if config.teachers:
+        fingerprint["teachers"] = [{"model": t.model, "weight": t.weight, "revision": t.revision} for t in config.teachers]
+        fingerprint["teacher_mixture"] = config.distillation.teacher_mixture
+    return fingerprint

@@ -9,26 +9,25 @@ tokenizer (`distillation.cross_tokenizer: alm`) gets a cache of group likelihood
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import nlm
 from nlm.config.paths import claim_folder, mark_folder, require_owned, safe_output_dir
 from nlm.config.settings import TrainingConfig
-from nlm.data.files import files_fingerprint, resolve_train_files
+from nlm.data.files import resolve_train_files
 from nlm.data.prepare import tokenize_settings
-from nlm.data.tokenize import IGNORE_INDEX, PaddingCollator, tokenize_records, tokenizer_fingerprint
+from nlm.data.tokenize import IGNORE_INDEX, PaddingCollator, tokenize_records
+from nlm.distill.aligned_teacher import AlignedTeacher
 from nlm.distill.cache import (
     FORMAT,
     VERSION,
     ShardRows,
     bytes_per_token,
+    cache_fingerprint,
     compare_fingerprints,
     id_dtype,
     read_manifest,
@@ -45,8 +44,8 @@ from nlm.distill.cross_cache import (
     group_shard,
     save_group_shard,
 )
-from nlm.distill.cross_loss import AlignedTeacher, CrossSettings
-from nlm.distill.fused import chunk_rows
+from nlm.distill.engines.aligned import CrossSettings
+from nlm.distill.engines.chunks import chunk_rows
 from nlm.distill.targets import SparseTargets, target_logp
 from nlm.distill.teacher import Teacher
 from nlm.distill.teacher_loading import load_teacher, teacher_specs
@@ -61,33 +60,6 @@ logger = logging.getLogger(__name__)
 # What `nlm teacher-cache` writes in its folder; `--overwrite` removes only these.
 CACHE_ENTRIES = ("manifest.json", "manifest.json.partial", "shard-*.safetensors", "shard-*.partial", "tokenized",
                  TEACHER_TOKENIZER)
-
-
-def cache_fingerprint(config: TrainingConfig, tokenizer: Any, top_k: int) -> dict[str, Any]:
-    """Everything the cached numbers depend on: the data files in their order (the example indices follow
-    it), every tokenisation setting (max_line_bytes included: it decides which lines are skipped), the
-    tokenizer and its chat template, the temperature, top-k, and — when the run names the teacher — its
-    weights (a hub id and revision, or the SHA-256 of the local weight files)."""
-    settings = tokenize_settings(config)
-    fingerprint = {
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "chat_template": str(getattr(tokenizer, "chat_template", None)),
-        "temperature": config.distillation.temperature,
-        "max_seq_length": settings.max_seq_length,
-        "completion_only_loss": settings.completion_only_loss,
-        "prompt_separator": settings.prompt_separator,
-        "tokenize_settings": json.loads(json.dumps(asdict(settings))),  # as the manifest stores it (tuples as lists)
-        "data_files": list(files_fingerprint(resolve_train_files(config.train_file)).values()),  # in order
-        "top_k": top_k,
-        "nlm_version": nlm.__version__,
-    }
-    if config.teacher_model:
-        fingerprint["teacher_model"] = config.teacher_model
-        fingerprint["teacher_weights"] = weights_fingerprint(config.teacher_model, config.teacher_revision)
-    if config.teachers:
-        fingerprint["teachers"] = [{"model": t.model, "weight": t.weight, "revision": t.revision} for t in config.teachers]
-        fingerprint["teacher_mixture"] = config.distillation.teacher_mixture
-    return fingerprint
 
 
 def rounded_targets(top_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """The teacher cache for a teacher with another tokenizer (`distillation.cross_tokenizer: alm`).
 
 `alm` needs one number per aligned group from the teacher: the log-likelihood of the group's text under it
-(`nlm.distill.cross_loss`). So the cache stores, per example, its groups' log-likelihoods (float32, 4 bytes
+(`nlm.distill.engines.aligned`). So the cache stores, per example, its groups' log-likelihoods (float32, 4 bytes
 per group) in the same manifest + safetensors-shard layout as the top-k cache (`nlm.distill.cache`), with
 `kind: cross_alm`, and keeps the teacher's tokenizer in `teacher_tokenizer/`: the training run tokenises
 and aligns its data with it, without loading the teacher. The fingerprint records both tokenizers.
@@ -14,6 +14,7 @@ distribution), so they keep needing the live teacher.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ import torch
 from safetensors.torch import save_file
 
 from nlm.data.tokenize import tokenizer_fingerprint
+from nlm.distill.aligned_teacher import AlignedTeacher
 from nlm.distill.cache import FORMAT, VERSION, TeacherCache
-from nlm.distill.cross_loss import AlignedTeacher, CrossSettings, TeacherGroups
+from nlm.distill.engines.aligned import CrossSettings, TeacherGroups
 from nlm.errors import ConfigError
 
 KIND = "cross_alm"
@@ -68,6 +70,9 @@ class CachedAlignedTeacher:
     full_distribution = False
     hidden_layers = 0
     vocab_map = None
+    signal_kind = "groups"  # the Teacher protocol (nlm.distill.teacher): one row per aligned group
+    live_model = None
+    device = None
 
     def __init__(self, cache: TeacherCache, teacher_tokenizer: Any) -> None:
         self.cache = cache
@@ -80,8 +85,17 @@ class CachedAlignedTeacher:
         self.cache.check_counts(indices, (inputs["align_student"] > 0).sum(1).tolist(), unit="groups")
         return TeacherGroups(None, self.cache.tensor_rows("loglik", indices).to(device))
 
+    def signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device,
+               layers: Sequence[int] = (), full_logits: bool = False) -> TeacherGroups:
+        if layers:
+            raise ValueError("a teacher cache has no hidden states")
+        return self.groups(inputs, device)
+
     def models(self) -> list[Any]:
         return []
+
+    def wrap_models(self, wrap: Callable[[Any], Any]) -> None:
+        return None
 
     def hidden_size(self) -> int:
         raise ValueError("a teacher cache has no hidden states")

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nlm.distill.cross_loss import group_rows
 from nlm.distill.cross_vocab import uld
-from nlm.distill.fused import chunk_rows
+from nlm.distill.engines.aligned import group_rows
+from nlm.distill.engines.chunks import chunk_rows
 from nlm.models.heads import capture_hidden
 
 

@@ -8,9 +8,11 @@ library offers all five with safe handling of zero teacher mass; the forms follo
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -19,6 +21,8 @@ import torch
 class RegisteredDivergence:
     function: Callable[..., torch.Tensor]  # (teacher_logp [n, v], student_logp [n, v], **options) -> [n]
     options: dict[str, str] = field(default_factory=dict)  # the function's keyword -> its `distillation.*` field
+    # The function's other keywords -> their defaults: set by `distillation.divergence_options: {keyword: value}`.
+    free: dict[str, float] = field(default_factory=dict)
 
 
 REGISTRY: dict[str, RegisteredDivergence] = {}
@@ -28,13 +32,17 @@ def register_divergence(name: str, **options: str) -> Callable[[Callable[..., to
     """Decorator: make `function(teacher_logp, student_logp, **options)` selectable as `distillation.divergence: name`.
 
     `options` maps a keyword of the function to the `distillation.*` setting that supplies it, e.g.
-    `register_divergence("jsd", beta="jsd_beta")`.
+    `register_divergence("jsd", beta="jsd_beta")`. Every other keyword with a default is an option of its own,
+    set by `distillation.divergence_options: {keyword: value}`: a new divergence and its options live here only
+    (`nlm.config.settings` reads the registered names from this file, so `distillation.divergence` accepts it).
     """
 
     def add(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in REGISTRY:
             raise ValueError(f"divergence {name!r} is already registered")
-        REGISTRY[name] = RegisteredDivergence(function, dict(options))
+        free = {param.name: param.default for param in list(inspect.signature(function).parameters.values())[2:]
+                if param.name not in options and param.default is not inspect.Parameter.empty}
+        REGISTRY[name] = RegisteredDivergence(function, dict(options), free)
         return function
 
     return add
@@ -91,17 +99,35 @@ def skew_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, skew: float 
     return _kl(teacher_logp, _mixture_logp(teacher_logp, student_logp, skew))
 
 
-def token_divergence(kind: str, teacher_logp: torch.Tensor, student_logp: torch.Tensor, **settings: float) -> torch.Tensor:
-    """Look the divergence up by name (the names of `distillation.divergence`) and apply it per row.
-
-    `settings` are `distillation.*` values (jsd_beta, skew_lambda, ...); each divergence takes the ones it
-    registered, with the config's defaults when absent.
-    """
+def divergence_arguments(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The keywords `kind`'s function gets from `distillation.*` values (`settings`: jsd_beta, skew_lambda, ...,
+    and `divergence_options`), with the defaults when absent; an option it does not take is an error."""
     entry = REGISTRY.get(kind)
     if entry is None:
         raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(REGISTRY)}")
+    options = dict(settings.get("divergence_options") or {})
+    unknown = sorted(set(options) - set(entry.free))
+    if unknown:
+        raise ValueError(f"distillation.divergence_options {unknown} are not options of {kind}; "
+                         f"expected {sorted(entry.free) or 'none'}")
     settings = {"jsd_beta": 0.5, "skew_lambda": 0.1, **settings}
-    return entry.function(teacher_logp, student_logp, **{param: settings[field] for param, field in entry.options.items()})
+    return {**{param: settings[name] for param, name in entry.options.items()},
+            **{param: options.get(param, default) for param, default in entry.free.items()}}
+
+
+def token_divergence(kind: str, teacher_logp: torch.Tensor, student_logp: torch.Tensor, **settings: Any) -> torch.Tensor:
+    """Look the divergence up by name (the names of `distillation.divergence`) and apply it per row.
+
+    `settings` are `distillation.*` values (jsd_beta, skew_lambda, divergence_options, ...); each divergence
+    takes the ones it registered, with the defaults when absent.
+    """
+    arguments = divergence_arguments(kind, settings)  # an unknown name fails here
+    return REGISTRY[kind].function(teacher_logp, student_logp, **arguments)
+
+
+def setting_names() -> tuple[str, ...]:
+    """Every `distillation.*` field a registered divergence reads."""
+    return tuple(dict.fromkeys(name for entry in REGISTRY.values() for name in entry.options.values()))
 
 
 DIVERGENCES = tuple(REGISTRY)  # the built-in names, in registration order

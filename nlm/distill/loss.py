@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nlm.distill.objective import CrossEntropyTerm, DistillationTerm, Objective, WeightedTerm
+from nlm.distill.objective import Objective, shorthand
 from nlm.distill.targets import SparseTargets, TeacherTargets, tail_logp
 
 __all__ = ["LossParts", "LossSettings", "SparseTargets", "combine", "combine_terms", "distillation_loss",
-           "objective_from_settings", "select_targets", "summed_parts", "tail_logp"]
+           "objective_from_settings", "select_targets", "tail_logp"]
 
 
 @dataclass
@@ -45,19 +45,9 @@ class LossSettings:
 
 
 def objective_from_settings(settings: LossSettings) -> Objective:
-    """`[ce: 1-α, kd: α·τ²]` with a fixed temperature."""
-    kd = DistillationTerm(settings.divergence, settings.temperature, jsd_beta=settings.jsd_beta,
-                          skew_lambda=settings.skew_lambda)
-    return Objective([WeightedTerm(CrossEntropyTerm(), 1 - settings.alpha),
-                      WeightedTerm(kd, settings.alpha * settings.temperature**2)])
-
-
-def summed_parts(
-    student: torch.Tensor, teacher: TeacherTargets | None, targets: torch.Tensor, settings: LossSettings
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ CE, Σ divergence) over the rows of `student` [n, v] (fp32/fp64) and their targets [n]."""
-    task, distill = objective_from_settings(settings).row_sums(student, teacher, targets)
-    return task, distill
+    """`[ce: 1-α, kd: α·τ²]` with a fixed temperature (`nlm.distill.objective.shorthand`)."""
+    return shorthand(settings.alpha, settings.temperature, settings.divergence, jsd_beta=settings.jsd_beta,
+                     skew_lambda=settings.skew_lambda)
 
 
 def select_targets(

@@ -86,7 +86,7 @@ def score_batch(sums: EvalSums, model: Any, inputs: dict[str, torch.Tensor], voc
     the figures cover all processes' data. `autocast` is the run's mixed-precision context for the chunked
     head products (the simple path gets it inside the model's forward).
     """
-    from nlm.distill.fused import chunk_rows
+    from nlm.distill.engines.chunks import chunk_rows
     from nlm.models.heads import capture_hidden, sliced_head
 
     shifted_labels = inputs["labels"][:, 1:]

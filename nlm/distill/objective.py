@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from nlm.distill.divergences import token_divergence
+from nlm.distill.divergences import divergence_arguments, setting_names, token_divergence
 from nlm.distill.targets import MixtureLogits, SparseTargets, TeacherTargets, tail_logp, target_logp
 from nlm.distill.temperature import FixedTemperature, TemperaturePolicy, temperature_policy
 
@@ -57,6 +57,9 @@ class LossTerm:
     needs: ClassVar[frozenset[str]] = frozenset()
     kind: ClassVar[str] = "rows"  # "rows" (per chunk of logits) or "batch" (hidden states)
     fused: ClassVar[bool] = True  # can the fused engine evaluate it chunk by chunk?
+    # A batch term's layers whose hidden states it compares (0-based; none for row terms).
+    student_layers: tuple[int, ...] = ()
+    teacher_layers: tuple[int, ...] = ()
 
     def row_sum(self, student: torch.Tensor, teacher: TeacherTargets | None, labels: torch.Tensor) -> torch.Tensor:
         """Σ over the chunk's rows; student [c, V] logits in fp32/fp64, labels [c]."""
@@ -148,6 +151,7 @@ class DistillationTerm(LossTerm):
 
     def __init__(self, divergence: str = "forward_kl", temperature: TemperaturePolicy | float = 2.0,
                  **divergence_settings: float) -> None:
+        divergence_arguments(divergence, divergence_settings)  # an unknown name or option fails when built
         self.divergence = divergence
         self.temperature = temperature if isinstance(temperature, TemperaturePolicy) else FixedTemperature(temperature)
         self.divergence_settings = divergence_settings
@@ -244,6 +248,7 @@ class Objective:
     """The weighted terms of one run's loss."""
 
     terms: list[WeightedTerm] = field(default_factory=list)
+    alpha: float | None = None  # the shorthand's α when built from it (the aligned engine weighs by it)
 
     @property
     def row_terms(self) -> list[WeightedTerm]:
@@ -260,6 +265,18 @@ class Objective:
     @property
     def fused_supported(self) -> bool:
         return all(t.term.fused for t in self.row_terms)
+
+    def hidden_layers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Student and teacher layers whose hidden states the weighted batch terms compare."""
+        terms = [t.term for t in self.batch_terms if t.weight != 0]
+        return (tuple(sorted({layer for term in terms for layer in term.student_layers})),
+                tuple(sorted({layer for term in terms for layer in term.teacher_layers})))
+
+    @property
+    def temperature(self) -> float | None:
+        """The kd term's fixed temperature (None: no kd term, or an adaptive one)."""
+        kd = next((t.term for t in self.terms if isinstance(t.term, DistillationTerm)), None)
+        return kd.temperature.temperature if kd is not None and kd.temperature.fixed else None
 
     def term(self, name: str) -> LossTerm | None:
         return next((t.term for t in self.terms if t.term.name == name), None)
@@ -294,18 +311,18 @@ class Objective:
     def parameters(self) -> list[torch.Tensor]:
         return [p for t in self.terms for p in t.term.parameters()]
 
-    def with_alpha(self, alpha: float, temperature: float) -> Objective:
+    def with_alpha(self, alpha: float) -> Objective:
         """The same terms (shared state) with the shorthand's weights for another α: ce 1-α, kd α·τ² (α with
-        an adaptive temperature); other terms keep theirs."""
+        an adaptive temperature); other terms keep theirs. The step policy's one override (nlm.training.policy)."""
         terms = []
         for t in self.terms:
             weight = t.weight
             if t.term.name == "ce":
                 weight = 1 - alpha
             elif isinstance(t.term, DistillationTerm):
-                weight = alpha * temperature**2 if t.term.temperature.fixed else alpha
+                weight = alpha * t.term.temperature.temperature**2 if t.term.temperature.fixed else alpha
             terms.append(WeightedTerm(t.term, weight))
-        return Objective(terms)
+        return Objective(terms, alpha)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """The learnable parts (temperature, projections), keyed for saving apart from the student."""
@@ -318,17 +335,30 @@ class Objective:
         return out
 
 
-def objective_from_config(distillation: Any, hidden_sizes: tuple[int, int] | None = None) -> Objective:
-    """The shorthand `[ce: 1-α, kd: α·τ²]` from `distillation.*` (α·1 with an adaptive temperature), plus the
-    terms its other settings ask for (e.g. `hidden_states`)."""
-    policy = temperature_policy(distillation)
-    kd = DistillationTerm(distillation.divergence, policy, jsd_beta=distillation.jsd_beta,
-                          skew_lambda=distillation.skew_lambda)
-    kd_weight = distillation.alpha * distillation.temperature**2 if policy.fixed else distillation.alpha
-    terms = [WeightedTerm(CrossEntropyTerm(), 1 - distillation.alpha), WeightedTerm(kd, kd_weight)]
+def shorthand(alpha: float, temperature: TemperaturePolicy | float, divergence: str = "forward_kl",
+              **divergence_settings: float) -> Objective:
+    """`[ce: 1-α, kd: α·τ²]` (kd weighted α with an adaptive temperature, whose τ² is per row): the one place the
+    α/τ shorthand becomes terms. `divergence_settings` are the divergence's options (`distillation.*` names)."""
+    policy = temperature if isinstance(temperature, TemperaturePolicy) else FixedTemperature(temperature)
+    kd = DistillationTerm(divergence, policy, **divergence_settings)
+    kd_weight = alpha * policy.temperature**2 if policy.fixed else alpha
+    return Objective([WeightedTerm(CrossEntropyTerm(), 1 - alpha), WeightedTerm(kd, kd_weight)], alpha)
+
+
+def objective_from_config(distillation: Any, hidden_sizes: Any | None = None) -> Objective:
+    """The run's objective from `distillation.*`: the shorthand, plus the terms its other settings ask for
+    (e.g. `hidden_states`). The one builder from the configuration."""
+    objective = shorthand(distillation.alpha, temperature_policy(distillation), distillation.divergence,
+                          **divergence_settings(distillation))
     hidden = getattr(distillation, "hidden_states", None)
     if hidden is not None and hidden.weight > 0:
         if "hidden_states" not in TERMS:  # registered by its module on import
             import nlm.distill.hidden_states  # noqa: F401
-        terms.append(WeightedTerm(TERMS["hidden_states"].from_config(hidden, hidden_sizes), hidden.weight))
-    return Objective(terms)
+        objective.terms.append(WeightedTerm(TERMS["hidden_states"].from_config(hidden, hidden_sizes), hidden.weight))
+    return objective
+
+
+def divergence_settings(distillation: Any) -> dict[str, Any]:
+    """The `distillation.*` values the divergences read as options (each takes the ones it registered)."""
+    return {**{name: getattr(distillation, name) for name in setting_names()},
+            "divergence_options": dict(getattr(distillation, "divergence_options", None) or {})}

@@ -66,13 +66,13 @@ def gathered_head(model: torch.nn.Module, head: torch.nn.Module) -> Iterator[Non
     yield
 
 
-def prepare_teacher(teacher_model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+def prepare_teacher(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     """The live teacher under the student's engine: DDP/FSDP keep a frozen full copy per process on the
     process's device; DeepSpeed gets a separate inference engine (ZeRO-3: its own sharded weights, no optimiser;
     stage 0 otherwise), so the teacher is never partitioned together with the student's optimiser."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
-        return teacher_model
+        return model
     import deepspeed
 
     config = copy.deepcopy(plugin.deepspeed_config)
@@ -81,14 +81,14 @@ def prepare_teacher(teacher_model: torch.nn.Module, accelerator: Any) -> torch.n
     zero = config.setdefault("zero_optimization", {})
     if zero.get("stage") != 3:
         zero["stage"] = 0  # a replicated frozen model needs no partitioning
-    elif hasattr(teacher_model, "config") and getattr(teacher_model.config, "hidden_size", None):
-        hidden = teacher_model.config.hidden_size
+    elif getattr(getattr(model, "config", None), "hidden_size", None):  # a transformers model: its sizes
+        hidden = model.config.hidden_size
         zero.update({"stage3_param_persistence_threshold": 10 * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden)})
     for key, value in list(config.items()):
         if value == "auto":
             config.pop(key)  # batch sizes etc.: meaningless for an engine that never steps
     config["train_micro_batch_size_per_gpu"] = 1
-    engine, *_ = deepspeed.initialize(model=teacher_model, config=config)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     logger.info("teacher: own DeepSpeed inference engine (ZeRO stage %s)", zero["stage"])
     return engine.module

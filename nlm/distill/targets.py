@@ -11,6 +11,7 @@ tensor); sparse targets are already softened and are compared over k+1 buckets b
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,3 +66,7 @@ def tail_logp(top_logp: torch.Tensor) -> torch.Tensor:
     it stays accurate when the top-k hold nearly all the mass (the clamp keeps it finite when they hold all)."""
     covered = torch.logsumexp(top_logp, dim=-1).clamp(max=-1e-7)
     return torch.log(-torch.expm1(covered))
+
+
+# A teacher's row source: (start, end) -> the targets of target rows [start:end] (None when no term needs them).
+TeacherRows = Callable[[int, int], "TeacherTargets | None"]

@@ -1,8 +1,11 @@
 """Teachers: whatever supplies the loss's targets for the target tokens of a batch.
 
-One protocol, `Teacher`, and three implementations: a live model (`LiveTeacher`), the offline cache
-(`CachedTeacher`) and several models combined (`EnsembleTeacher`). The trainer, the evaluation and the run
-wiring use only the protocol; a new kind of teacher is a new class here (see docs/ARCHITECTURE.md).
+One protocol, `Teacher`, and its implementations: a live model (`LiveTeacher`), the offline cache
+(`CachedTeacher`) and several models combined (`EnsembleTeacher`) here; the cross-tokenizer teachers
+(`nlm.distill.aligned_teacher.AlignedTeacher`, `nlm.distill.cross_cache.CachedAlignedTeacher`), whose signal
+is one row per text-aligned group. The trainer, the evaluation and the run wiring use only the protocol and
+the capabilities it declares (`signal_kind`, `paired_tokenizer`, `batch_columns`, `live_model`, ...); they
+never ask which class they hold. Which kind a run gets is decided once, in `nlm.distill.teacher_kinds`.
 
 `signal(inputs, mask, device, layers, full_logits)` runs whatever the teacher needs once per batch and
 returns a `TeacherSignal`: a row source `rows(start, end)` giving the targets of target rows [start:end]
@@ -21,8 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from nlm.distill.cache import CacheMismatchError, TeacherCache
-from nlm.distill.fused import TeacherRows
-from nlm.distill.targets import MixtureLogits, SparseTargets, TeacherTargets
+from nlm.distill.targets import MixtureLogits, SparseTargets, TeacherRows, TeacherTargets
 from nlm.models.heads import capture_hidden, sliced_head
 from nlm.models.loading import freeze
 
@@ -42,12 +44,24 @@ class TeacherSignal:
 @runtime_checkable
 class Teacher(Protocol):
     vocab_width: int
+    # What `signal` returns: "rows" (a `TeacherSignal` over the student's target rows) or "groups" (a
+    # `TeacherGroups` over text-aligned groups: a teacher reading its own tokenisation). The trainer chooses
+    # its loss engine from it (nlm.distill.engines).
+    signal_kind: str
+    # The tokenizer whose ids the teacher reads, when it is not the student's (None: the student's); the data
+    # layer then adds the teacher's tokenisation and the alignment to each example.
+    paired_tokenizer: Any | None
     # Dataset columns the teacher reads from each batch besides input_ids/attention_mask ("index", "teacher").
     batch_columns: tuple[str, ...]
     # Rows hold whole distributions (logits or a mixture), not top-k: eval KL and adaptive temperatures work.
     full_distribution: bool
     # Number of layers whose hidden states `signal` can return (0: none).
     hidden_layers: int
+    # The one model it runs, which can sample sequences (on-policy / sequence-level steps) and whose revision
+    # the metadata records; None for a cache or several models.
+    live_model: Any | None
+    # Where that model runs (None: no model of its own).
+    device: torch.device | None
 
     def signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device,
                layers: Sequence[int] = (), full_logits: bool = False) -> TeacherSignal: ...
@@ -57,6 +71,10 @@ class Teacher(Protocol):
         ...
 
     def hidden_size(self) -> int: ...
+
+    def wrap_models(self, wrap: Callable[[Any], Any]) -> None:
+        """Replace each model it runs by `wrap(model)` (e.g. DeepSpeed's engine for a sharded run)."""
+        ...
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for training_metadata.json."""
@@ -76,6 +94,8 @@ class LiveTeacher:
 
     batch_columns: tuple[str, ...] = ()
     full_distribution = True
+    signal_kind = "rows"
+    paired_tokenizer = None
 
     def __init__(self, model: Any, device: torch.device | str, vocab_width: int, name: str | None = None,
                  revision: str | None = None) -> None:
@@ -127,8 +147,15 @@ class LiveTeacher:
 
         return TeacherSignal(rows, final.shape[0], {k: v.to(device).float() for k, v in chosen.items()})
 
+    @property
+    def live_model(self) -> Any:
+        return self.model
+
     def models(self) -> list[Any]:
         return [self.model]
+
+    def wrap_models(self, wrap: Callable[[Any], Any]) -> None:
+        self.model = wrap(self.model)
 
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
@@ -150,6 +177,10 @@ class CachedTeacher:
     batch_columns = ("index",)
     full_distribution = False
     hidden_layers = 0
+    signal_kind = "rows"
+    paired_tokenizer = None
+    live_model = None
+    device = None
 
     def __init__(self, cache: TeacherCache) -> None:
         self.cache = cache
@@ -178,6 +209,9 @@ class CachedTeacher:
     def models(self) -> list[Any]:
         return []
 
+    def wrap_models(self, wrap: Callable[[Any], Any]) -> None:
+        return None
+
     def hidden_size(self) -> int:
         if not self.stored_layers:
             raise ValueError("this teacher cache holds no hidden states (build it with distillation.hidden_states set)")
@@ -200,6 +234,10 @@ class EnsembleTeacher:
     """
 
     full_distribution = True
+    signal_kind = "rows"
+    paired_tokenizer = None
+    live_model = None  # several models: none samples alone
+    device = None
 
     def __init__(self, members: list[LiveTeacher], weights: list[float], mixture: str = "average",
                  names: list[str] | None = None) -> None:
@@ -279,6 +317,10 @@ class EnsembleTeacher:
 
     def models(self) -> list[Any]:
         return [member.model for member in self.members]
+
+    def wrap_models(self, wrap: Callable[[Any], Any]) -> None:
+        for member in self.members:
+            member.wrap_models(wrap)
 
     def hidden_size(self) -> int:
         raise ValueError("hidden-state distillation takes one teacher; this run has several")

@@ -65,6 +65,12 @@ def check_model_path(name: str | Path) -> None:
     _require_local_folder(str(name))
 
 
+def hub_options(config: Any, revision: str | None) -> dict[str, Any]:
+    """The hub keywords of this module's loaders for a model a configuration names: its revision, the
+    configuration's `hf_token` and `trust_remote_code` (the one place they are read together)."""
+    return {"revision": revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
+
+
 def _hub_kwargs(revision: str | None, token: Any, trust_remote_code: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision:

@@ -129,7 +129,7 @@ def _share_tokenised_data(config: Any, outcome: AgentOutcome, groups: dict[str, 
 
 
 def _teacher_cache_dir(config: Any, pipeline: Pipeline) -> Path:
-    from nlm.distill.cache_builder import cache_fingerprint
+    from nlm.distill.cache import cache_fingerprint
     from nlm.models.loading import load_tokenizer
 
     assert pipeline.teacher_cache is not None

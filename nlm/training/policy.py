@@ -19,7 +19,6 @@ same on every rank, and a resumed run continues the same schedule.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -29,7 +28,7 @@ import torch
 
 from nlm.config.settings import DistillationConfig
 from nlm.data.tokenize import IGNORE_INDEX
-from nlm.distill.loss import LossSettings
+from nlm.distill.teacher import Teacher
 from nlm.models.sampling import SamplingSettings, sample_completions, stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -68,18 +67,13 @@ def rebuild_batch(prompts: list[list[int]], completions: list[list[int]], pad_id
 class StepPolicy:
     """Decides each optimiser step's source and generates its completions; keeps the figures it logs."""
 
-    def __init__(self, config: DistillationConfig, *, seed: int, pad_id: int, tokenizer: Any, teacher: Any | None,
-                 base_settings: LossSettings) -> None:
-        if (config.lmbda > 0 or config.seq_kd) and getattr(teacher, "model", None) is None:
+    def __init__(self, config: DistillationConfig, *, seed: int, pad_id: int, tokenizer: Any, teacher: Teacher | None) -> None:
+        if (config.lmbda > 0 or config.seq_kd) and (teacher is None or teacher.live_model is None):
             raise ValueError("on-policy and sequence-level distillation need a live teacher model")
         self.lmbda, self.seq_kd, self.seed, self.pad_id = config.lmbda, config.seq_kd, seed, pad_id
         self.tokenizer, self.teacher = tokenizer, teacher
         self.sampling = SamplingSettings(config.max_new_tokens, config.generation_temperature, config.generation_top_p,
                                          config.generation_top_k)
-        self.base_settings = base_settings
-        # On the student's own samples the label is the student's own token: a CE term would reinforce it, so an
-        # on-policy step is pure divergence (as in GKD). Teacher samples keep the configured mix (Kim & Rush).
-        self.on_policy_settings = dataclasses.replace(base_settings, alpha=1.0)
         self.steps = self.on_policy = 0
         self._started_at: int | None = None
         self.window = self._new_window()
@@ -99,8 +93,13 @@ class StepPolicy:
             return "student"
         return "teacher" if self.seq_kd else "data"
 
-    def loss_settings(self, source: Source) -> LossSettings:
-        return self.on_policy_settings if source == "student" else self.base_settings
+    @staticmethod
+    def alpha(source: Source) -> float | None:
+        """The only part of the objective a step source overrides: its α (None: the run's objective as built).
+
+        On the student's own samples the label is the student's own token: a CE term would reinforce it, so an
+        on-policy step is pure divergence (as in GKD). Teacher samples keep the configured mix (Kim & Rush)."""
+        return 1.0 if source == "student" else None
 
     def prepare(self, batches: list[dict[str, torch.Tensor]], step: int, student: Any, rank: int = 0
                 ) -> tuple[list[dict[str, torch.Tensor]], Source]:
@@ -113,7 +112,7 @@ class StepPolicy:
         self.on_policy += source == "student"
         if source == "data":
             return batches, source
-        model = student if source == "student" else self.teacher.model
+        model = student if source == "student" else self.teacher.live_model
         started = time.perf_counter()
         prompts = [self._prompts(batch) for batch in batches]
         flat = [p for group in prompts for p in group]

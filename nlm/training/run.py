@@ -21,23 +21,21 @@ from nlm.data.prepare import PreparedData, prepare_datasets
 from nlm.data.sampler import OrderPlan, OrderSampler
 from nlm.data.tokenize import PaddingCollator
 from nlm.distill.cross_cache import check_method as check_cross_cache_method
-from nlm.distill.cross_loss import AlignedTeacher, CrossSettings
-from nlm.distill.cross_vocab import build_vocab_map
-from nlm.distill.loss import LossSettings
+from nlm.distill.divergences import divergence_arguments
 from nlm.distill.teacher import Teacher
 from nlm.distill.teacher_loading import load_teacher, teacher_specs
 from nlm.errors import ConfigError, DataError, RunExistsError
-from nlm.models.device import PrecisionPlan, resolve_precision, select_device, teacher_dtype
+from nlm.models.device import PrecisionPlan, resolve_precision, select_device
 from nlm.models.heads import head_reproduces_logits
 from nlm.models.loading import (
     check_model_exists,
     count_parameters,
+    hub_options,
     load_causal_lm,
     load_tokenizer,
     model_revision,
 )
 from nlm.models.lora import apply_lora
-from nlm.models.vocab import own_vocab_width, tokenizers_equal
 from nlm.training.arguments import training_arguments
 from nlm.training.callbacks import add_hardware_metrics, install_callbacks
 from nlm.training.fingerprint import FINGERPRINT_FILE, record_fingerprint
@@ -105,6 +103,10 @@ def _check_required(config: TrainingConfig) -> None:
         raise ConfigError("student_model is required: pass --student_model ID_OR_FOLDER or set it in the config file")
     if config.teacher_cache:
         check_cross_cache_method(config.distillation.cross_tokenizer)
+    try:  # divergence_options are declared by the divergence itself (nlm.distill.divergences)
+        divergence_arguments(config.distillation.divergence, config.distillation.model_dump())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if not config.teacher_model and (config.distillation.lmbda > 0 or config.distillation.seq_kd):
         option = "distillation.lmbda > 0" if config.distillation.lmbda > 0 else "distillation.seq_kd"
         raise ConfigError(f"{option} needs a live teacher: pass --teacher_model")
@@ -123,10 +125,6 @@ def _check_required(config: TrainingConfig) -> None:
     resolve_eval_files(config.eval_file)
 
 
-def _hub(config: TrainingConfig, revision: str | None) -> dict[str, Any]:
-    return {"revision": revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
-
-
 def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     """Distil `teacher_model` into `student_model` on the configured data; returns where the model went."""
     started = time.perf_counter()
@@ -136,10 +134,10 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
 
         probe_server(config)[0].close()
     # Fail on a missing model before any data work or folder creation.
-    check_model_exists(config.student_model, **_hub(config, config.student_revision))
+    check_model_exists(config.student_model, **hub_options(config, config.student_revision))
     if not config.teacher_cache:
         for spec in teacher_specs(config):
-            check_model_exists(spec.model, **_hub(config, spec.revision))
+            check_model_exists(spec.model, **hub_options(config, spec.revision))
     device = select_device(config.device_preference, config.device)
     precision = resolve_precision(config.precision, device)
     logger.info("precision: %s on %s", precision.name, device)
@@ -157,14 +155,14 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
             checkpoint = get_last_checkpoint(str(run_dir)) if config.resume else None
     prepare_trackers(config.report_to, config.output_dir, run_dir)
 
-    tokenizer = load_tokenizer(config.student_model, **_hub(config, config.student_revision))
+    tokenizer = load_tokenizer(config.student_model, **hub_options(config, config.student_revision))
     set_seed(config.seed)  # weights a checkpoint lacks are initialised randomly: same seed, same weights
     student, teacher, vocab_width = load_models(config, tokenizer, device, precision)
     student = prepare_student(student, config.quantization_aware)  # issue 25: scheme none -> unchanged
     with args.main_process_first(local=False, desc="tokenisation"):
         data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
-                                with_index=teacher is not None and "index" in getattr(teacher, "batch_columns", ()),
-                                teacher_tokenizer=getattr(teacher, "paired_tokenizer", None))
+                                with_index=teacher is not None and "index" in teacher.batch_columns,
+                                teacher_tokenizer=teacher.paired_tokenizer if teacher is not None else None)
     teacher_models = teacher.models() if teacher is not None else []
     plan = build_order(config, data, args.world_size, model_scorer(
         {"student": student, "teacher": teacher_models[0] if len(teacher_models) == 1 else None},
@@ -189,7 +187,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                                      teacher_pad_token_id=_pad_id(getattr(teacher, "paired_tokenizer", None))),
+                                      teacher_pad_token_id=_pad_id(teacher.paired_tokenizer if teacher is not None else None)),
         processing_class=tokenizer,
         teacher=teacher,
         distillation=config.distillation,
@@ -200,7 +198,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         chunk_tokens=config.loss_chunk_tokens,
         step_policy=StepPolicy.from_config(
             config.distillation, seed=config.seed, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-            tokenizer=tokenizer, teacher=teacher, base_settings=LossSettings.from_config(config.distillation)),
+            tokenizer=tokenizer, teacher=teacher),
         train_sampler=OrderSampler(plan) if plan is not None else None,
         source_names=list(plan.names) if plan is not None and config.log_per_source else None,
     )
@@ -229,7 +227,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         final_dir / METADATA_FILE,
         config=redacted_config(config),
         teacher={"model": config.teacher_model, "teacher_cache": str(config.teacher_cache) if config.teacher_cache else None,
-                 "revision": model_revision(teacher.model) if hasattr(teacher, "model") else None,
+                 "revision": model_revision(teacher.live_model) if teacher is not None and teacher.live_model is not None else None,
                  **(teacher.describe() if teacher is not None else {}),
                  "describe": teacher.describe() if teacher is not None else None},
         loss_impl=trainer.loss_impl,
@@ -237,7 +235,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         student={"model": config.student_model, "revision": model_revision(trainer.model)},
         data=data_summary(data, plan, trainer.state.global_step * global_batch(config, args.world_size)),
         device=str(device),
-        teacher_device=str(teacher.device) if hasattr(teacher, "device") else None,
+        teacher_device=str(teacher.device) if teacher is not None and teacher.device is not None else None,
         precision=precision.name,
         world_size=args.world_size,
         parameters={"total": total, "trainable": trainable},
@@ -272,44 +270,13 @@ def train_saving_on_teacher_loss(trainer: DistillationTrainer, checkpoint: str |
 
 def load_models(config: TrainingConfig, tokenizer: Any, device: torch.device, precision: PrecisionPlan
                 ) -> tuple[Any, Teacher | None, int]:
-    """The student (fp32 master weights; mixed precision autocasts), the teacher (live, cached or several),
+    """The student (fp32 master weights; mixed precision autocasts), the teacher (nlm.distill.teacher_loading),
     and the vocabulary width both are compared over."""
-    student = load_causal_lm(config.student_model, dtype=torch.float32, **_hub(config, config.student_revision))
-    method = config.distillation.cross_tokenizer
-    if method and config.teacher_model and not config.teacher_cache:
-        teacher_tokenizer = load_tokenizer(config.teacher_model, **_hub(config, config.teacher_revision))
-        if not tokenizers_equal(teacher_tokenizer, tokenizer):
-            teacher_device = torch.device(config.teacher_device) if config.teacher_device else device
-            if config.teacher_device:
-                select_device(forced=config.teacher_device)  # a clear error when that device does not exist
-            teacher_model = load_causal_lm(
-                config.teacher_model, dtype=teacher_dtype(config.teacher_precision, precision, teacher_device),
-                **_hub(config, config.teacher_revision),
-            )
-            return student, cross_tokenizer_teacher(config, teacher_model, teacher_tokenizer, tokenizer, student,
-                                                    teacher_device), len(tokenizer)
-        logger.info("distillation.cross_tokenizer=%s ignored: teacher and student share a tokenizer", method)
+    student = load_causal_lm(config.student_model, dtype=torch.float32, **hub_options(config, config.student_revision))
     teacher = load_teacher(config, tokenizer, student, device, precision)
-    # A cached teacher with its own tokenizer compares group likelihoods: the width is the student's own.
-    own = teacher is None or getattr(teacher, "paired_tokenizer", None) is not None
+    # A teacher with its own tokenizer compares aligned groups: the width is the student's own.
+    own = teacher is None or teacher.paired_tokenizer is not None
     return student, teacher, len(tokenizer) if own else teacher.vocab_width
-
-
-def cross_tokenizer_teacher(config: TrainingConfig, teacher_model: Any, teacher_tokenizer: Any, tokenizer: Any,
-                            student: Any, device: torch.device) -> AlignedTeacher:
-    """A teacher that reads its own tokenisation; tokens are compared through text alignment (docs/CROSS_TOKENIZER.md)."""
-    distillation = config.distillation
-    teacher_width = own_vocab_width(teacher_tokenizer, teacher_model, "teacher")
-    student_width = own_vocab_width(tokenizer, student, "student")
-    vocab_map = build_vocab_map(teacher_tokenizer, tokenizer, teacher_width, student_width)
-    for side in (teacher_tokenizer, tokenizer):
-        if not getattr(side, "is_fast", False):
-            raise ConfigError(f"distillation.cross_tokenizer needs fast tokenizers (offset mappings); "
-                              f"{type(side).__name__} is not one")
-    logger.info("cross-tokenizer distillation (%s): teacher vocabulary %d, student %d, %d tokens spelled alike",
-                distillation.cross_tokenizer, teacher_width, student_width, vocab_map.matched)
-    cross = CrossSettings(distillation.cross_tokenizer, distillation.hybrid_matched_weight, distillation.hybrid_unmatched_weight)
-    return AlignedTeacher(teacher_model, device, teacher_width, teacher_tokenizer, cross, vocab_map)
 
 
 def _pad_id(tokenizer: Any) -> int:

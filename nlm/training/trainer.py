@@ -13,15 +13,15 @@ import torch
 from transformers import Trainer
 
 from nlm.config.settings import DistillationConfig
-from nlm.distill.cross_loss import cross_tokenizer_loss
-from nlm.distill.fused import fused_distillation_loss
-from nlm.distill.loss import LossParts, LossSettings, add_batch_terms, combine_terms
+from nlm.distill.engines.base import EngineContext, target_rows
+from nlm.distill.engines.choose import choose_engine
+from nlm.distill.loss import LossParts
 from nlm.distill.metrics import EvalSums, score_batch
 from nlm.distill.objective import Objective, objective_from_config
 from nlm.distill.sharded_head import gathered_head, prepare_teacher
 from nlm.distill.teacher import Teacher
-from nlm.errors import ConfigError, TrainingDivergedError
-from nlm.models.heads import capture_hidden, output_head
+from nlm.errors import TrainingDivergedError
+from nlm.models.heads import output_head
 from nlm.training.policy import StepPolicy
 from nlm.training.term_balance import warn_unbalanced_terms
 
@@ -58,24 +58,17 @@ class DistillationTrainer(Trainer):
             raise ValueError("a teacher is required when distillation.alpha > 0")
         self.teacher = teacher
         self.distillation = distillation
-        self.loss_settings = LossSettings.from_config(distillation)
-        if loss_impl == "fused" and not self.objective.fused_supported:
-            logger.warning("the objective has a term the fused loss cannot chunk: using loss_impl=simple")
-            loss_impl = "simple"
-        self.loss_impl = loss_impl
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled and getattr(plugin, "zero_stage", 0) == 3)
-        if sharded and getattr(teacher, "paired_tokenizer", None) is not None:
-            # Its distillation term recomputes head products in backward (activation checkpointing), outside
-            # the engines' gather (nlm.distill.sharded_head): refused rather than trained on a shard.
-            raise ConfigError("distillation.cross_tokenizer does not work with sharded parameters (FSDP, DeepSpeed "
-                              "ZeRO-3) yet: use DDP (torchrun / accelerate multi-GPU) or ZeRO-1/2")
-        if loss_impl == "fused" and self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
-            # FSDP1 has no unsharding API usable inside a step (FSDP2 and ZeRO-3 do: nlm.distill.sharded_head).
-            logger.warning("FSDP version 1: using loss_impl=simple (the fused loss needs FSDP2; see configs/accelerate/fsdp2.yaml)")
-            self.loss_impl = "simple"
-        for live in getattr(teacher, "members", [teacher] if hasattr(teacher, "model") else []):
-            live.model = prepare_teacher(live.model, self.accelerator)  # DeepSpeed: its own engine
+        # The loss engine, chosen once from the teacher's declared signal (nlm.distill.engines).
+        self.engine, self.loss_impl = choose_engine(
+            teacher, self.objective, loss_impl,
+            EngineContext(vocab_width, chunk_tokens, self.accelerator.unwrap_model, self.accelerator.autocast,
+                          self._gathered_teacher_head),
+            sharded=sharded, fsdp_version=lambda: (getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+                                                   if self.is_fsdp_enabled else None))
+        if teacher is not None:
+            teacher.wrap_models(lambda model: prepare_teacher(model, self.accelerator))  # DeepSpeed: its own engine
         self.chunk_tokens = chunk_tokens
         self.step_policy = step_policy  # None: every step trains on the dataset (see nlm/training/policy.py)
         self.vocab_width = vocab_width
@@ -107,9 +100,9 @@ class DistillationTrainer(Trainer):
             return batches, num_items
         student = self.accelerator.unwrap_model(self.model)
         batches, source = self.step_policy.prepare(batches, self.state.global_step, student, self.args.process_index)
-        self.loss_settings = self.step_policy.loss_settings(source)
-        # The policy may change α for this step (on-policy steps are pure divergence): same terms, new weights.
-        self.objective = self._base_objective.with_alpha(self.loss_settings.alpha, self.loss_settings.temperature)
+        # The policy may override α for this step (on-policy steps are pure divergence): same terms, new weights.
+        alpha = self.step_policy.alpha(source)
+        self.objective = self._base_objective if alpha is None else self._base_objective.with_alpha(alpha)
         return batches, self._get_num_items_in_batch(batches, device)
 
     def _read_ahead(self, epoch_iterator: Any) -> Any:
@@ -130,69 +123,20 @@ class DistillationTrainer(Trainer):
     ) -> Any:
         if not model.training:
             return self._eval_loss(model, inputs, return_outputs)
-        shifted_labels = inputs["labels"][:, 1:]  # [b, s-1]
-        mask = shifted_labels != -100
-        targets = shifted_labels[mask]  # [n]
         normalizer = num_items_in_batch
         if normalizer is not None and torch.is_tensor(normalizer):
-            normalizer = normalizer.to(targets.device)
-        use_teacher = self.teacher is not None and "teacher" in self.objective.needs
-        student_layers, teacher_layers = self._hidden_layers()
-        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"), "use_cache": False}
-        if student_layers:
-            forward["output_hidden_states"] = True
-        signal = None
-        if use_teacher and getattr(self.teacher, "paired_tokenizer", None) is not None:
-            parts, outputs, final_hidden = self._cross_tokenizer_loss(model, inputs, normalizer)
-            student_layers = ()
-            cross_rows, cross_head = final_hidden[:, :-1][mask], output_head(self.accelerator.unwrap_model(model))
-            source_logits = lambda start, end: cross_head(cross_rows[start:end].detach())[..., : self.vocab_width]  # noqa: E731
-        elif self.loss_impl == "fused":
-            unwrapped = self.accelerator.unwrap_model(model)
-            head_module = output_head(unwrapped)
-            with capture_hidden(unwrapped) as (store, head):
-                outputs = model(**forward)
-            rows = store["hidden"][:, :-1][mask]  # [n, H]
-            signal = self.teacher.signal(inputs, mask, rows.device, layers=teacher_layers) if use_teacher else None
-            with gathered_head(unwrapped, head_module), self._gathered_teacher_head():  # sharded heads, whole
-                parts = fused_distillation_loss(
-                    rows, head, targets, signal.rows if signal is not None else (lambda start, end: None),
-                    vocab_width=self.vocab_width, objective=self.objective,
-                    normalizer=normalizer, head_parameters=[p for p in head_module.parameters() if p.requires_grad],
-                    chunk_size=self.chunk_tokens,
-                    # A plain Linear head gets hand-written gradients (no head-sized copy per chunk).
-                    linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
-                    # The chunks' head products run in the run's precision, as the model's forward does.
-                    autocast=self.accelerator.autocast,
-                )
-            source_logits = lambda start, end: head(rows[start:end].detach())[..., : self.vocab_width]  # noqa: E731
-        else:
-            outputs = model(**forward)
-            student = outputs.logits[:, :-1, : self.vocab_width][mask]  # [n, V]
-            signal = (self.teacher.signal(inputs, mask, student.device, layers=teacher_layers, full_logits=True)
-                      if use_teacher else None)
-            sums = self.objective.row_sums(student.float(), signal.all_rows() if signal is not None else None, targets)
-            parts = combine_terms(self.objective, sums, targets.numel(), normalizer)
-            source_logits = lambda start, end: student[start:end].detach()  # noqa: E731
-        if student_layers and signal is not None:
-            # hidden_states[L + 1] is layer L's output; rows as for the logits: [n, H] per layer
-            chosen = {layer: outputs.hidden_states[layer + 1][:, :-1][mask] for layer in student_layers}
-            parts = add_batch_terms(self.objective, parts, chosen, signal.hidden, normalizer)
+            normalizer = normalizer.to(inputs["labels"].device)
+        step = self.engine.step(model, inputs, self.objective, self.teacher, normalizer)
+        parts, outputs = step.parts, step.outputs
         loss = parts.total
         if self.args.average_tokens_across_devices and normalizer is not None and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # gradients are averaged over processes afterwards
         loss = self._guard_finite(loss, model)
         self._record(parts, normalizer, inputs)
         if self.source_names and "source" in inputs:
-            self._record_sources(source_logits, targets, inputs["source"].unsqueeze(1).expand_as(mask)[mask])
+            mask, targets = target_rows(inputs)
+            self._record_sources(step.logits, targets, inputs["source"].unsqueeze(1).expand_as(mask)[mask])
         return (loss, outputs) if return_outputs else loss
-
-    def _hidden_layers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Student and teacher layers whose hidden states the objective's batch terms compare."""
-        terms = [t.term for t in self.objective.batch_terms if t.weight != 0]
-        student = tuple(sorted({layer for term in terms for layer in getattr(term, "student_layers", ())}))
-        teacher = tuple(sorted({layer for term in terms for layer in getattr(term, "teacher_layers", ())}))
-        return student, teacher
 
     def _gathered_teacher_head(self) -> Any:
         """A live teacher sharded by DeepSpeed ZeRO-3 needs its head whole for the chunk loop too."""
@@ -200,21 +144,6 @@ class DistillationTrainer(Trainer):
         for teacher_model in self.teacher.models() if self.teacher is not None else []:
             stack.enter_context(gathered_head(teacher_model, output_head(teacher_model)))
         return stack
-
-    def _cross_tokenizer_loss(self, model: Any, inputs: dict[str, torch.Tensor], normalizer: Any) -> tuple[Any, Any, torch.Tensor]:
-        """A teacher with its own tokenizer: CE (fused) + the cross-tokenizer term over the aligned groups."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        head_module = output_head(unwrapped)
-        with capture_hidden(unwrapped) as (store, head):
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-        hidden = store["hidden"]
-        parts = cross_tokenizer_loss(
-            hidden, head, inputs, self.teacher.groups(inputs, hidden.device), self.loss_settings,
-            self.teacher.cross, self.teacher.vocab_map, vocab_width=self.vocab_width, normalizer=normalizer,
-            head_parameters=[p for p in head_module.parameters() if p.requires_grad], chunk_size=self.chunk_tokens,
-            linear_head=(head_module.weight, head_module.bias) if type(head_module) is torch.nn.Linear else None,
-        )
-        return parts, outputs, hidden
 
     @torch.no_grad()
     def _eval_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool) -> Any:

@@ -84,7 +84,7 @@ def cache_plan(setup: Any) -> str | None:
 
 def _data_fingerprint(config: Any) -> str:
     """`cache_fingerprint` without the teacher's weights (the teacher keys are not searched: same weights)."""
-    from nlm.distill.cache_builder import cache_fingerprint
+    from nlm.distill.cache import cache_fingerprint
     from nlm.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(config.teacher_model, revision=config.teacher_revision, token=config.hf_token,

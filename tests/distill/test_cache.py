@@ -144,8 +144,7 @@ def test_stored_targets_sum_to_one_after_fp16_rounding_even_when_peaked():
 
 
 def test_fingerprint_covers_line_limit_tokenisation_and_teacher_weights(model_dirs, pc_file, tmp_path, tokenizer):
-    from nlm.distill.cache import CacheMismatchError, compare_fingerprints
-    from nlm.distill.cache_builder import cache_fingerprint
+    from nlm.distill.cache import CacheMismatchError, cache_fingerprint, compare_fingerprints
 
     def fingerprint(*extra):
         config = load_config(["--teacher_model", str(model_dirs["teacher"]), "--train_file", str(pc_file), *extra]).config

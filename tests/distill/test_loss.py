@@ -166,3 +166,13 @@ def test_gradcheck_float64(kind):
 def test_width_mismatch_is_an_error():
     with pytest.raises(ValueError, match="vocabulary widths differ"):
         distillation_loss(_logits(1, 2, 10), _logits(1, 2, 12), torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_the_config_choices_are_the_registered_divergences_and_free_options_are_checked():
+    from nlm.config.settings import DIVERGENCE_NAMES
+    from nlm.distill.divergences import REGISTRY, divergence_arguments
+
+    assert DIVERGENCE_NAMES == tuple(REGISTRY)
+    assert divergence_arguments("jsd", {"jsd_beta": 0.3}) == {"beta": 0.3}
+    with pytest.raises(ValueError, match=r"\['beta'\] are not options of tvd"):
+        divergence_arguments("tvd", {"divergence_options": {"beta": 0.3}})

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from nlm.distill.fused import dense_teacher_rows, fused_distillation_loss, sparse_teacher_rows
+from nlm.distill.engines.fused import dense_teacher_rows, fused_distillation_loss, sparse_teacher_rows
 from nlm.distill.loss import LossSettings, SparseTargets, distillation_loss, tail_logp
 
 N, HIDDEN, VOCAB, TOP_K = 29, 12, 40, 6

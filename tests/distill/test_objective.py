@@ -11,7 +11,7 @@ from torch import nn
 from nlm.config.settings import DistillationConfig, Divergence
 from nlm.distill import divergences
 from nlm.distill.divergences import REGISTRY, register_divergence, token_divergence
-from nlm.distill.fused import fused_distillation_loss
+from nlm.distill.engines.fused import fused_distillation_loss
 from nlm.distill.loss import distillation_loss
 from nlm.distill.objective import (
     TERMS,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlm.config.settings import DistillationConfig
-from nlm.distill.fused import fused_distillation_loss
+from nlm.distill.engines.fused import fused_distillation_loss
 from nlm.distill.loss import LossSettings, distillation_loss, objective_from_settings
 from nlm.distill.objective import objective_from_config
 from nlm.distill.targets import MixtureLogits, target_logp

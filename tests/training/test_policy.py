@@ -12,7 +12,6 @@ from nlm.cli import main
 from nlm.config.settings import DistillationConfig
 from nlm.config.sources import load_config
 from nlm.data.tokenize import IGNORE_INDEX, PaddingCollator
-from nlm.distill.loss import LossSettings
 from nlm.distill.teacher import LiveTeacher
 from nlm.errors import ConfigError
 from nlm.models.sampling import SamplingSettings, cut_at_stop, sample_completions
@@ -43,8 +42,7 @@ def _batch(tokenizer, rows):
 def _policy(model_dirs, tokenizer, **options):
     teacher = LiveTeacher(AutoModelForCausalLM.from_pretrained(model_dirs["teacher"]), "cpu", len(tokenizer))
     config = DistillationConfig(**{"lmbda": 1.0, "max_new_tokens": 6, **options})
-    return StepPolicy(config, seed=3, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer, teacher=teacher,
-                      base_settings=LossSettings.from_config(config))
+    return StepPolicy(config, seed=3, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer, teacher=teacher)
 
 
 ROWS = [("question: what is 1 plus 1?", "answer: 2"), ("hello", "world, distillation makes small models strong")]
@@ -58,8 +56,7 @@ def test_schedule_gives_the_share_lmbda_at_every_point():
 
 
 def test_no_policy_when_nothing_is_generated():
-    assert StepPolicy.from_config(DistillationConfig(), seed=0, pad_id=0, tokenizer=None, teacher=None,
-                                  base_settings=LossSettings()) is None
+    assert StepPolicy.from_config(DistillationConfig(), seed=0, pad_id=0, tokenizer=None, teacher=None) is None
 
 
 def test_masks_prompt_after_eos_and_padding(model_dirs, tokenizer):

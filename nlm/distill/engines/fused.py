@@ -19,37 +19,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from nlm.distill.engines.base import (
+    EngineContext,
+    EngineStep,
+    linear_parts,
+    student_forward,
+    target_rows,
+    with_batch_terms,
+)
+from nlm.distill.engines.chunks import chunk_rows, spans
 from nlm.distill.loss import LossParts, LossSettings, combine_terms, objective_from_settings
 from nlm.distill.objective import Objective, Scratch
-from nlm.distill.targets import SparseTargets, TeacherTargets
+from nlm.distill.sharded_head import gathered_head
+from nlm.distill.targets import SparseTargets, TeacherRows
+from nlm.distill.teacher import Teacher
+from nlm.models.heads import capture_hidden, output_head
 
-# Elements of one [chunk, V] logits tensor: 2**22 floats = 16 MiB; the chunk's handful of temporaries stay
-# well under 100 MiB whatever the vocabulary. On a GPU a chunk may be larger (fewer, larger matmuls use the
-# card better), bounded by free memory: MAX_CHUNK_ELEMENTS = 2**26 floats = 256 MiB per fp32 copy.
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
-MAX_CHUNK_ELEMENTS = 1 << 26
-# fp32 copies of [chunk, V] alive at once in one chunk (student logits, log-softmax, probabilities, the
-# teacher's, gradient), and the share of free memory one chunk may take.
-_CHUNK_COPIES, _FREE_SHARE = 6, 8
-
-TeacherRows = Callable[[int, int], "TeacherTargets | None"]
 Autocast = Callable[[], AbstractContextManager]
-
-
-def chunk_elements(device: torch.device | str | None = None, free_bytes: int | None = None) -> int:
-    """Logits per chunk for `device`: the CPU default elsewhere; on CUDA, 1/8 of free memory split over a
-    chunk's fp32 copies, between the default and MAX_CHUNK_ELEMENTS."""
-    if free_bytes is None:
-        if device is None or torch.device(device).type != "cuda":
-            return DEFAULT_CHUNK_ELEMENTS
-        free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
-    budget = free_bytes // _FREE_SHARE // (_CHUNK_COPIES * 4)
-    return int(min(max(budget, DEFAULT_CHUNK_ELEMENTS), MAX_CHUNK_ELEMENTS))
-
-
-def chunk_rows(vocab: int, device: torch.device | str | None = None) -> int:
-    """Target rows per chunk for a vocabulary of `vocab` on `device`."""
-    return max(8, chunk_elements(device) // max(vocab, 1))
 
 
 def _no_autocast() -> AbstractContextManager:
@@ -77,8 +63,7 @@ class _FusedLoss(torch.autograd.Function):
         # A plain linear head's weight gradient is written by the first chunk's product (no head-sized fill).
         grad_params = [torch.empty_like(p) if linear is not None and p is linear[0] else torch.zeros_like(p)
                        for p in params] if needs_grad else []
-        for start in range(0, n, rows):
-            end = min(start + rows, n)
+        for start, end in spans(n, rows):
             if linear is not None:
                 sums = _linear_chunk(hidden[start:end], linear, params, head_count, grad_hidden, grad_params,
                                      start, end, teacher_rows, targets, objective, width, weights, needs_grad,
@@ -259,3 +244,39 @@ def dense_teacher_rows(teacher_hidden: torch.Tensor, teacher_head: Callable[[tor
 
 def sparse_teacher_rows(targets: SparseTargets) -> TeacherRows:
     return targets.rows
+
+
+class FusedEngine:
+    """The default engine: the student's forward with its head swapped for a recorder (`capture_hidden`), so
+    the body runs and no logits are computed; the final hidden states of the target rows [n, H] and the
+    teacher's signal go through `fused_distillation_loss`."""
+
+    name = "fused"
+
+    def __init__(self, context: EngineContext) -> None:
+        self.context = context
+
+    def step(self, model: Any, inputs: dict[str, torch.Tensor], objective: Objective, teacher: Teacher | None,
+             normalizer: Any) -> EngineStep:
+        context = self.context
+        mask, targets = target_rows(inputs)
+        student_layers, teacher_layers = objective.hidden_layers()
+        use_teacher = teacher is not None and "teacher" in objective.needs
+        unwrapped = context.unwrap(model)
+        head_module = output_head(unwrapped)
+        with capture_hidden(unwrapped) as (store, head):
+            outputs = model(**student_forward(inputs, bool(student_layers)))
+        rows = store["hidden"][:, :-1][mask]  # [n, H]
+        signal = teacher.signal(inputs, mask, rows.device, layers=teacher_layers) if use_teacher else None
+        with gathered_head(unwrapped, head_module), context.teacher_heads():  # sharded heads, whole
+            parts = fused_distillation_loss(
+                rows, head, targets, signal.rows if signal is not None else (lambda start, end: None),
+                vocab_width=context.vocab_width, objective=objective, normalizer=normalizer,
+                head_parameters=[p for p in head_module.parameters() if p.requires_grad],
+                chunk_size=context.chunk_tokens, linear_head=linear_parts(head_module),
+                # The chunks' head products run in the run's precision, as the model's forward does.
+                autocast=context.autocast,
+            )
+        parts = with_batch_terms(objective, parts, outputs, mask, student_layers, signal, normalizer)
+        width = context.vocab_width
+        return EngineStep(parts, outputs, lambda start, end: head(rows[start:end].detach())[..., :width])

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from nlm.distill.divergences import DIVERGENCES
-from nlm.distill.fused import dense_teacher_rows, fused_distillation_loss, sparse_teacher_rows
+from nlm.distill.engines.fused import dense_teacher_rows, fused_distillation_loss, sparse_teacher_rows
 from nlm.distill.loss import LossSettings, SparseTargets, distillation_loss
 
 
@@ -209,7 +209,12 @@ def test_fused_under_bf16_autocast_matches_the_simple_path_under_autocast(linear
 
 
 def test_chunk_size_depends_on_the_device_and_its_free_memory():
-    from nlm.distill.fused import DEFAULT_CHUNK_ELEMENTS, MAX_CHUNK_ELEMENTS, chunk_elements, chunk_rows
+    from nlm.distill.engines.chunks import (
+        DEFAULT_CHUNK_ELEMENTS,
+        MAX_CHUNK_ELEMENTS,
+        chunk_elements,
+        chunk_rows,
+    )
 
     assert chunk_elements("cpu") == DEFAULT_CHUNK_ELEMENTS == chunk_elements(None)
     assert chunk_rows(32_000, "cpu") == DEFAULT_CHUNK_ELEMENTS // 32_000

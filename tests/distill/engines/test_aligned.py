@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from nlm.data.tokenize import PaddingCollator, TokenizeSettings, tokenize_records
-from nlm.distill.cross_loss import AlignedTeacher, CrossSettings, cross_tokenizer_loss
+from nlm.distill.aligned_teacher import AlignedTeacher
 from nlm.distill.cross_vocab import build_vocab_map
-from nlm.distill.fused import fused_distillation_loss
+from nlm.distill.engines.aligned import CrossSettings, cross_tokenizer_loss
+from nlm.distill.engines.fused import fused_distillation_loss
 from nlm.distill.loss import LossSettings
 from nlm.distill.teacher import LiveTeacher
 from nlm.models.heads import capture_hidden, output_head
@@ -117,7 +118,7 @@ def test_alm_with_identical_tokenizers_is_the_binary_kl_of_each_target_tokens_pr
 def test_alm_group_likelihood_is_the_product_over_each_sides_own_tokens(tmp_path):
     """Different tokenizers: each group's teacher log-likelihood equals the sum of the teacher's log-probs of its
     own tokens of that group, and the groups' text is the same on both sides."""
-    from nlm.distill.cross_loss import group_tokens
+    from nlm.distill.engines.aligned import group_tokens
 
     student_tok = build_tokenizer(CORPUS, vocab_size=290)
     teacher_tok = build_tokenizer(CORPUS, vocab_size=420)

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from nlm.distill.cross_vocab import VocabMap, binary_kl, hybrid, uld
-from nlm.distill.fused import chunk_rows, fused_distillation_loss
+from nlm.distill.engines.base import EngineContext, EngineStep, linear_parts, target_rows
+from nlm.distill.engines.chunks import chunk_rows, spans
+from nlm.distill.engines.fused import fused_distillation_loss
 from nlm.distill.loss import LossParts, LossSettings, combine
-from nlm.models.heads import capture_hidden
+from nlm.distill.objective import Objective
+from nlm.models.heads import capture_hidden, output_head
 
 # What each method compares: the (softened) distributions at the group starts, or the groups' likelihoods.
 CROSS_METHODS = {"uld": "distribution", "hybrid": "distribution", "alm": "likelihood"}
@@ -80,8 +83,8 @@ def _chunked_sum(rows: torch.Tensor, per_chunk: Callable[..., torch.Tensor], *ot
     """Σ per_chunk(rows[c], others[c]...) over chunks (each of `shape`); with grad, each chunk's logits are
     recomputed in backward rather than kept."""
     total = rows.new_zeros(shape, dtype=torch.float32)
-    for start in range(0, rows.shape[0], chunk):
-        args = (rows[start : start + chunk], *(other[start : start + chunk] for other in others))
+    for start, end in spans(rows.shape[0], chunk):
+        args = (rows[start:end], *(other[start:end] for other in others))
         if torch.is_grad_enabled() and rows.requires_grad:
             total = total + checkpoint(per_chunk, *args, use_reentrant=False)
         else:
@@ -130,55 +133,6 @@ def aligned_distill_sum(student_rows: torch.Tensor, head: Callable[[torch.Tensor
     return _chunked_sum(student_rows, chunk_sum, teacher_logits, single.to(student_rows.device), chunk=rows)
 
 
-class AlignedTeacher:
-    """A frozen teacher with its own tokenizer: logits at the aligned group starts of its own token ids.
-
-    `paired_tokenizer` tells the data layer to add the teacher's tokenisation and the alignment to each
-    example; `cross` and `vocab_map` say which divergence compares the two vocabularies.
-    """
-
-    # The Teacher protocol's attributes (nlm.distill.teacher); the trainer takes this teacher's own
-    # cross-tokenizer path, as its rows follow another tokenisation.
-    batch_columns: tuple[str, ...] = ()
-    full_distribution = False
-    hidden_layers = 0
-
-    def models(self) -> list[Any]:
-        return [self.model]
-
-    def hidden_size(self) -> int:
-        raise ValueError("hidden-state distillation needs a teacher sharing the student's tokenizer")
-
-    def __init__(self, model: Any, device: torch.device | str, vocab_width: int, tokenizer: Any = None,
-                 cross: CrossSettings | None = None, vocab_map: VocabMap | None = None) -> None:
-        from nlm.models.loading import freeze
-
-        self.model = freeze(model).to(device)
-        self.device = torch.device(device)
-        self.vocab_width = vocab_width
-        self.paired_tokenizer = tokenizer
-        self.cross = cross or CrossSettings()
-        self.vocab_map = vocab_map
-
-    @torch.no_grad()
-    def groups(self, inputs: dict[str, torch.Tensor], device: torch.device) -> TeacherGroups:
-        """What the method needs of each aligned group, on `device`: start logits, or group log-likelihoods."""
-        attention = inputs.get("teacher_attention_mask")
-        with capture_hidden(self.model) as (store, head):
-            self.model(input_ids=inputs["teacher_input_ids"].to(self.device), use_cache=False,
-                       attention_mask=attention.to(self.device) if attention is not None else None)
-        if self.cross.needs == "likelihood":
-            loglik = group_loglik(store["hidden"], head, inputs["teacher_input_ids"], inputs["align_teacher"],
-                                  inputs["align_teacher_end"], self.vocab_width, chunk_rows(self.vocab_width))
-            return TeacherGroups(None, loglik.to(device))
-        rows = group_rows(store["hidden"], inputs["align_teacher"].to(self.device))
-        return TeacherGroups(head(rows)[..., : self.vocab_width].float().to(device), None)
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "live_cross_tokenizer", "device": str(self.device), "vocab_width": self.vocab_width,
-                "method": self.cross.method, "matched_tokens": self.vocab_map.matched if self.vocab_map else None}
-
-
 def cross_tokenizer_loss(
     hidden: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
@@ -218,3 +172,46 @@ def cross_tokenizer_loss(
     total = (1 - settings.alpha) * ce.total + settings.alpha * scale * distill_sum / float(denominator)
     parts = combine(ce.task * float(denominator), distill_sum.detach(), ce.tokens, settings, denominator)
     return LossParts(total=total, task=parts.task, distill=parts.distill, tokens=ce.tokens)
+
+
+class GroupTeacher(Protocol):
+    """What the aligned engine reads of a teacher whose `signal_kind` is "groups"."""
+
+    cross: CrossSettings  # which divergence compares the two vocabularies
+    vocab_map: VocabMap | None  # tokens both vocabularies spell alike (hybrid)
+
+    def signal(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, device: torch.device,
+               layers: Any = (), full_logits: bool = False) -> TeacherGroups: ...
+
+
+class AlignedEngine:
+    """A teacher with its own tokenizer: CE (fused) + the cross-tokenizer term over the aligned groups. Steps
+    whose objective needs no teacher (α = 0) go to `plain`, the engine `loss_impl` chose."""
+
+    name = "aligned"
+
+    def __init__(self, context: EngineContext, plain: Any) -> None:
+        self.context, self.plain = context, plain
+
+    def step(self, model: Any, inputs: dict[str, torch.Tensor], objective: Objective, teacher: GroupTeacher | None,
+             normalizer: Any) -> EngineStep:
+        if teacher is None or "teacher" not in objective.needs:
+            return self.plain.step(model, inputs, objective, None, normalizer)
+        if objective.alpha is None or objective.temperature is None:
+            raise ValueError("the cross-tokenizer loss takes the alpha/temperature objective")
+        context = self.context
+        mask, _ = target_rows(inputs)
+        unwrapped = context.unwrap(model)
+        head_module = output_head(unwrapped)
+        with capture_hidden(unwrapped) as (store, head):
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        hidden = store["hidden"]  # [b, s, H]
+        parts = cross_tokenizer_loss(
+            hidden, head, inputs, teacher.signal(inputs, mask, hidden.device),
+            LossSettings(alpha=objective.alpha, temperature=objective.temperature), teacher.cross, teacher.vocab_map,
+            vocab_width=context.vocab_width, normalizer=normalizer,
+            head_parameters=[p for p in head_module.parameters() if p.requires_grad], chunk_size=context.chunk_tokens,
+            linear_head=linear_parts(head_module),
+        )
+        rows, width = hidden[:, :-1][mask], context.vocab_width
+        return EngineStep(parts, outputs, lambda start, end: head_module(rows[start:end].detach())[..., :width])
