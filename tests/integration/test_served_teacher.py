@@ -95,3 +95,84 @@ def test_top_k_over_the_server_cap_is_exit_2(model_dirs, pc_file, tmp_path, teac
     code = main(["train", "--student_model", str(model_dirs["student"]), "--train_file", str(pc_file),
                  "--teacher_url", teacher_server["url"], "--teacher_top_k", str(K + 1), "--output_dir", str(tmp_path / "out")])
     assert code == 2 and f"cap of {K}" in capsys.readouterr().err
+
+
+def _prompt_tokens(base):
+    import re
+
+    import httpx
+
+    try:
+        text = httpx.get(f"{base}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return 0.0
+    match = re.search(r"nlm_prompt_tokens_total ([0-9.e+]+)", text)
+    return float(match.group(1)) if match else 0.0
+
+
+def _run_and_kill(args, folder, port, threshold):
+    """Run `nlm train args` in a thread; kill the server once it has scored `threshold` prompt tokens.
+    Returns (thread, result holder, killed process)."""
+    import threading
+    import time
+
+    base = f"http://127.0.0.1:{port}"
+    process = start_server(folder, port)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("code", main(args)))
+    thread.start()
+    deadline = time.time() + 60
+    while _prompt_tokens(base) < threshold and time.time() < deadline and thread.is_alive():
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert thread.is_alive(), "the run finished before the server was killed; make it longer"
+    return thread, result
+
+
+TRAIN_LONG = ["--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--max_steps", "36",
+              "--teacher_top_k", "16", "--teacher_concurrency", "2", "--teacher_prefetch_batches", "1"]
+
+
+def test_killing_and_restarting_the_server_mid_run_loses_nothing(model_dirs, pc_file, tmp_path, teacher_server):
+    common = ["train", "--student_model", str(model_dirs["student"]), "--train_file", str(pc_file), *TRAIN_LONG,
+              "--save_strategy", "no"]
+    assert main([*common, "--teacher_url", teacher_server["url"], "--output_dir", str(tmp_path / "plain")]) == 0
+    port = free_port()
+    thread, result = _run_and_kill([*common, "--teacher_url", f"http://127.0.0.1:{port}/v1", "--teacher_retries", "8",
+                                    "--output_dir", str(tmp_path / "killed")], model_dirs["teacher"], port, 200)
+    restarted = start_server(model_dirs["teacher"], port)  # within the retries' backoff (0.5 s doubling, 8 tries)
+    try:
+        thread.join(timeout=240)
+    finally:
+        restarted.kill()
+        restarted.wait()
+    assert result.get("code") == 0
+    plain, killed = _weights(tmp_path / "plain/distill/final"), _weights(tmp_path / "killed/distill/final")
+    for name, value in plain.items():
+        torch.testing.assert_close(killed[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_exhausted_retries_checkpoint_exit_1_and_resume_to_the_same_weights(model_dirs, pc_file, tmp_path, teacher_server,
+                                                                             capsys):
+    common = ["train", "--student_model", str(model_dirs["student"]), "--train_file", str(pc_file), *TRAIN_LONG,
+              "--save_strategy", "steps", "--save_steps", "10"]
+    assert main([*common, "--teacher_url", teacher_server["url"], "--output_dir", str(tmp_path / "plain")]) == 0
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    args = [*common, "--teacher_url", url, "--teacher_retries", "1", "--output_dir", str(tmp_path / "cut")]
+    thread, result = _run_and_kill(args, model_dirs["teacher"], port, 300)
+    thread.join(timeout=120)
+    assert result.get("code") == 1
+    assert "did not answer after 2 attempts" in capsys.readouterr().err
+    checkpoints = sorted((tmp_path / "cut/distill").glob("checkpoint-*"))
+    assert checkpoints, "no checkpoint was saved before stopping"
+    restarted = start_server(model_dirs["teacher"], port)
+    try:
+        assert main([*args, "--resume"]) == 0
+    finally:
+        restarted.kill()
+        restarted.wait()
+    plain, resumed = _weights(tmp_path / "plain/distill/final"), _weights(tmp_path / "cut/distill/final")
+    for name, value in plain.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-5, msg=name)
