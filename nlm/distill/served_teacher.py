@@ -387,6 +387,9 @@ def probe_server(config: Any) -> tuple[TeacherClient, ServerInfo]:
 
 def load_served_teacher(config: Any, tokenizer: Any) -> ServedTeacher:
     """The run's served teacher, checked to share the student's tokenizer."""
+    if config.distillation.hidden_states.weight > 0:
+        raise ConfigError("distillation.hidden_states needs the teacher's hidden states: a served teacher (teacher_url) "
+                          "returns log-probabilities only; use an in-process teacher_model or a cache built with them")
     client, info = probe_server(config)
     check_token_identity(info, tokenizer, client)
     logger.info("teacher served at %s (model %s, top-%d + tail, %d requests in flight)", client.url, info.model,
