@@ -60,6 +60,22 @@ class ServedResponseError(NlmError):
     exit_code = 1
 
 
+def _loads(content: bytes) -> Any:
+    """Parse an answer; orjson when installed (prompt log-prob answers hold K entries per token), else — and for
+    answers orjson refuses, such as a bare NaN, which the per-field checks then name — the json module."""
+    import json
+
+    try:
+        import orjson
+
+        return orjson.loads(content)
+    except (ImportError, ValueError):
+        try:
+            return json.loads(content)
+        except ValueError as exc:
+            raise ServedResponseError(f"the teacher server's answer is not JSON ({exc})") from None
+
+
 def public_url(url: str) -> str:
     """The URL without credentials or query (what logs and training_metadata.json show)."""
     parts = urlsplit(url)
@@ -147,7 +163,7 @@ class TeacherClient:
             try:
                 reply = self._http.post(path, json=body)
                 if reply.status_code == 200:
-                    return reply.json()
+                    return _loads(reply.content)
                 if reply.status_code not in RETRIED_STATUS:
                     raise ServedResponseError(f"teacher server {self.url}: POST /{path} answered {reply.status_code}: "
                                               f"{reply.text[:300]}")
@@ -172,23 +188,27 @@ class TeacherClient:
         self._http.close()
 
 
-def prompt_rows(answer: dict[str, Any], tokens: list[int], top_k: int, vocab: int, where: str
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-K ids [L-1, K] and log-probs [L-1, K] of a prompt_logprobs answer for `tokens` (length L): row j is
-    the distribution predicting token j+1. Every check names `where` and the field."""
+def prompt_rows(answer: dict[str, Any], tokens: list[int], top_k: int, vocab: int, where: str, index: int = 0,
+                prompts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-K ids [L-1, K] and log-probs [L-1, K] for `tokens` (length L) from choice `index` of a
+    prompt_logprobs answer to `prompts` prompts: row j is the distribution predicting token j+1. Every check
+    names `where` and the field."""
     choices = answer.get("choices")
     if not choices or not isinstance(choices, list):
         raise ServedResponseError(f"{where}: the answer has no choices")
-    entries = choices[0].get("prompt_logprobs")
+    if len(choices) != prompts:
+        raise ServedResponseError(f"{where}: the answer has {len(choices)} choices for {prompts} prompts")
+    choices = sorted(choices, key=lambda choice: choice.get("index", 0)) if prompts > 1 else choices
+    entries = choices[index].get("prompt_logprobs")
     if not isinstance(entries, list):
-        raise ServedResponseError(f"{where}: choices[0].prompt_logprobs is missing (does the server support vLLM's "
-                                  "prompt_logprobs?)")
+        raise ServedResponseError(f"{where}: choices[{index}].prompt_logprobs is missing (does the server support "
+                                  "vLLM's prompt_logprobs?)")
     if len(entries) != len(tokens):
-        raise ServedResponseError(f"{where}: choices[0].prompt_logprobs has {len(entries)} entries for {len(tokens)} "
-                                  "prompt tokens (another tokenizer or a truncated prompt?)")
+        raise ServedResponseError(f"{where}: choices[{index}].prompt_logprobs has {len(entries)} entries for "
+                                  f"{len(tokens)} prompt tokens (another tokenizer or a truncated prompt?)")
     ids, values = [], []
     for position, entry in enumerate(entries[1:], start=1):
-        field = f"choices[0].prompt_logprobs[{position}]"
+        field = f"choices[{index}].prompt_logprobs[{position}]"
         if not isinstance(entry, dict):
             raise ServedResponseError(f"{where}: {field} is {type(entry).__name__}, expected an object keyed by token id")
         try:
@@ -241,36 +261,46 @@ class ServedTeacher:
 
     # --- requests ----------------------------------------------------------------------------------------
 
-    def _request(self, tokens: list[int]) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.info.model, "prompt": tokens, "max_tokens": 1, "temperature": 0,
-                                "prompt_logprobs": self.top_k}
+    def _request(self, prompts: list[list[int]]) -> dict[str, Any]:
+        """One request for a batch's examples (a list of token-id prompts, as vLLM and nlm serve take them)."""
+        body: dict[str, Any] = {"model": self.info.model, "prompt": prompts if len(prompts) > 1 else prompts[0],
+                                "max_tokens": 1, "temperature": 0, "prompt_logprobs": self.top_k}
         if self.info.nlm:
             body["logprobs_temperature"] = self.temperature
         return self.client.post("completions", body)
 
-    def _submit(self, tokens: list[int]) -> Future:
-        return self._pool.submit(self._request, tokens)
+    def _submit(self, prompts: list[list[int]]) -> list[tuple[Future, int, int]]:
+        """Start one request; each prompt's slot is (its future, its choice index, prompts in the request)."""
+        future = self._pool.submit(self._request, prompts)
+        return [(future, index, len(prompts)) for index in range(len(prompts))]
 
     def prefetch(self, batch: dict[str, Any]) -> None:
-        """Start the requests of a batch's examples now; `signal` picks their answers up later."""
+        """Start the request of a batch's examples now; `signal` picks their answers up later."""
+        examples = _examples(batch)
         with self._lock:
-            for tokens in _examples(batch):
-                self._pending.setdefault(tuple(tokens), collections.deque()).append(self._submit(tokens))
+            for tokens, slot in zip(examples, self._submit(examples), strict=True):
+                self._pending.setdefault(tuple(tokens), collections.deque()).append(slot)
             while sum(len(q) for q in self._pending.values()) > self._pending_cap:  # bounded: drop the oldest
                 key, queue = next(iter(self._pending.items()))
-                queue.popleft().cancel()
+                queue.popleft()[0].cancel()
                 if not queue:
                     del self._pending[key]
 
-    def _future(self, tokens: list[int]) -> Future:
+    def _slots(self, examples: list[list[int]]) -> list[tuple[Future, int, int]]:
+        """Each example's slot: a prefetched one, else one new request for all the examples not prefetched."""
+        slots: list[tuple[Future, int, int] | None] = []
         with self._lock:
-            queue = self._pending.get(tuple(tokens))
-            future = queue.popleft() if queue else None
-            if queue is not None and not queue:
-                del self._pending[tuple(tokens)]
-            if future is not None and not future.cancelled():
-                return future
-        return self._submit(tokens)
+            for tokens in examples:
+                queue = self._pending.get(tuple(tokens))
+                slot = queue.popleft() if queue else None
+                if queue is not None and not queue:
+                    del self._pending[tuple(tokens)]
+                slots.append(slot if slot is not None and not slot[0].cancelled() else None)
+        missing = [number for number, slot in enumerate(slots) if slot is None]
+        if missing:
+            for number, slot in zip(missing, self._submit([examples[n] for n in missing]), strict=True):
+                slots[number] = slot
+        return slots  # type: ignore[return-value]
 
     # --- the protocol --------------------------------------------------------------------------------------
 
@@ -281,12 +311,12 @@ class ServedTeacher:
                               "returns log-probabilities only")
         self.batches += 1
         examples = _examples(inputs)
-        futures = [self._future(tokens) for tokens in examples]
+        slots = self._slots(examples)
         ids, logp = [], []
         started = time.perf_counter()
-        for number, (tokens, future) in enumerate(zip(examples, futures, strict=True)):
+        for number, (tokens, (future, index, prompts)) in enumerate(zip(examples, slots, strict=True)):
             where = f"served teacher {self.client.url}, batch {self.batches}, example {number}"
-            top_ids, top_logp = prompt_rows(future.result(), tokens, self.top_k, self.vocab_width, where)
+            top_ids, top_logp = prompt_rows(future.result(), tokens, self.top_k, self.vocab_width, where, index, prompts)
             rows = mask[number].nonzero().squeeze(-1).to("cpu")  # positions j predicting token j+1
             if rows.numel() and int(rows.max()) >= top_ids.shape[0]:
                 raise ServedResponseError(f"{where}: a target position {int(rows.max())} lies past the example's "

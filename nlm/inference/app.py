@@ -39,6 +39,7 @@ from nlm.inference.logprobs import (
     chat_spec,
     completion_choices,
     completion_spec,
+    json_body,
     model_card,
     prompt_token_ids,
 )
@@ -283,13 +284,45 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
             job.logprobs = spec
             return job
 
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], list):
+            return await _prompt_batch(body, served, spec, request)
         job = await _off_loop(prepare)
 
         def shape(output: GenerationOutput) -> list[dict]:
             text = body.prompt if isinstance(body.prompt, str) else served.tokenizer.decode(job.prompt_ids)
             return completion_choices(body, output, job.prompt_ids, text, served.tokenizer)
 
-        return await _respond(job, served, body.stream, "text_completion", chat=False, request=request, shape=shape)
+        answer = await _respond(job, served, body.stream, "text_completion", chat=False, request=request, shape=shape)
+        # Log-probs make large bodies (K entries per token): serialised directly, not walked by jsonable_encoder.
+        return json_body(answer) if spec is not None else answer
+
+    async def _prompt_batch(body: CompletionRequest, served: ServedModel, spec: Any, request: Request) -> Any:
+        """Several token-id prompts in one request (as vLLM takes them): one job each, run together through the
+        batcher; choice i answers prompt i."""
+        if (body.n or 1) != 1 or body.stream:
+            raise ClientError(422, "a list of prompts takes n = 1 and no stream", "prompt")
+        if len(body.prompt) > settings.max_batch_size:
+            raise ClientError(422, f"{len(body.prompt)} prompts in one request; the limit is --max_batch_size "
+                                   f"{settings.max_batch_size}", "prompt")
+
+        def prepare(ids: list[int]) -> GenerationJob:
+            job = openai_job(prompt_token_ids(ids, served.tokenizer, settings), body, settings, body.max_tokens, served)
+            job.logprobs = spec
+            return job
+
+        jobs = [await _off_loop(prepare, ids) for ids in body.prompt]
+        outputs = await asyncio.gather(*(_run(job, served, None) for job in jobs))  # one disconnect watch cannot serve many
+        choices = []
+        for index, (job, output) in enumerate(zip(jobs, outputs, strict=True)):
+            for choice in completion_choices(body, output, job.prompt_ids, served.tokenizer.decode(job.prompt_ids),
+                                             served.tokenizer):
+                choices.append({**choice, "index": index})
+        prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
+        generated = sum(output.completion_tokens for output in outputs)
+        answer = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                  "model": served.name, "choices": choices,
+                  "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}}
+        return json_body(answer)
 
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:

@@ -81,7 +81,9 @@ class _OpenAIRequest(_Strict):
 class CompletionRequest(_OpenAIRequest):
     """POST /v1/completions (OpenAI)."""
 
-    prompt: str | list[int] = Field(..., description="Text, or token ids (scored as given, no special tokens added).")
+    prompt: str | list[int] | list[list[int]] = Field(
+        ..., description="Text, token ids (scored as given, no special tokens added), or a list of token-id prompts "
+                         "(one choice each, in order).")
     max_tokens: int | None = Field(16, ge=0, description="0 with echo or prompt_logprobs: score the prompt, generate nothing.")
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, description="Top log-probs per token (at most the server's --max_logprobs).")

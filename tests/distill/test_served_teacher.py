@@ -25,14 +25,19 @@ from nlm.errors import ConfigError
 VOCAB, K = 50, 4
 
 
-def vllm_answer(tokens, top=K, logp=None):
-    """vLLM's /v1/completions answer with prompt_logprobs: per token after the first, the top `top` by rank."""
-    entries = [None]
-    for position in range(1, len(tokens)):
-        values = logp if logp is not None else [-0.5 - i for i in range(top)]
-        entries.append({str((position + i) % VOCAB): {"logprob": v, "rank": i + 1, "decoded_token": "x"}
-                        for i, v in enumerate(values)})
-    return {"choices": [{"text": "", "prompt_logprobs": entries}]}
+def vllm_answer(prompt, top=K, logp=None):
+    """vLLM's /v1/completions answer with prompt_logprobs (one choice per prompt of a list of token-id prompts):
+    per token after the first, the top `top` by rank."""
+    prompts = prompt if prompt and isinstance(prompt[0], list) else [prompt]
+    choices = []
+    for index, tokens in enumerate(prompts):
+        entries = [None]
+        for position in range(1, len(tokens)):
+            values = logp if logp is not None else [-0.5 - i for i in range(top)]
+            entries.append({str((position + i) % VOCAB): {"logprob": v, "rank": i + 1, "decoded_token": "x"}
+                            for i, v in enumerate(values)})
+        choices.append({"index": index, "text": "", "prompt_logprobs": entries})
+    return {"choices": choices[::-1]}  # in any order: the client sorts by index
 
 
 class Scripted(BaseHTTPRequestHandler):
@@ -94,9 +99,8 @@ def test_rows_follow_the_mask_and_requests_are_vllm_shaped(server):
     assert signal.count == int(mask.sum()) == rows.ids.shape[0] == 3
     # example 0 rows are positions 1, 2 (predicting tokens 2, 3): the answer's entries 2 and 3
     assert rows.ids[0].tolist() == [2, 3, 4, 5] and rows.ids[1].tolist() == [3, 4, 5, 6]
-    sent = sorted(server.requests, key=lambda r: len(r["prompt"]))
-    assert [r["prompt"] for r in sent] == [[9, 10, 11], [5, 6, 7, 8]]
-    assert all(r["prompt_logprobs"] == K and "logprobs_temperature" not in r for r in sent)  # vLLM: no nlm extension
+    assert [r["prompt"] for r in server.requests] == [[[5, 6, 7, 8], [9, 10, 11]]]  # one request per batch
+    assert all(r["prompt_logprobs"] == K and "logprobs_temperature" not in r for r in server.requests)  # no nlm extension
     probs = rows.logp.double().exp().sum(-1) + rows.tail_logp.double().exp()  # k + 1 buckets sum to one
     torch.testing.assert_close(probs, torch.ones_like(probs), rtol=0, atol=1e-5)
 
@@ -160,7 +164,7 @@ def test_prefetched_requests_are_used_not_repeated(server):
     inputs, mask = batch([5, 6, 7, 8], [9, 10, 11])
     served.prefetch(inputs)
     served.signal(inputs, mask, torch.device("cpu"))
-    assert len(server.requests) == 2
+    assert len(server.requests) == 1
 
 
 def test_public_url_drops_credentials_and_unreachable_is_a_config_error():

@@ -125,3 +125,16 @@ def test_models_publish_the_tokenizer_fingerprint(scored, local):
     entry = scored.get("/v1/models").json()["data"][0]
     assert entry["tokenizer_fingerprint"] == vocabulary_fingerprint(local[1])
     assert entry["vocab_size"] == len(local[1]) and entry["max_logprobs"] == 8
+
+
+def test_a_list_of_token_prompts_gets_one_choice_each_equal_to_alone(scored):
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13]]
+    body = {"max_tokens": 1, "temperature": 0, "prompt_logprobs": 3}
+    batch = scored.post("/v1/completions", json={**body, "prompt": prompts}).json()["choices"]
+    assert [choice["index"] for choice in batch] == [0, 1, 2]
+    for prompt, choice in zip(prompts, batch, strict=True):
+        alone = scored.post("/v1/completions", json={**body, "prompt": prompt}).json()["choices"][0]
+        assert choice["prompt_token_ids"] == prompt
+        for a, b in zip(alone["prompt_logprobs"][1:], choice["prompt_logprobs"][1:], strict=True):
+            assert a.keys() == b.keys()
+            assert [v["logprob"] for v in a.values()] == pytest.approx([v["logprob"] for v in b.values()], abs=1e-5)
