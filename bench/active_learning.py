@@ -33,12 +33,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
+    from nlm.apps.evaluate import evaluate_model
+    from nlm.apps.train import train
     from nlm.commands.data_select import Options, run
     from nlm.config.settings import TrainingConfig
     from nlm.data.tokenize import TokenizeSettings
     from nlm.demo.pipeline import DemoBudget, initial_model, write_demo_data
-    from nlm.training.evaluate import evaluate_model
-    from nlm.training.run import train
 
     budget = DemoBudget()
     report: dict = {"fraction": args.fraction, "by": args.by, "teacher_epochs": args.teacher_epochs, "seeds": {}}

@@ -29,12 +29,12 @@ def main() -> None:
     parser.add_argument("--tail_share", type=float, default=0.0, help="share of teacher completions drawn from the tail")
     args = parser.parse_args()
 
+    from nlm.apps.evaluate import evaluate_model
+    from nlm.apps.teacher_cache import build_teacher_cache
+    from nlm.apps.train import train
     from nlm.config.settings import TrainingConfig
     from nlm.data.tokenize import TokenizeSettings
     from nlm.demo.pipeline import DemoBudget, initial_model, write_demo_data
-    from nlm.distill.cache_builder import build_teacher_cache
-    from nlm.training.evaluate import evaluate_model
-    from nlm.training.run import train
 
     budget = DemoBudget()
     with tempfile.TemporaryDirectory(prefix="nlm-cache-quality-") as scratch:

@@ -16,13 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from nlm.apps.evaluate import evaluate_model
+from nlm.apps.train import train
 from nlm.config.settings import TrainingConfig
 from nlm.data.tokenize import TokenizeSettings
+from nlm.demo.colours import build_demo_data, corpus
 from nlm.demo.pipeline import DemoBudget, initial_model, write_demo_data
-from nlm.demo.task import build_demo_data, corpus
 from nlm.models.scratch import build_causal_lm, build_tokenizer
-from nlm.training.evaluate import evaluate_model
-from nlm.training.run import train
 
 
 def _train(root: Path, name: str, model: Path, data: Path, epochs: float, lr: float, seed: int, teacher: Path | None,

@@ -26,12 +26,12 @@ from typing import Any
 
 
 def run_seed(seed: int, smoke: bool, student_epochs: float) -> dict[str, dict[str, Any]]:
+    from nlm.apps.evaluate import evaluate_model
+    from nlm.apps.train import train
     from nlm.config.settings import TrainingConfig
     from nlm.data.tokenize import TokenizeSettings
     from nlm.demo.pipeline import DemoBudget, initial_model, write_demo_data
     from nlm.models.prune import init_student
-    from nlm.training.evaluate import evaluate_model
-    from nlm.training.run import train
 
     budget = DemoBudget.quick() if smoke else DemoBudget()
     epochs = 1.0 if smoke else student_epochs

@@ -35,10 +35,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=realmodel.DEFAULT_ROOT / "draft")
     args = parser.parse_args()
 
+    from nlm.apps.draft_eval import evaluate_draft
+    from nlm.apps.train import train
     from nlm.config.settings import TrainingConfig
     from nlm.models.prune import init_student
-    from nlm.training.draft_eval import evaluate_draft
-    from nlm.training.run import train
 
     started = time.perf_counter()
     target = realmodel.teacher_dir()

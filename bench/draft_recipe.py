@@ -3,7 +3,7 @@
 The demo's `reverse` task (spell a made-up word backwards: multi-token answers). One teacher (llama config
 4 layers x 128 hidden, task and teacher seed 0) is the target. Per seed, four drafts from the same student
 initialisation (2 x 64, initialised with that seed), each measured with `nlm eval --draft_for TEACHER`
-(`nlm.training.draft_eval.evaluate_draft`: greedy, outputs checked identical to the teacher's alone):
+(`nlm.apps.draft_eval.evaluate_draft`: greedy, outputs checked identical to the teacher's alone):
 
     untrained   the initialisation itself
     fine_tuned  alpha=0 (labels only)
@@ -39,8 +39,8 @@ ORDER = ("untrained", "fine_tuned", "kd", "draft")
 
 def train_model(root: Path, name: str, init: Path, train_file: Path, epochs: float, seed: int,
                 teacher: Path | None, distillation: dict) -> Path:
+    from nlm.apps.train import train
     from nlm.config.settings import TrainingConfig
-    from nlm.training.run import train
 
     config = TrainingConfig(
         student_model=str(init), teacher_model=str(teacher) if teacher else None, train_file=train_file,
@@ -62,9 +62,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from nlm.apps.draft_eval import evaluate_draft
     from nlm.demo.pipeline import initial_model, write_demo_data
     from nlm.demo.tasks import get_task
-    from nlm.training.draft_eval import evaluate_draft
 
     started = time.perf_counter()
     spec = get_task("reverse")

@@ -111,8 +111,8 @@ def main() -> None:
 
         args.model = realmodel.teacher_dir()
 
-    from nlm.export.run import export_model
-    from nlm.training.evaluate import evaluate_model
+    from nlm.apps.evaluate import evaluate_model
+    from nlm.apps.export import export_model
 
     with tempfile.TemporaryDirectory(prefix="nlm-export-bench-") as scratch:
         root = Path(scratch)

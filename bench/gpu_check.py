@@ -162,9 +162,9 @@ def _write(out: Path | None, result: dict) -> None:
 def train_part(steps: int = 20, batch: int = 8, seq: int = 1024, smoke: bool = False, out: Path | None = None) -> dict:
     import random
 
-    import nlm.training.run as run_module
+    import nlm.apps.train as run_module
+    from nlm.apps.teacher_cache import build_teacher_cache
     from nlm.config.settings import TrainingConfig
-    from nlm.distill.cache_builder import build_teacher_cache
     from nlm.models.scratch import build_causal_lm, build_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="nlm-gpu-"))

@@ -45,8 +45,8 @@ class TokenCounter:
 
 
 def run_nlm(root: Path, steps: int, batch: int, seed: int, max_new_tokens: int) -> dict:
+    import nlm.apps.train as run_module
     import nlm.training.policy as policy_module
-    import nlm.training.run as run_module
     from nlm.config.settings import TrainingConfig
 
     timer, counter = StepTimer(), TokenCounter()

@@ -39,7 +39,7 @@ def main() -> None:
 
     import torch
 
-    import nlm.training.run as run_module
+    import nlm.apps.train as run_module
     from nlm.config.settings import TrainingConfig
 
     report: dict = {"runner": args.runner}

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _train(student: Path, train_file: Path, root: Path, name: str, args: argparse.Namespace, qad: bool) -> Path:
+    from nlm.apps.train import train
     from nlm.config.settings import TrainingConfig
-    from nlm.training.run import train
 
     config = TrainingConfig(
         student_model=str(student), teacher_model=str(student), train_file=train_file, output_dir=root / "runs",
@@ -41,15 +41,15 @@ def _train(student: Path, train_file: Path, root: Path, name: str, args: argpars
 
 
 def _score(folder: Path, heldout: Path, args: argparse.Namespace) -> float:
+    from nlm.apps.evaluate import evaluate_model
     from nlm.data.tokenize import TokenizeSettings
-    from nlm.training.evaluate import evaluate_model
 
     return evaluate_model(folder, heldout, batch_size=8, settings=TokenizeSettings(max_seq_length=args.seq),
                           device="cpu")["loss"]
 
 
 def measure(name: str, student: Path, train_file: Path, heldout: Path, root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from nlm.export.run import export_model
+    from nlm.apps.export import export_model
 
     started = time.perf_counter()
     fp32 = _score(student, heldout, args)

@@ -78,12 +78,12 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None, help="JSONL of finished rows (default: ROOT/results-CUT.jsonl)")
     args = parser.parse_args()
 
+    from nlm.apps.evaluate import evaluate_model
+    from nlm.apps.teacher_cache import build_teacher_cache
+    from nlm.apps.train import train
     from nlm.config.settings import TrainingConfig
     from nlm.data.tokenize import TokenizeSettings
-    from nlm.distill.cache_builder import build_teacher_cache
-    from nlm.training.evaluate import evaluate_model
     from nlm.training.gap import gap_closed
-    from nlm.training.run import train
 
     root = args.root
     teacher = realmodel.teacher_dir(root)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 
 def sweep_seed(root: Path, seed: int, lmbda: float, quick: bool) -> dict:
+    from nlm.apps.evaluate import evaluate_model
     from nlm.data.tokenize import TokenizeSettings
     from nlm.demo.pipeline import _train, run_demo
     from nlm.demo.tasks import get_task
-    from nlm.training.evaluate import evaluate_model
 
     spec = get_task("reverse")
     budget = spec.quick_budget if quick else spec.budget

@@ -32,9 +32,9 @@ def child(config_json: str) -> None:
     import gc
     import resource
 
+    from nlm.apps.train import train
     from nlm.config.settings import TrainingConfig
     from nlm.distill.served_teacher import ServedTeacher
-    from nlm.training.run import train
 
     result = train(TrainingConfig(**json.loads(config_json)))
     served = [o for o in gc.get_objects() if isinstance(o, ServedTeacher)]
@@ -90,13 +90,13 @@ def main() -> None:
         return child(args.child)
 
     from cache_quality import long_tail
+    from nlm.training.evaluate import evaluate_model
 
+    from nlm.apps.teacher_cache import build_teacher_cache
+    from nlm.apps.train import train
     from nlm.config.settings import TrainingConfig
     from nlm.data.tokenize import TokenizeSettings
     from nlm.demo.pipeline import DemoBudget, initial_model, write_demo_data
-    from nlm.distill.cache_builder import build_teacher_cache
-    from nlm.training.evaluate import evaluate_model
-    from nlm.training.run import train
 
     budget = DemoBudget()
     with tempfile.TemporaryDirectory(prefix="nlm-served-teacher-") as scratch:

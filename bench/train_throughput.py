@@ -113,7 +113,7 @@ def targets_per_batch(root: Path, batch: int) -> int:
 
 
 def run_nlm(root: Path, steps: int, batch: int, seed: int, cached: bool) -> float:
-    import nlm.training.run as run_module
+    import nlm.apps.train as run_module
     from nlm.config.settings import TrainingConfig
 
     timer = StepTimer()
@@ -131,8 +131,8 @@ def run_nlm(root: Path, steps: int, batch: int, seed: int, cached: bool) -> floa
 
 
 def build_cache(root: Path, seed: int) -> float:
+    from nlm.apps.teacher_cache import build_teacher_cache
     from nlm.config.settings import TrainingConfig
-    from nlm.distill.cache_builder import build_teacher_cache
 
     config = TrainingConfig(teacher_model=str(root / "teacher"), student_model=str(root / "student"), train_file=root / "train.jsonl",
                             max_seq_length=512, seed=seed, device_preference=["cpu"])

@@ -72,7 +72,7 @@ def demo_task(root: Path, seed: int, smoke: bool) -> dict[str, Any]:
 
 def _validation(root: Path, seed: int) -> Path:
     """Pool prompts 8..15 of each object (the students train on 0..7) with their noisy pool labels."""
-    from nlm.demo.task import build_demo_data, write_jsonl
+    from nlm.demo.colours import build_demo_data, write_jsonl
 
     data = build_demo_data(seed)
     labelled = {json.dumps(row, sort_keys=True) for row in data.student_train}
@@ -125,9 +125,9 @@ def run_study(task: dict[str, Any], smoke: bool, scratch: Path) -> dict[str, Any
 
 
 def run_seed(seed: int, task: dict[str, Any], tuned: dict[str, Any], smoke: bool) -> dict[str, Any]:
+    from nlm.apps.evaluate import evaluate_model
     from nlm.data.tokenize import TokenizeSettings
     from nlm.demo.pipeline import _train, initial_model
-    from nlm.training.evaluate import evaluate_model
 
     budget, files, root = task["budget"], task["files"], task["root"]
     student_init = initial_model(root, f"student-seed{seed}", budget.student_layers, budget.student_hidden, seed)

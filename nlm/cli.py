@@ -9,35 +9,14 @@ docs/ARCHITECTURE.md, "Adding a command". Modules are imported only when their c
 from __future__ import annotations
 
 import difflib
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from nlm.commands import COMMANDS, command_summary, load_command
 from nlm.errors import ConfigError, NlmError
-
-# The one table of commands: name on the command line -> module. Multi-word names are groups ("data inspect").
-COMMANDS: dict[str, str] = {
-    "train": "nlm.commands.train",
-    "eval": "nlm.commands.evaluate",
-    "generate": "nlm.commands.generate",
-    "teacher-cache": "nlm.commands.teacher_cache",
-    "teacher-generate": "nlm.commands.teacher_generate",
-    "init-student": "nlm.commands.init_student",
-    "serve": "nlm.commands.serve",
-    "demo": "nlm.commands.demo",
-    "config show": "nlm.commands.config_show",
-    "data inspect": "nlm.commands.data_inspect",
-    "data mix": "nlm.commands.data_mix",
-    "data select": "nlm.commands.data_select",
-    "pipeline run": "nlm.commands.pipeline_run",
-    "tune": "nlm.commands.tune",
-    "export": "nlm.commands.export",
-    "publish": "nlm.commands.publish",
-    "report": "nlm.commands.report",
-}
 
 GLOBAL_FLAGS = {"--debug": 0, "--log_format": 1, "--log_level": 1}
 GLOBAL_HELP = "global flags (anywhere): --debug (tracebacks, DEBUG logs), --log_format text|json, --log_level LEVEL"
@@ -72,14 +51,6 @@ def _split_global(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     if options["debug"]:
         options["log_level"] = "DEBUG"
     return options, rest
-
-
-def load_command(name: str) -> ModuleType:
-    return importlib.import_module(COMMANDS[name])
-
-
-def command_summary(module: ModuleType) -> str:
-    return (module.__doc__ or "").strip().splitlines()[0].rstrip(".")
 
 
 def _find_command(args: Sequence[str]) -> tuple[str | None, list[str]]:

@@ -48,7 +48,7 @@ def test_each_config_loads_and_says_what_it_is_for(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in TRAINING_CONFIGS if p.name != "teacher_cache.yaml"], ids=lambda p: p.name)
 def test_each_config_trains_with_tiny_local_models(path, model_dirs, pc_file, tmp_path):
-    from nlm.training.run import train
+    from nlm.apps.train import train
 
     data = read_yaml_mapping(path)
     swap = ["--student_model", str(model_dirs["student"]), "--train_file", str(pc_file), "--output_dir", str(tmp_path),

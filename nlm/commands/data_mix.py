@@ -34,14 +34,14 @@ def run(options: Options) -> int:
     from nlm.config.sources import load_config
     from nlm.data.prepare import prepare_datasets
     from nlm.errors import ConfigError
-    from nlm.models.loading import load_tokenizer
+    from nlm.models.loading import hub_options, load_tokenizer
     from nlm.training.order import build_order, write_order
 
     config = load_config([], Path(options.config)).config
     output = claim_file(options.output, overwrite=options.overwrite)
     if not config.student_model:
         raise ConfigError("student_model is required (its tokenizer decides which records become examples)")
-    hub = {"revision": config.student_revision, "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
+    hub = hub_options(config, config.student_revision)
     tokenizer = load_tokenizer(config.student_model, **hub)
     data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"))
     scorer = _scorer(config, tokenizer) if config.curriculum.by in ("teacher_loss", "student_loss") else None
@@ -62,13 +62,12 @@ def _scorer(config, tokenizer):  # type: ignore[no-untyped-def]
 
     from nlm.config.paths import path_inside
     from nlm.models.device import select_device
-    from nlm.models.loading import load_causal_lm
+    from nlm.models.loading import hub_options, load_causal_lm
     from nlm.training.order import model_scorer
 
     role = config.curriculum.by.split("_")[0]
     name, revision = getattr(config, f"{role}_model"), getattr(config, f"{role}_revision")
     device = select_device(config.device_preference, config.device)
-    model = load_causal_lm(name, dtype=torch.float32, revision=revision, token=config.hf_token,
-                           trust_remote_code=config.trust_remote_code).to(device)
+    model = load_causal_lm(name, dtype=torch.float32, **hub_options(config, revision)).to(device)
     return model_scorer({role: model}, {role: name}, len(tokenizer), tokenizer.pad_token_id or 0,
                         config.per_device_eval_batch_size, path_inside(config.output_dir, ".cache/tokenized"))

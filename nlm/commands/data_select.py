@@ -49,14 +49,14 @@ class Options(BaseModel):
 
 
 def run(options: Options) -> int:
-    """Load both models and the student's tokenizer; select through `nlm.distill.active.select_from_pool`."""
+    """Load both models and the student's tokenizer; select through `nlm.apps.data_select.select_from_pool`."""
     from pathlib import Path
 
     import torch
 
+    from nlm.apps.data_select import select_from_pool
     from nlm.config.paths import claim_file, record_file
     from nlm.data.tokenize import TokenizeSettings
-    from nlm.distill.active import select_from_pool
     from nlm.models.device import select_device
     from nlm.models.loading import freeze, load_causal_lm, load_tokenizer
     from nlm.models.vocab import shared_vocab_width

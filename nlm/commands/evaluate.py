@@ -34,12 +34,12 @@ def run(options: Options) -> int:
     import json
     from pathlib import Path
 
+    from nlm.apps.evaluate import evaluate_model
     from nlm.data.tokenize import TokenizeSettings
     from nlm.models.model_info import prompt_separator
-    from nlm.training.evaluate import evaluate_model
 
     if options.draft_for is not None:
-        from nlm.training.draft_eval import report_draft
+        from nlm.apps.draft_eval import report_draft
 
         return report_draft(options)
     result = evaluate_model(

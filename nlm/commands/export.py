@@ -39,10 +39,10 @@ class Options(BaseModel):
 
 
 def run(options: Options) -> int:
-    """Export through `nlm.export.run.export_model` and print where it went and what it measured."""
+    """Export through `nlm.apps.export.export_model` and print where it went and what it measured."""
     import json
 
-    from nlm.export.run import export_model
+    from nlm.apps.export import export_model
 
     result = export_model(options.model, options.output, options.format, quant=options.quant,
                           eval_file=options.eval_file, overwrite=options.overwrite,

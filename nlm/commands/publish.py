@@ -25,10 +25,10 @@ class Options(BaseModel):
 
 
 def run(options: Options) -> int:
-    """Publish through `nlm.publish.registry.publish_model`; print the version and the alias decision."""
+    """Publish through `nlm.apps.publish.publish_model`; print the version and the alias decision."""
     import json
 
-    from nlm.publish.registry import publish_model
+    from nlm.apps.publish import publish_model
 
     result = publish_model(options.model, options.name, tracking_uri=options.tracking_uri, alias=options.alias,
                            only_if_better=options.only_if_better)

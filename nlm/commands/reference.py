@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from nlm.cli import COMMANDS, command_summary, load_command
+from nlm.commands import COMMANDS, command_summary, load_command
 from nlm.commands.options import env_prefix, has_own_config_field, option_specs, reference_rows
 from nlm.config.reference import render_reference as render_training_reference
 

@@ -25,8 +25,8 @@ class Options(BaseModel):
 
 
 def run(options: Options) -> int:
-    """Write the report through `nlm.report.runs.write_report`; print the table and where it went."""
-    from nlm.report.runs import markdown_table, write_report
+    """Write the report through `nlm.apps.run_report.write_report`; print the table and where it went."""
+    from nlm.apps.run_report import markdown_table, write_report
 
     result = write_report([options.run_dir, *options.compare], options.output)
     print(markdown_table(result["rows"]))

@@ -33,7 +33,7 @@ def run(options: Options) -> int:
 
     args = [*options.training_args, *(["--teacher_model", options.teacher] if options.teacher else [])]
     config = load_config(args, options.config).config  # usage errors before heavy imports
-    from nlm.distill.cache_builder import build_teacher_cache
+    from nlm.apps.teacher_cache import build_teacher_cache
 
     manifest = build_teacher_cache(config, Path(options.output), top_k=options.top_k, batch_size=options.batch_size,
                                    shard_examples=options.shard_examples, overwrite=config.overwrite)

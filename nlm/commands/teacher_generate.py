@@ -39,11 +39,11 @@ class Options(BaseModel):
 
 
 def run(options: Options) -> int:
-    """Generate through `nlm.distill.teacher_generate.generate_teacher_data`; print where the records went."""
+    """Generate through `nlm.apps.teacher_generate.generate_teacher_data`; print where the records went."""
     import os
     from pathlib import Path
 
-    from nlm.distill.teacher_generate import TeacherGenerateSettings, generate_teacher_data
+    from nlm.apps.teacher_generate import TeacherGenerateSettings, generate_teacher_data
 
     settings = TeacherGenerateSettings(
         max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,

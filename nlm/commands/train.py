@@ -21,7 +21,7 @@ def run(options: Options) -> int:
     from nlm.config.sources import load_config
 
     config = load_config(options.training_args, options.config).config  # usage errors before heavy imports
-    from nlm.training.run import train
+    from nlm.apps.train import train
 
     result = train(config, log_format=current_log_format())
     if is_main_process():  # one line per run, not one per process under torchrun

@@ -53,10 +53,3 @@ def render_reference() -> str:
             lines.append(f"| `{key}` | `{env}` | `{_default(field)}` | {_allowed(field)} | {description} |")
         lines.append("")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    # The full file also lists every command's options, which live above this layer.
-    from nlm.commands.reference import render_reference as render_full_reference
-
-    print(render_full_reference(), end="")

@@ -11,16 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nlm.apps.evaluate import evaluate_model
+from nlm.apps.train import train
 from nlm.config.paths import claim_folder, mark_folder, path_inside, record_written
 from nlm.config.settings import TrainingConfig
 from nlm.data.tokenize import TokenizeSettings
+from nlm.demo.colours import write_jsonl
 from nlm.demo.report import write_report
-from nlm.demo.task import write_jsonl
 from nlm.demo.tasks import DemoBudget, DemoTaskSpec, get_task  # noqa: F401  (DemoBudget: re-exported)
 from nlm.models.loading import count_parameters
 from nlm.models.scratch import build_causal_lm, build_tokenizer
-from nlm.training.evaluate import evaluate_model
-from nlm.training.run import train
 
 logger = logging.getLogger("nlm.demo")
 

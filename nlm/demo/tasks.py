@@ -45,7 +45,7 @@ class DemoTaskSpec:
 
 
 def _colours() -> DemoTaskSpec:
-    from nlm.demo.task import build_demo_data, corpus
+    from nlm.demo.colours import build_demo_data, corpus
 
     return DemoTaskSpec("colours", "noisy one-word colour labels (the default)", build_demo_data, corpus)
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nlm.distill.objective import LossTerm, register_term
+from nlm.distill.terms import LossTerm, register_term
 
 
 @dataclass(frozen=True)

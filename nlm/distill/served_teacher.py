@@ -38,6 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
+from nlm.distill.cache import rounded_targets
 from nlm.distill.targets import SparseTargets, tail_logp
 from nlm.distill.teacher import TeacherSignal
 from nlm.errors import ConfigError, NlmError
@@ -329,8 +330,6 @@ class ServedTeacher:
             top_logp, _ = tempered_buckets(top_logp, self.temperature)
         # Stored exactly as the cache stores them (fp16 rounded down, the tail what they leave): training from
         # the server and from a cache built through it are the same computation.
-        from nlm.distill.cache_builder import rounded_targets
-
         stored, tail = rounded_targets(top_logp)
         targets = SparseTargets(top_ids.to(device), stored.float().to(device), tail.to(device))
         return TeacherSignal(targets.rows, int(top_ids.shape[0]))

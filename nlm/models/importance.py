@@ -19,10 +19,24 @@ import torch
 from nlm.errors import ConfigError
 
 
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The model's list of decoder blocks: the ModuleList as long as `num_hidden_layers`."""
+    depth = layer_count(model.config)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == depth:
+            return module
+    raise ConfigError(f"{type(model).__name__}: found no list of {depth} decoder layers to prune")
+
+
+def layer_count(config: Any) -> int:
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ConfigError(f"{type(config).__name__} does not say how many layers the model has")
+
+
 def block_influence(model: Any, batches: list[dict[str, torch.Tensor]]) -> list[float]:
     """BI of each decoder layer of `model` over the (unpadded) tokens of `batches`."""
-    from nlm.models.prune import decoder_layers
-
     blocks = decoder_layers(model)
     sums = torch.zeros(len(blocks), dtype=torch.float64)
     count = 0

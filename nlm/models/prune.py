@@ -16,6 +16,14 @@ import torch
 
 from nlm.config.paths import claim_folder, record_written
 from nlm.errors import ConfigError
+from nlm.models.importance import (
+    block_influence,
+    decoder_layers,
+    even_layers,
+    important_layers,
+    layer_count,
+    sample_batches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +44,7 @@ def kept_layers(config: Any, teacher_depth: int | None = None) -> tuple[int, ...
     return tuple(int(layer) for layer in kept)
 
 
-def decoder_layers(model: Any) -> torch.nn.ModuleList:
-    """The model's list of decoder blocks: the ModuleList as long as `num_hidden_layers`."""
-    depth = _depth(model.config)
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == depth:
-            return module
-    raise ConfigError(f"{type(model).__name__}: found no list of {depth} decoder layers to prune")
-
-
-def _depth(config: Any) -> int:
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    raise ConfigError(f"{type(config).__name__} does not say how many layers the model has")
-
-
-def _set_depth(config: Any, depth: int) -> None:
+def _setlayer_count(config: Any, depth: int) -> None:
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
         if getattr(config, name, None):
             setattr(config, name, depth)
@@ -90,9 +82,9 @@ def prune_layers(model: Any, keep: Sequence[int]) -> Any:
     blocks.extend(kept)
     config = model.config
     for name, value in list(vars(config).items()):
-        if isinstance(value, list) and len(value) == _depth(config) and name not in ("architectures",):
+        if isinstance(value, list) and len(value) == layer_count(config) and name not in ("architectures",):
             setattr(config, name, [value[i] for i in keep])  # per-layer lists such as layer_types
-    _set_depth(config, len(keep))
+    _setlayer_count(config, len(keep))
     return model
 
 
@@ -118,19 +110,15 @@ def init_student(teacher: str, output: Path, layers: Sequence[int] | None = None
     before = [entry.name for entry in output.iterdir()]  # what --overwrite kept (a user's files) stays theirs
     model = load_causal_lm(teacher, dtype=torch.float32, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(teacher, trust_remote_code=trust_remote_code)
-    depth = _depth(model.config)
+    depth = layer_count(model.config)
     influence = None
     if num_layers is None:
         keep = choose_layers(depth, layers, keep_every)
     elif by == "importance":
-        from nlm.models.importance import block_influence, important_layers, sample_batches
-
         model.eval()
         influence = block_influence(model, sample_batches(Path(data), tokenizer, samples, max_seq_length))
         keep = important_layers(influence, num_layers)
     elif by == "even":
-        from nlm.models.importance import even_layers
-
         keep = even_layers(depth, num_layers)
     prune_layers(model, keep)
     setattr(model.config, KEPT_LAYERS_KEY, list(keep))

@@ -118,10 +118,9 @@ def _share_tokenised_data(config: Any, outcome: AgentOutcome, groups: dict[str, 
     from nlm.data.files import resolve_train_files
     from nlm.data.prepare import prepare_datasets, tokenize_settings
     from nlm.data.tokenize import tokenization_key
-    from nlm.models.loading import load_tokenizer
+    from nlm.models.loading import hub_options, load_tokenizer
 
-    tokenizer = load_tokenizer(config.student_model, revision=config.student_revision, token=config.hf_token,
-                               trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(config.student_model, **hub_options(config, config.student_revision))
     key = tokenization_key(resolve_train_files(config.train_file), tokenizer, tokenize_settings(config))
     groups.setdefault(key, []).append(outcome.name)
     outcome.shared["tokenized"] = key
@@ -130,11 +129,10 @@ def _share_tokenised_data(config: Any, outcome: AgentOutcome, groups: dict[str, 
 
 def _teacher_cache_dir(config: Any, pipeline: Pipeline) -> Path:
     from nlm.distill.cache import cache_fingerprint
-    from nlm.models.loading import load_tokenizer
+    from nlm.models.loading import hub_options, load_tokenizer
 
     assert pipeline.teacher_cache is not None
-    tokenizer = load_tokenizer(config.teacher_model, revision=config.teacher_revision, token=config.hf_token,
-                               trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(config.teacher_model, **hub_options(config, config.teacher_revision))
     fingerprint = cache_fingerprint(config, tokenizer, pipeline.teacher_cache.top_k)
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return pipeline.output_dir / ".cache" / "teacher" / digest
@@ -173,39 +171,7 @@ def run_pipeline(path: Path | str, only: list[str] | None = None, parallel: int 
 
     # Shared work 2: one teacher cache per fingerprint, built before the agents that train from it.
     if pipeline.teacher_cache is not None:
-        cache_groups: dict[Path, list[str]] = {}
-        for name, (_, config) in list(prepared.items()):
-            if config.teacher_model and config.distillation.alpha > 0 and not config.teacher_cache:
-                try:
-                    cache_groups.setdefault(_teacher_cache_dir(config, pipeline), []).append(name)
-                except Exception as exc:  # noqa: BLE001 - fails that agent only
-                    outcomes[name].fail(_one_line(exc))
-                    prepared.pop(name)
-        cache_jobs = []
-        for directory, names in cache_groups.items():
-            settings = pipeline.teacher_cache
-            cache_jobs.append(Job(
-                name=f"teacher-cache {directory.name}",
-                command=_python_nlm("teacher-cache", "--config", str(prepared[names[0]][0]), "--output", str(directory),
-                                    "--top_k", str(settings.top_k), "--batch_size", str(settings.batch_size),
-                                    # A complete cache with this fingerprint is reused even under --overwrite.
-                                    "--overwrite=false"),
-                log_path=_fresh_log(pipeline, f"teacher-cache-{directory.name}"),
-            ))
-        for job, (directory, names) in zip(run_jobs(cache_jobs, parallel), cache_groups.items(), strict=True):
-            shared.append({"kind": "teacher_cache", "path": str(directory), "agents": names,
-                           "status": "ready" if job.returncode == 0 else "failed", "error": job.error,
-                           "wall_seconds": round(job.seconds, 3), "log": str(job.log_path)})
-            for name in names:
-                if job.returncode != 0:
-                    outcomes[name].fail(f"shared teacher cache {directory} failed: {job.error}")
-                    prepared.pop(name)
-                    continue
-                config_path, _ = prepared[name]
-                document = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-                document["teacher_cache"] = str(directory)
-                write_agent_config(document, config_path)
-                outcomes[name].shared["teacher_cache"] = str(directory)
+        shared.extend(_shared_teacher_caches(pipeline, prepared, outcomes, parallel))
 
     # The agents themselves.
     train_jobs = []
@@ -232,6 +198,47 @@ def run_pipeline(path: Path | str, only: list[str] | None = None, parallel: int 
                             wall_seconds=time.perf_counter() - started, report=str(pipeline.output_dir / "pipeline_report.json"))
     write_report(result.as_dict(), pipeline.output_dir)
     return result
+
+
+def _shared_teacher_caches(pipeline: Any, prepared: dict[str, tuple[Path, Any]], outcomes: dict[str, AgentOutcome],
+                           parallel: int | None) -> list[dict[str, Any]]:
+    """Build one teacher cache per fingerprint for the agents that distil from a live teacher, and point their
+    configs at it; an agent whose cache fails fails alone (and leaves `prepared`)."""
+    built: list[dict[str, Any]] = []
+    cache_groups: dict[Path, list[str]] = {}
+    for name, (_, config) in list(prepared.items()):
+        if config.teacher_model and config.distillation.alpha > 0 and not config.teacher_cache:
+            try:
+                cache_groups.setdefault(_teacher_cache_dir(config, pipeline), []).append(name)
+            except Exception as exc:  # noqa: BLE001 - fails that agent only
+                outcomes[name].fail(_one_line(exc))
+                prepared.pop(name)
+    cache_jobs = []
+    for directory, names in cache_groups.items():
+        settings = pipeline.teacher_cache
+        cache_jobs.append(Job(
+            name=f"teacher-cache {directory.name}",
+            command=_python_nlm("teacher-cache", "--config", str(prepared[names[0]][0]), "--output", str(directory),
+                                "--top_k", str(settings.top_k), "--batch_size", str(settings.batch_size),
+                                # A complete cache with this fingerprint is reused even under --overwrite.
+                                "--overwrite=false"),
+            log_path=_fresh_log(pipeline, f"teacher-cache-{directory.name}"),
+        ))
+    for job, (directory, names) in zip(run_jobs(cache_jobs, parallel), cache_groups.items(), strict=True):
+        built.append({"kind": "teacher_cache", "path": str(directory), "agents": names,
+                       "status": "ready" if job.returncode == 0 else "failed", "error": job.error,
+                       "wall_seconds": round(job.seconds, 3), "log": str(job.log_path)})
+        for name in names:
+            if job.returncode != 0:
+                outcomes[name].fail(f"shared teacher cache {directory} failed: {job.error}")
+                prepared.pop(name)
+                continue
+            config_path, _ = prepared[name]
+            document = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+            document["teacher_cache"] = str(directory)
+            write_agent_config(document, config_path)
+            outcomes[name].shared["teacher_cache"] = str(directory)
+    return built
 
 
 def _one_line(exc: Exception) -> str:

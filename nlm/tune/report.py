@@ -78,12 +78,10 @@ def write_plots(study: Any, root: Path) -> list[str]:
 
 def _report_text(study: Any, setup: Any, trials: list[Any], counts: dict[str, int], best: dict[str, Any] | None,
                  url: str, wall_seconds: float, plots: list[str]) -> str:
-    from nlm.tune.study import _shown
-
     spec = setup.spec
     keys = [dimension.key for dimension in setup.dimensions]
     lines = [f"# nlm tune: {study.study_name}", "",
-             f"- config: `{setup.path}`; storage: `{_shown(url)}`",
+             f"- config: `{setup.path}`; storage: `{shown_url(url)}`",
              f"- metric: `{spec.metric_key}` ({spec.resolved_direction}); sampler: {spec.sampler}; pruner: {spec.pruner}; "
              f"budget per trial: {spec.budget or 'the run as configured'}",
              "- trials: " + (", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "none"),
@@ -126,3 +124,13 @@ def _write_atomic(path: Path, text: str) -> Path:
     partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
     return path
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as shown to users: its password hidden."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return "the storage"

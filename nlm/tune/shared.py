@@ -34,10 +34,9 @@ TEACHER_KEYS = ("teacher_model", "teacher_revision", "teachers")
 def tokenize_once(config: Any, trials_dir: Path) -> None:
     """Tokenise the run's train/eval data into the cache the trials read (DIR/trials/.cache/tokenized)."""
     from nlm.data.prepare import prepare_datasets
-    from nlm.models.loading import load_tokenizer
+    from nlm.models.loading import hub_options, load_tokenizer
 
-    tokenizer = load_tokenizer(config.student_model, revision=config.student_revision, token=config.hf_token,
-                               trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(config.student_model, **hub_options(config, config.student_revision))
     prepare_datasets(config, tokenizer, cache_root=path_inside(trials_dir, ".cache/tokenized"))
 
 
@@ -85,10 +84,9 @@ def cache_plan(setup: Any) -> str | None:
 def _data_fingerprint(config: Any) -> str:
     """`cache_fingerprint` without the teacher's weights (the teacher keys are not searched: same weights)."""
     from nlm.distill.cache import cache_fingerprint
-    from nlm.models.loading import load_tokenizer
+    from nlm.models.loading import hub_options, load_tokenizer
 
-    tokenizer = load_tokenizer(config.teacher_model, revision=config.teacher_revision, token=config.hf_token,
-                               trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(config.teacher_model, **hub_options(config, config.teacher_revision))
     fingerprint = cache_fingerprint(config.model_copy(update={"teacher_model": None}), tokenizer, 0)
     return json.dumps(fingerprint, sort_keys=True, default=str)
 

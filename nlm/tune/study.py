@@ -23,6 +23,7 @@ from typing import Any
 
 from nlm.config.paths import claim_folder, mark_folder, read_marker, safe_output_dir
 from nlm.errors import ConfigError
+from nlm.tune.report import shown_url
 from nlm.tune.spec import TuneSetup, load_tune
 
 logger = logging.getLogger("nlm.tune")
@@ -174,7 +175,7 @@ def _open_study(optuna: Any, url: str, name: str, setup: TuneSetup) -> Any:
     except ValueError as exc:  # an existing study with another direction
         raise ConfigError(f"study '{name}': {exc}") from None
     if study.direction.name.lower() != spec.resolved_direction:
-        raise ConfigError(f"study '{name}' in {_shown(url)} was created to {study.direction.name.lower()}, but "
+        raise ConfigError(f"study '{name}' in {shown_url(url)} was created to {study.direction.name.lower()}, but "
                           f"tune.metric {spec.metric_key} is to {spec.resolved_direction}; give another --study")
     import warnings
 
@@ -209,18 +210,9 @@ def _storage(optuna: Any, url: str) -> Any:
             if racing and attempt < 5:
                 time.sleep(1 + attempt)
                 continue
-            raise ConfigError(f"--storage {_shown(url)}: cannot open it ({type(exc).__name__}: "
+            raise ConfigError(f"--storage {shown_url(url)}: cannot open it ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
     raise AssertionError("unreachable")
-
-
-def _shown(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001
-        return "the storage"
 
 
 def _states(optuna: Any) -> tuple[Any, ...]:

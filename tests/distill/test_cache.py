@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from nlm.apps.train import train
 from nlm.cli import main
 from nlm.config.sources import load_config
 from nlm.distill.cache import TeacherCache, bytes_per_token
 from nlm.errors import ConfigError
-from nlm.training.run import train
 
 
 def _build(model_dirs, data, out, *extra):
@@ -56,7 +56,7 @@ def test_cached_values_equal_the_live_teacher(model_dirs, pc_file, tmp_path):
 
 
 def test_interrupted_build_resumes(model_dirs, pc_file, tmp_path, monkeypatch):
-    import nlm.distill.cache_builder as builder
+    import nlm.apps.teacher_cache as builder
 
     real = builder.save_shard
     calls = {"n": 0}
@@ -79,7 +79,7 @@ def test_interrupted_build_resumes(model_dirs, pc_file, tmp_path, monkeypatch):
 
 def test_training_from_the_cache_needs_no_teacher_and_checks_fingerprints(model_dirs, pc_file, tmp_path, monkeypatch):
     assert _build(model_dirs, pc_file, tmp_path / "cache") == 0
-    import nlm.training.run as run_module
+    import nlm.apps.train as run_module
 
     loaded = []
     real_load = run_module.load_causal_lm
@@ -129,7 +129,7 @@ def test_missing_or_foreign_cache_is_a_clear_error(model_dirs, pc_file, tmp_path
 # --- integrity ------------------------------------------------------------------------------------------
 
 def test_stored_targets_sum_to_one_after_fp16_rounding_even_when_peaked():
-    from nlm.distill.cache_builder import rounded_targets
+    from nlm.apps.teacher_cache import rounded_targets
 
     torch.manual_seed(0)
     logits = torch.randn(200, 1000) * torch.tensor([1.0, 8.0, 30.0, 200.0]).repeat_interleave(50)[:, None]
@@ -167,7 +167,7 @@ def test_fingerprint_covers_line_limit_tokenisation_and_teacher_weights(model_di
 def test_resume_refuses_shards_of_other_teacher_weights(model_dirs, pc_file, tmp_path, monkeypatch, tokenizer, capsys):
     import shutil
 
-    import nlm.distill.cache_builder as builder
+    import nlm.apps.teacher_cache as builder
     from nlm.models.scratch import build_causal_lm
 
     teacher = tmp_path / "teacher"

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nlm.apps.teacher_cache import build_teacher_cache
+from nlm.apps.train import train
 from nlm.config.sources import load_config
-from nlm.distill.cache_builder import build_teacher_cache
 from nlm.errors import ConfigError
 from nlm.models.scratch import build_causal_lm, build_tokenizer
-from nlm.training.run import train
 from tests.conftest import CORPUS
 
 

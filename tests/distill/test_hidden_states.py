@@ -159,8 +159,8 @@ def test_init_student_by_importance_keeps_the_most_influential_layers(model_dirs
 def test_hidden_state_run_saves_projections_apart_and_final_loads_plainly(model_dirs, pc_file, tmp_path):
     from safetensors.torch import load_file
 
+    from nlm.apps.train import train
     from nlm.config.sources import load_config
-    from nlm.training.run import train
 
     base = ["--teacher_model", str(model_dirs["teacher"]), "--student_model", str(model_dirs["student"]),
             "--train_file", str(pc_file), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
@@ -193,8 +193,8 @@ def test_init_student_through_the_cli(model_dirs, tmp_path, capsys):
 
 def test_layers_auto_follows_the_kept_layers_of_an_init_student_student(model_dirs, pc_file, tmp_path):
     """The map a run (and a teacher cache) uses for `layers: auto` reads the kept layers from the student's config."""
+    from nlm.apps.teacher_cache import cached_hidden_layers
     from nlm.config.settings import TrainingConfig
-    from nlm.distill.cache_builder import cached_hidden_layers
 
     init_student(str(model_dirs["teacher"]), tmp_path / "s", layers=[0, 1])
     config = TrainingConfig(student_model=str(tmp_path / "s"), teacher_model=str(model_dirs["teacher"]), train_file=str(pc_file),

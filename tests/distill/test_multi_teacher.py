@@ -131,7 +131,7 @@ def test_teachers_and_teacher_model_exclude_each_other(model_dirs):
 
 @pytest.mark.slow
 def test_two_teacher_runs_record_every_teacher(model_dirs, second_teacher, tmp_path):
-    from nlm.training.run import train
+    from nlm.apps.train import train
 
     rows = [{"prompt": f"question: what is {i} plus {i}?", "completion": f"answer: {2 * i}", "teacher": ("chat", "math")[i % 2]}
             for i in range(16)]
@@ -151,8 +151,8 @@ def test_two_teacher_runs_record_every_teacher(model_dirs, second_teacher, tmp_p
 def test_one_teacher_in_teachers_trains_exactly_like_teacher_model(model_dirs, pc_file, tmp_path):
     from safetensors.torch import load_file
 
+    from nlm.apps.train import train
     from nlm.config.sources import load_config
-    from nlm.training.run import train
 
     common = ["--student_model", str(model_dirs["student"]), "--train_file", str(pc_file), "--per_device_train_batch_size", "4",
               "--learning_rate", "1e-3", "--max_steps", "3", "--save_strategy", "no"]
@@ -165,10 +165,10 @@ def test_one_teacher_in_teachers_trains_exactly_like_teacher_model(model_dirs, p
 
 @pytest.mark.slow
 def test_the_cache_stores_the_mixture_and_fingerprints_every_teacher(model_dirs, second_teacher, pc_file, tmp_path):
+    from nlm.apps.teacher_cache import build_teacher_cache
     from nlm.data.prepare import tokenize_settings
     from nlm.data.tokenize import PaddingCollator, tokenize_records
     from nlm.distill.cache import TeacherCache
-    from nlm.distill.cache_builder import build_teacher_cache
     from nlm.distill.targets import target_logp
 
     config = _config(model_dirs, second_teacher, pc_file, tmp_path / "unused")

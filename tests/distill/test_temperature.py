@@ -135,8 +135,8 @@ def test_shorthand_objective_is_unchanged_by_the_new_settings():
 def test_runs_log_the_temperature_and_save_the_learned_one(model_dirs, pc_file, tmp_path):
     import json
 
+    from nlm.apps.train import train
     from nlm.config.sources import load_config
-    from nlm.training.run import train
 
     base = ["--teacher_model", str(model_dirs["teacher"]), "--student_model", str(model_dirs["student"]),
             "--train_file", str(pc_file), "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",

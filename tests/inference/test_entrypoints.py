@@ -1,7 +1,7 @@
 import pytest
 
 from nlm.cli import main
-from nlm.inference import entrypoint
+from nlm.entrypoints import sagemaker_serve as entrypoint
 
 
 def test_sagemaker_serve_entry_point_binds_all_interfaces_on_8080(monkeypatch):

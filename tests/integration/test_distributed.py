@@ -29,7 +29,7 @@ def test_torchrun_two_processes(model_dirs, pc_file, tmp_path, extra):
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("final model: ") == 1
     if not extra:
-        assert result.stderr.count("INFO nlm.training.run: precision: ") == 1, result.stderr[-4000:]
+        assert result.stderr.count("INFO nlm.apps.train: precision: ") == 1, result.stderr[-4000:]
     final = out / "distill" / "final"
     metadata = json.loads((final / "training_metadata.json").read_text())
     assert metadata["world_size"] == 2 and metadata["global_step"] == 3
@@ -57,8 +57,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(model_dirs, 
     an eval set that does not split evenly (7 examples), same final weights."""
     import torch
 
+    from nlm.apps.train import train
     from nlm.config.sources import load_config
-    from nlm.training.run import train
     from tests.conftest import write_jsonl
 
     eval_file = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": f"question: what is {i} plus 1?", "completion": f"answer: {i + 1}"}
@@ -131,8 +131,8 @@ def test_learned_parts_of_the_objective_train_the_same_on_two_processes(model_di
     projections and the learned temperature."""
     import torch
 
+    from nlm.apps.train import train
     from nlm.config.sources import load_config
-    from nlm.training.run import train
 
     config = tmp_path / "objective.yaml"
     config.write_text("distillation:\n  temperature_mode: learned\n  hidden_states: {weight: 1.0, loss: mse, layers: auto}\n")

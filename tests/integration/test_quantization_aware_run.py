@@ -12,9 +12,9 @@ import sys
 import httpx
 import pytest
 
+from nlm.apps.export import export_model
+from nlm.apps.train import train
 from nlm.config.sources import load_config
-from nlm.export.run import export_model
-from nlm.training.run import train
 from tests.conftest import CORPUS, write_jsonl
 from tests.integration.serving import wait_until_ready
 from tests.integration.test_serve_process import free_port

@@ -33,7 +33,7 @@ def make_job(root: Path, model_dirs: dict, hyperparameters: dict, rows: list, ch
 
 def run_job(root: Path, **variables: str) -> subprocess.CompletedProcess:
     executable = Path(sys.executable).parent / "train"
-    command = [str(executable)] if executable.exists() else [sys.executable, "-m", "nlm.training.entrypoint"]
+    command = [str(executable)] if executable.exists() else [sys.executable, "-m", "nlm.entrypoints.sagemaker_train"]
     env = {**os.environ, "NLM_SAGEMAKER_ROOT": str(root), "SM_NUM_GPUS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            **variables}
     return subprocess.run([*command, "train"], capture_output=True, text=True, timeout=300, env=env)
@@ -128,7 +128,7 @@ def test_a_job_never_publishes_another_jobs_work_folder(model_dirs, tmp_path):
 
 
 def test_the_work_folder_follows_sm_output_dir(model_dirs, tmp_path):
-    from nlm.training.sagemaker import read_job, run_folder
+    from nlm.apps.sagemaker import read_job, run_folder
 
     root = make_job(tmp_path / "opt_ml", model_dirs, HPS, ROWS)
     job = read_job({"NLM_SAGEMAKER_ROOT": str(root), "SM_NUM_GPUS": "0", "SM_OUTPUT_DIR": str(tmp_path / "out")})

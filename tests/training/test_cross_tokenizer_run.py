@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from nlm.apps.train import train
 from nlm.config.sources import load_config
 from nlm.errors import VocabularyMismatchError
 from nlm.models.scratch import build_causal_lm, build_tokenizer
-from nlm.training.run import train
 from tests.conftest import CORPUS
 
 
@@ -72,8 +72,8 @@ def test_teacher_cache_with_cross_tokenizer_is_a_usage_error(model_dirs, pc_file
 
 
 def test_eval_against_a_teacher_with_another_tokenizer_reports_per_byte_figures(other_teacher, model_dirs, pc_file):
+    from nlm.apps.evaluate import evaluate_model
     from nlm.data.tokenize import TokenizeSettings
-    from nlm.training.evaluate import evaluate_model
 
     result = evaluate_model(model_dirs["student"], pc_file, teacher_path=other_teacher, batch_size=8,
                             settings=TokenizeSettings(max_seq_length=64), device="cpu")
@@ -88,8 +88,8 @@ def test_eval_against_a_teacher_with_another_tokenizer_reports_per_byte_figures(
 
 def test_eval_with_itself_as_teacher_has_equal_bits_per_byte_and_zero_divergence(model_dirs, pc_file, monkeypatch):
     """Force the cross path with identical tokenizers: both sides score the same text identically."""
+    from nlm.apps import evaluate as evaluate_module
     from nlm.data.tokenize import TokenizeSettings
-    from nlm.training import evaluate as evaluate_module
 
     monkeypatch.setattr(evaluate_module, "tokenizers_equal", lambda a, b: False)
     result = evaluate_module.evaluate_model(model_dirs["student"], pc_file, teacher_path=model_dirs["student"], batch_size=8,

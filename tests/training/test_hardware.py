@@ -37,9 +37,9 @@ def test_callback_adds_figures_to_training_logs_and_history_only():
 
 @pytest.mark.slow
 def test_json_logs_and_metadata_carry_hardware_figures(model_dirs, pc_file, tmp_path, capfd):
+    from nlm.apps.train import train
     from nlm.config.logging_setup import setup_logging
     from nlm.config.sources import load_config
-    from nlm.training.run import train
 
     setup_logging("INFO", "json")
     result = train(load_config([
@@ -52,7 +52,7 @@ def test_json_logs_and_metadata_carry_hardware_figures(model_dirs, pc_file, tmp_
     history = json.loads((result.final_dir / "training_metadata.json").read_text())["log_history"]
     assert all("sys_rss_mb" in entry for entry in history if "loss" in entry)
 
-    from nlm.report.runs import write_report  # the report reads the same history: memory gets a panel
+    from nlm.apps.run_report import write_report  # the report reads the same history: memory gets a panel
 
     report = write_report([result.run_dir])
     assert report["png"] and report["rows"][0]["peak_rss_mb"] > 0

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from transformers import TrainerCallback
 
-import nlm.training.run as run_module
+import nlm.apps.train as run_module
+from nlm.apps.train import train
 from nlm.commands.data_mix import Options as MixOptions
 from nlm.commands.data_mix import run as run_mix
 from nlm.config.sources import load_config
@@ -14,7 +15,6 @@ from nlm.data.prepare import prepare_datasets
 from nlm.data.tokenize import PaddingCollator
 from nlm.errors import ConfigError
 from nlm.training.order import build_order
-from nlm.training.run import train
 from tests.conftest import write_jsonl
 
 

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import nlm.training.policy as policy_module
+from nlm.apps.train import train
 from nlm.cli import main
 from nlm.config.settings import DistillationConfig
 from nlm.config.sources import load_config
@@ -16,7 +17,6 @@ from nlm.distill.teacher import LiveTeacher
 from nlm.errors import ConfigError
 from nlm.models.sampling import SamplingSettings, cut_at_stop, sample_completions
 from nlm.training.policy import StepPolicy, on_policy_steps, prompt_length
-from nlm.training.run import train
 
 
 def _config(model_dirs, data_file, out, *extra, teacher=None):
@@ -138,7 +138,7 @@ def test_lmbda_zero_is_todays_path_bit_for_bit(model_dirs, pc_file, tmp_path, mo
 
 @pytest.mark.slow
 def test_one_generation_per_optimiser_step_and_a_frozen_teacher(model_dirs, pc_file, tmp_path, monkeypatch):
-    import nlm.training.run as run_module
+    import nlm.apps.train as run_module
 
     calls = []
     real = policy_module.sample_completions
@@ -206,7 +206,7 @@ def test_resumed_on_policy_run_matches_an_uninterrupted_one(model_dirs, pc_file,
     """Samples are seeded by (seed, step, rank) and the schedule by the step: a resume continues both exactly."""
     from transformers import TrainerCallback
 
-    import nlm.training.run as run_module
+    import nlm.apps.train as run_module
 
     extra = ("--distillation.lmbda", "0.5", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")
     straight = train(_config(model_dirs, pc_file, tmp_path / "a", *extra))

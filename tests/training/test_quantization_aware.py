@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from nlm.apps.export import export_model
 from nlm.config.settings import QuantizationAwareConfig
 from nlm.errors import ConfigError
-from nlm.export.run import export_model
 from nlm.models.loading import load_trained_model
 from nlm.models.scratch import build_causal_lm
 from nlm.training.quantization_aware import prepare_student, strip_fake_quantizers

@@ -29,10 +29,11 @@ from nlm.distill.engines.base import (
 )
 from nlm.distill.engines.chunks import chunk_rows, spans
 from nlm.distill.loss import LossParts, LossSettings, combine_terms, objective_from_settings
-from nlm.distill.objective import Objective, Scratch
+from nlm.distill.objective import Objective
 from nlm.distill.sharded_head import gathered_head
 from nlm.distill.targets import SparseTargets, TeacherRows
 from nlm.distill.teacher import Teacher
+from nlm.distill.terms import Scratch
 from nlm.models.heads import capture_hidden, output_head
 
 Autocast = Callable[[], AbstractContextManager]

@@ -210,7 +210,7 @@ def _lineage(source: Path) -> dict[str, Any]:
 
 def quality_delta(source: Path, exported: Path, eval_file: Path, batch_size: int, trust_remote_code: bool) -> dict[str, Any]:
     """Held-out loss and perplexity of the source and the export, both through `nlm eval`'s scorer."""
-    from nlm.training.evaluate import evaluate_model
+    from nlm.apps.evaluate import evaluate_model
 
     before = evaluate_model(source, eval_file, batch_size=batch_size, device="cpu", trust_remote_code=trust_remote_code)
     after = evaluate_model(exported, eval_file, batch_size=batch_size, device="cpu", trust_remote_code=trust_remote_code)

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from nlm.apps.teacher_generate import prompt_of
 from nlm.data.reader import ReadStats, iter_numbered_records
-from nlm.distill.teacher_generate import prompt_of
 from nlm.errors import DataError, NlmError
 from nlm.models.device import select_device
 from nlm.models.generation import eos_token_ids

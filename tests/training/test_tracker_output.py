@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from nlm.apps.train import train
 from nlm.config.sources import load_config
 from nlm.errors import ConfigError
-from nlm.training.run import train
 
 
 def test_unknown_tracker_is_a_config_error():

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from nlm.apps.publish import download_registered_model, publish_model
 from nlm.commands.publish import Options, run
 from nlm.errors import ConfigError
 from nlm.models.loading import load_tokenizer, load_trained_model
-from nlm.publish.registry import download_registered_model, publish_model
 
 
 def _final(tmp_path, model_dirs, name, eval_loss):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from nlm.apps.export import export_model
 from nlm.commands.export import Options, run
 from nlm.config.settings import LoRAConfig
 from nlm.errors import ConfigError, RunExistsError
-from nlm.export.run import export_model
 from nlm.models.loading import load_trained_model
 from nlm.models.lora import apply_lora
 from nlm.models.scratch import build_causal_lm

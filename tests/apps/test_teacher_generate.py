@@ -4,11 +4,11 @@ import json
 
 import pytest
 
+from nlm.apps.teacher_generate import TeacherGenerateSettings, generate_teacher_data
+from nlm.apps.train import train
 from nlm.commands.teacher_generate import Options, run
 from nlm.config.sources import load_config
-from nlm.distill.teacher_generate import TeacherGenerateSettings, generate_teacher_data
 from nlm.errors import ConfigError
-from nlm.training.run import train
 from tests.conftest import write_jsonl
 
 PROMPTS = [

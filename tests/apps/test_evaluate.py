@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from nlm.apps.evaluate import evaluate_model
 from nlm.data.tokenize import TokenizeSettings, tokenize_records
 from nlm.models.scratch import build_causal_lm
-from nlm.training.evaluate import evaluate_model
 
 
 def _reference_loss(folder, data_file, tokenizer):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from nlm.apps.draft_eval import draft_prompts, evaluate_draft
 from nlm.cli import main
-from nlm.training.draft_eval import draft_prompts, evaluate_draft
 from tests.conftest import write_jsonl
 
 

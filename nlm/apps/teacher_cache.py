@@ -31,6 +31,7 @@ from nlm.distill.cache import (
     compare_fingerprints,
     id_dtype,
     read_manifest,
+    rounded_targets,
     save_shard,
     weights_fingerprint,
     write_manifest,
@@ -52,7 +53,7 @@ from nlm.distill.teacher_loading import load_teacher, teacher_specs
 from nlm.errors import ConfigError, RunExistsError
 from nlm.models.device import resolve_precision, select_device, teacher_dtype
 from nlm.models.heads import head_reproduces_logits
-from nlm.models.loading import load_causal_lm, load_tokenizer, model_revision
+from nlm.models.loading import hub_options, load_causal_lm, load_tokenizer, model_revision
 from nlm.models.vocab import own_vocab_width, tokenizers_equal
 
 logger = logging.getLogger(__name__)
@@ -60,22 +61,6 @@ logger = logging.getLogger(__name__)
 # What `nlm teacher-cache` writes in its folder; `--overwrite` removes only these.
 CACHE_ENTRIES = ("manifest.json", "manifest.json.partial", "shard-*.safetensors", "shard-*.partial", "tokenized",
                  TEACHER_TOKENIZER)
-
-
-def rounded_targets(top_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k log-probabilities [n, k] as stored (float16) and the tail bucket (float32), so that the k+1
-    stored probabilities sum to one *after* the fp16 rounding.
-
-    Each value is rounded down (never up), so the stored top-k mass never exceeds the teacher's; the tail
-    is then exactly what the stored values leave (computed in float64), instead of the teacher's own tail,
-    which rounding would no longer complement (peaked rows could even round past one).
-    """
-    stored = top_logp.to(torch.float16)
-    rounded_up = stored.float() > top_logp
-    stored = torch.where(rounded_up, torch.nextafter(stored, torch.full_like(stored, float("-inf"))), stored)
-    left = 1 - stored.double().exp().sum(-1)
-    tail = torch.log(left.clamp(min=1e-30)).float()
-    return stored, tail
 
 
 @torch.no_grad()
@@ -142,8 +127,7 @@ def cross_student_tokenizer(config: TrainingConfig, teacher_tokenizer: Any) -> A
     if not config.student_model:
         raise ConfigError("teacher-cache with distillation.cross_tokenizer aligns the teacher's tokens with the student's: "
                           "pass --student_model")
-    student_tokenizer = load_tokenizer(config.student_model, revision=config.student_revision, token=config.hf_token,
-                                       trust_remote_code=config.trust_remote_code)
+    student_tokenizer = load_tokenizer(config.student_model, **hub_options(config, config.student_revision))
     if tokenizers_equal(teacher_tokenizer, student_tokenizer):
         logger.info("distillation.cross_tokenizer=%s ignored: teacher and student share a tokenizer", method)
         return None
@@ -163,6 +147,105 @@ def _weights_fingerprint(config: TrainingConfig, teacher: Teacher) -> str | list
     return found if config.teachers else found[0]
 
 
+def _open_output(output: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The cache folder, claimed and marked as nlm's; the manifest of an earlier build of the same cache, if any."""
+    existing = read_manifest(output)
+    if overwrite and output.is_dir() and any(output.iterdir()):
+        claim_folder(output, created_by="nlm teacher-cache", owns=CACHE_ENTRIES, overwrite=True, exists_message="")
+        existing = None
+    if existing is not None:
+        try:
+            compare_fingerprints(fingerprint, existing["fingerprint"], output)
+        except ValueError as exc:
+            raise RunExistsError(f"{exc}; or pass --overwrite to replace it") from None
+        if existing.get("complete"):
+            return existing
+    elif output.is_dir() and any(output.iterdir()):
+        require_owned(output)  # a marked folder without a manifest: an earlier build stopped before its first shard
+    mark_folder(output, "nlm teacher-cache", CACHE_ENTRIES)
+    return existing
+
+
+def _load_cache_teacher(config: TrainingConfig, tokenizer: Any, student_tokenizer: Any | None, device: torch.device,
+                        width: int, output: Path) -> tuple[Teacher, int]:
+    """The teacher whose targets are cached (nlm.distill.teacher_loading), or with another tokenizer the aligned
+    teacher whose group likelihoods are (its tokenizer saved beside the cache); and the vocabulary width."""
+    specs = teacher_specs(config)
+    hub = hub_options(config, specs[0].revision) if specs else {}  # no specs: a served teacher (teacher_url)
+    precision = resolve_precision(config.precision, device)
+    if student_tokenizer is None:
+        teacher = load_teacher(config, tokenizer, None, device, precision)  # on teacher_device when set
+    else:
+        model = load_causal_lm(specs[0].model, dtype=teacher_dtype(config.teacher_precision, precision, device), **hub)
+        width = own_vocab_width(tokenizer, model, "teacher")
+        teacher = AlignedTeacher(model, torch.device(config.teacher_device) if config.teacher_device else device, width,
+                                 tokenizer, CrossSettings("alm"))
+        tokenizer.save_pretrained(str(output / TEACHER_TOKENIZER))  # the run aligns its data with it
+    assert teacher is not None
+    return teacher, width
+
+
+def _write_shards(output: Path, manifest: dict[str, Any], dataset: Any, collate: Any, write: Any, batch_size: int,
+                  shard_examples: int) -> None:
+    """Shards from the first example the manifest lacks to the end; the manifest rewritten after each one."""
+    done = sum(shard["examples"] for shard in manifest["shards"])
+    if done:
+        logger.info("resuming teacher cache at example %d of %d", done, len(dataset))
+    started = time.perf_counter()
+    while done < len(dataset):
+        end = min(done + shard_examples, len(dataset))
+        batches = [collate([dataset[i] for i in range(s, min(s + batch_size, end))]) for s in range(done, end, batch_size)]
+        name = f"shard-{len(manifest['shards']):05d}.safetensors"
+        count = write(output / name, batches)
+        manifest["shards"].append({"file": name, "first_example": done, "examples": end - done, "tokens": count})
+        manifest["tokens"] += count
+        write_manifest(output, manifest)
+        elapsed = time.perf_counter() - started
+        rate = (end - done) / max(elapsed, 1e-9)
+        logger.info("teacher cache: %d/%d examples (%.0f examples/s, about %.0fs left)", end, len(dataset), rate,
+                    (len(dataset) - end) / max(rate, 1e-9))
+        done, started = end, time.perf_counter()
+
+
+def _new_manifest(config: TrainingConfig, fingerprint: dict[str, Any], teacher: Teacher, teacher_weights: Any, top_k: int,
+                  width: int, examples: int, hidden_layers: tuple[int, ...], cross: bool) -> dict[str, Any]:
+    """The manifest of a cache not started yet: what it holds, per token, and no shard."""
+    manifest = {
+        "format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
+        "teacher_weights": teacher_weights, "teachers": teacher.describe().get("teachers"),
+        "top_k": top_k, "temperature": config.distillation.temperature, "vocab_size": width,
+        "id_dtype": str(id_dtype(width)).removeprefix("torch."), "bytes_per_token": bytes_per_token(top_k, width),
+        "examples": examples, "tokens": 0, "shards": [], "complete": False,
+    }
+    if hidden_layers:  # bfloat16 rows of each chosen layer
+        manifest.update({"hidden_layers": list(hidden_layers), "teacher_num_layers": int(teacher.hidden_layers),
+                         "teacher_hidden_size": int(teacher.hidden_size()),
+                         "bytes_per_token": manifest["bytes_per_token"] + 2 * len(hidden_layers) * int(teacher.hidden_size())})
+    if cross:  # "tokens" counts aligned groups, 4 bytes each
+        manifest.update({"kind": KIND, "temperature": 1.0, "id_dtype": None, "bytes_per_token": BYTES_PER_GROUP})
+    return manifest
+
+
+def _checked_teacher(config: TrainingConfig, teacher: Teacher, dataset: Any, cross: bool, device: torch.device,
+                     existing: dict[str, Any] | None, output: Path) -> tuple[int, ...]:
+    """Refuse teachers whose head does not give their logits; the teacher layers whose hidden states are cached."""
+    specs = teacher_specs(config)
+    sample = torch.tensor([dataset[0]["teacher_input_ids" if cross else "input_ids"]], device=device)
+    for spec, model in zip(specs, teacher.models(), strict=True):
+        if not head_reproduces_logits(model, sample.to(next(model.parameters()).device)):
+            raise ConfigError(f"{spec.model} post-processes its logits (soft-capping or scaling); the cache cannot be built from its head")
+
+    hidden_layers: tuple[int, ...] = ()
+    if not cross and config.distillation.hidden_states.weight > 0:
+        if config.teachers:
+            raise ConfigError("teacher-cache stores hidden states of one teacher (teacher_model), not of several")
+        hidden_layers = cached_hidden_layers(config, int(teacher.hidden_layers), int(teacher.hidden_size()))
+        if existing is not None and tuple(existing.get("hidden_layers") or ()) != hidden_layers:
+            raise RunExistsError(f"teacher cache {output} was started with hidden states of teacher layers "
+                                 f"{existing.get('hidden_layers')}, now {list(hidden_layers)}: pass --overwrite to rebuild it")
+    return hidden_layers
+
+
 def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, batch_size: int = 8,
                         shard_examples: int = 1024, overwrite: bool = False) -> dict[str, Any]:
     """Write (or finish) the cache for `config`'s teacher and training data; returns the manifest."""
@@ -180,10 +263,9 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         from nlm.distill.served_teacher import probe_server
 
         config = config.model_copy(update={"teacher_top_k": top_k})  # the server is asked for the cache's k
-
         probe_server(config)[0].close()
     source = (specs[0].model, specs[0].revision) if specs else (config.student_model, config.student_revision)
-    hub = {"revision": source[1], "token": config.hf_token, "trust_remote_code": config.trust_remote_code}
+    hub = hub_options(config, source[1])
     tokenizer = load_tokenizer(source[0], **hub)
     width = len(tokenizer)
     student_tokenizer = cross_student_tokenizer(config, tokenizer)
@@ -196,32 +278,13 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         fingerprint.update(cross_fingerprint(student_tokenizer))
         if config.distillation.hidden_states.weight > 0:
             raise ConfigError("distillation.hidden_states needs a teacher sharing the student's tokenizer")
-    existing = read_manifest(output)
-    if overwrite and output.is_dir() and any(output.iterdir()):
-        claim_folder(output, created_by="nlm teacher-cache", owns=CACHE_ENTRIES, overwrite=True, exists_message="")
-        existing = None
-    if existing is not None:
-        try:
-            compare_fingerprints(fingerprint, existing["fingerprint"], output)
-        except ValueError as exc:
-            raise RunExistsError(f"{exc}; or pass --overwrite to replace it") from None
-        if existing.get("complete"):
-            logger.info("teacher cache %s is already complete (%d tokens)", output, existing["tokens"])
-            return existing
-    elif output.is_dir() and any(output.iterdir()):
-        require_owned(output)  # a marked folder without a manifest: an earlier build stopped before its first shard
-    mark_folder(output, "nlm teacher-cache", CACHE_ENTRIES)
+    existing = _open_output(output, fingerprint, overwrite)
+    if existing is not None and existing.get("complete"):
+        logger.info("teacher cache %s is already complete (%d tokens)", output, existing["tokens"])
+        return existing
 
     device = select_device(config.device_preference, config.device)
-    precision = resolve_precision(config.precision, device)
-    if student_tokenizer is None:
-        teacher = load_teacher(config, tokenizer, None, device, precision)  # on teacher_device when set
-    else:
-        model = load_causal_lm(specs[0].model, dtype=teacher_dtype(config.teacher_precision, precision, device), **hub)
-        width = own_vocab_width(tokenizer, model, "teacher")
-        teacher = AlignedTeacher(model, torch.device(config.teacher_device) if config.teacher_device else device, width,
-                                 tokenizer, CrossSettings("alm"))
-        tokenizer.save_pretrained(str(output / TEACHER_TOKENIZER))  # the run aligns its data with it
+    teacher, width = _load_cache_teacher(config, tokenizer, student_tokenizer, device, width, output)
     assert teacher is not None
     teacher_weights = _weights_fingerprint(config, teacher)
     if existing is not None and existing.get("teacher_weights") != teacher_weights:
@@ -235,32 +298,9 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     data = tokenize_records(train_files, student_tokenizer or tokenizer, tokenize_settings(config),
                             cache_root=tokenized_root, teacher_tokenizer=student_tokenizer and tokenizer)
     dataset = data.dataset
-    sample = torch.tensor([dataset[0]["teacher_input_ids" if student_tokenizer is not None else "input_ids"]], device=device)
-    for spec, model in zip(specs, teacher.models(), strict=True):
-        if not head_reproduces_logits(model, sample.to(next(model.parameters()).device)):
-            raise ConfigError(f"{spec.model} post-processes its logits (soft-capping or scaling); the cache cannot be built from its head")
-
-    hidden_layers: tuple[int, ...] = ()
-    if student_tokenizer is None and config.distillation.hidden_states.weight > 0:
-        if config.teachers:
-            raise ConfigError("teacher-cache stores hidden states of one teacher (teacher_model), not of several")
-        hidden_layers = cached_hidden_layers(config, int(teacher.hidden_layers), int(teacher.hidden_size()))
-        if existing is not None and tuple(existing.get("hidden_layers") or ()) != hidden_layers:
-            raise RunExistsError(f"teacher cache {output} was started with hidden states of teacher layers "
-                                 f"{existing.get('hidden_layers')}, now {list(hidden_layers)}: pass --overwrite to rebuild it")
-    manifest = existing or {
-        "format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
-        "teacher_weights": teacher_weights, "teachers": teacher.describe().get("teachers"),
-        "top_k": top_k, "temperature": config.distillation.temperature, "vocab_size": width,
-        "id_dtype": str(id_dtype(width)).removeprefix("torch."), "bytes_per_token": bytes_per_token(top_k, width),
-        "examples": len(dataset), "tokens": 0, "shards": [], "complete": False,
-    }
-    if hidden_layers and existing is None:  # bfloat16 rows of each chosen layer
-        manifest.update({"hidden_layers": list(hidden_layers), "teacher_num_layers": int(teacher.hidden_layers),
-                         "teacher_hidden_size": int(teacher.hidden_size()),
-                         "bytes_per_token": manifest["bytes_per_token"] + 2 * len(hidden_layers) * int(teacher.hidden_size())})
-    if student_tokenizer is not None and existing is None:  # "tokens" counts aligned groups, 4 bytes each
-        manifest.update({"kind": KIND, "temperature": 1.0, "id_dtype": None, "bytes_per_token": BYTES_PER_GROUP})
+    hidden_layers = _checked_teacher(config, teacher, dataset, student_tokenizer is not None, device, existing, output)
+    manifest = existing or _new_manifest(config, fingerprint, teacher, teacher_weights, top_k, width, len(dataset),
+                                         hidden_layers, cross=student_tokenizer is not None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def write_topk(path: Path, batches: list[dict]) -> int:
@@ -280,23 +320,7 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         collate = PaddingCollator(student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None else 0,
                                   teacher_pad_token_id=pad)
         write = write_groups
-    done = sum(shard["examples"] for shard in manifest["shards"])
-    if done:
-        logger.info("resuming teacher cache at example %d of %d", done, len(dataset))
-    started = time.perf_counter()
-    while done < len(dataset):
-        end = min(done + shard_examples, len(dataset))
-        batches = [collate([dataset[i] for i in range(s, min(s + batch_size, end))]) for s in range(done, end, batch_size)]
-        name = f"shard-{len(manifest['shards']):05d}.safetensors"
-        count = write(output / name, batches)
-        manifest["shards"].append({"file": name, "first_example": done, "examples": end - done, "tokens": count})
-        manifest["tokens"] += count
-        write_manifest(output, manifest)
-        elapsed = time.perf_counter() - started
-        rate = (end - done) / max(elapsed, 1e-9)
-        logger.info("teacher cache: %d/%d examples (%.0f examples/s, about %.0fs left)", end, len(dataset), rate,
-                    (len(dataset) - end) / max(rate, 1e-9))
-        done, started = end, time.perf_counter()
+    _write_shards(output, manifest, dataset, collate, write, batch_size, shard_examples)
     manifest["complete"] = True
     write_manifest(output, manifest)
     logger.info("teacher cache complete: %s (%d tokens, %d bytes per token)", output, manifest["tokens"], manifest["bytes_per_token"])

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from nlm.errors import ConfigError
-from nlm.training import entrypoint
-from nlm.training.launch import Topology, error_line, train_command
-from nlm.training.sagemaker import (
+from nlm.apps.sagemaker import (
     channel_environment,
     decode_hyperparameters,
     read_job,
     training_arguments,
     validate,
 )
+from nlm.entrypoints import sagemaker_train as entrypoint
+from nlm.errors import ConfigError
+from nlm.training.launch import Topology, error_line, train_command
 
 
 def fake_opt_ml(root: Path, hyperparameters: dict, channels=("train",)) -> Path:

@@ -1,6 +1,6 @@
 import json
 
-from nlm.demo.task import COLOURS, build_demo_data, write_jsonl
+from nlm.demo.colours import COLOURS, build_demo_data, write_jsonl
 
 
 def test_same_seed_same_data_other_seed_other_data(tmp_path):

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from nlm.apps.train import train
 from nlm.config.sources import load_config
 from nlm.errors import ConfigError, ModelLoadError, RunExistsError, TrainingDivergedError
-from nlm.training.run import train
 
 
 def _config(model_dirs, data_file, out, *extra):
@@ -55,7 +55,7 @@ def test_full_fine_tune_writes_a_loadable_model_and_metadata(model_dirs, pc_file
 
 
 def test_teacher_stays_frozen(model_dirs, pc_file, tmp_path, monkeypatch):
-    import nlm.training.run as run_module
+    import nlm.apps.train as run_module
 
     seen = {}
     original = run_module.DistillationTrainer
@@ -102,7 +102,7 @@ def test_resume_gives_the_same_final_weights_as_an_uninterrupted_run(model_dirs,
     # Randomness is present: the data are shuffled every epoch (6 steps of 4 over 24 examples, one reshuffle)
     # and, in the LoRA case, adapter dropout draws new masks at every step.
     straight = train(_config(model_dirs, pc_file, tmp_path / "a", *extra))
-    import nlm.training.run as run_module
+    import nlm.apps.train as run_module
 
     original = run_module.install_callbacks
 

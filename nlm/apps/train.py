@@ -50,7 +50,7 @@ from nlm.training.objective_setup import (
 from nlm.training.order import build_order, global_batch, model_scorer
 from nlm.training.policy import StepPolicy
 from nlm.training.quantization_aware import prepare_student, strip_fake_quantizers
-from nlm.training.trackers import direct_tracker_output, prepare_trackers
+from nlm.training.tracker_output import direct_tracker_output, prepare_trackers
 from nlm.training.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -125,9 +125,50 @@ def _check_required(config: TrainingConfig) -> None:
     resolve_eval_files(config.eval_file)
 
 
+@dataclass
+class RunStart:
+    """What the run was started with: device, precision, Trainer arguments, its folder and checkpoint."""
+
+    device: torch.device
+    precision: PrecisionPlan
+    args: Any  # TrainingArguments
+    run_dir: Path
+    checkpoint: str | None
+    resumed_changes: dict[str, Any]
+
+
+@dataclass
+class RunParts:
+    """The models, data and objective one run trains with."""
+
+    tokenizer: Any
+    student: Any
+    teacher: Teacher | None
+    vocab_width: int
+    data: PreparedData
+    plan: OrderPlan | None
+    loss_impl: str
+    objective: Any
+    parameters: dict[str, int]
+
+
 def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     """Distil `teacher_model` into `student_model` on the configured data; returns where the model went."""
     started = time.perf_counter()
+    start = start_run(config, log_format)
+    parts = load_run_parts(config, start)
+    trainer = build_trainer(config, start, parts)
+    output = train_saving_on_teacher_loss(trainer, start.checkpoint)
+    if hasattr(parts.teacher, "close"):  # a served teacher: its connections and request threads
+        parts.teacher.close()
+    metrics = dict(output.metrics)
+    if parts.data.eval is not None:
+        metrics.update(_final_eval(trainer))
+    return finish_run(config, start, parts, trainer, metrics, started)
+
+
+def start_run(config: TrainingConfig, log_format: str) -> RunStart:
+    """Checks that need no model (required fields, that the models exist), the device, the run folder."""
     _check_required(config)
     if config.teacher_url:  # a teacher server that does not answer fails here, before any model loads (exit 2)
         from nlm.distill.served_teacher import probe_server
@@ -154,10 +195,15 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
         else:
             checkpoint = get_last_checkpoint(str(run_dir)) if config.resume else None
     prepare_trackers(config.report_to, config.output_dir, run_dir)
+    return RunStart(device, precision, args, run_dir, checkpoint, resumed_changes)
 
+
+def load_run_parts(config: TrainingConfig, start: RunStart) -> RunParts:
+    """Tokenizer, student (+ LoRA, QAD), teacher, data and its order, the loss engine's impl and the objective."""
+    args = start.args
     tokenizer = load_tokenizer(config.student_model, **hub_options(config, config.student_revision))
     set_seed(config.seed)  # weights a checkpoint lacks are initialised randomly: same seed, same weights
-    student, teacher, vocab_width = load_models(config, tokenizer, device, precision)
+    student, teacher, vocab_width = load_models(config, tokenizer, start.device, start.precision)
     student = prepare_student(student, config.quantization_aware)  # issue 25: scheme none -> unchanged
     with args.main_process_first(local=False, desc="tokenisation"):
         data = prepare_datasets(config, tokenizer, cache_root=path_inside(config.output_dir, ".cache/tokenized"),
@@ -180,46 +226,51 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     attach_objective(student, objective)  # learnable parts (projections, temperature) train with the student
     trainable, total = count_parameters(student)
     logger.info("student: %d parameters, %d trainable (%.2f%%)", total, trainable, 100 * trainable / max(total, 1))
+    return RunParts(tokenizer, student, teacher, vocab_width, data, plan, loss_impl, objective,
+                    {"total": total, "trainable": trainable})
 
+
+def build_trainer(config: TrainingConfig, start: RunStart, parts: RunParts) -> DistillationTrainer:
+    """The DistillationTrainer over the run's parts, with nlm's callbacks and tracker places."""
+    tokenizer, teacher, plan = parts.tokenizer, parts.teacher, parts.plan
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     trainer = DistillationTrainer(
-        model=student,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=PaddingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                                      teacher_pad_token_id=_pad_id(teacher.paired_tokenizer if teacher is not None else None)),
+        model=parts.student,
+        args=start.args,
+        train_dataset=parts.data.train,
+        eval_dataset=parts.data.eval,
+        data_collator=PaddingCollator(pad_id, teacher_pad_token_id=_pad_id(teacher.paired_tokenizer if teacher is not None else None)),
         processing_class=tokenizer,
         teacher=teacher,
         distillation=config.distillation,
-        objective=objective,
-        vocab_width=vocab_width,
+        objective=parts.objective,
+        vocab_width=parts.vocab_width,
         max_bad_steps=config.max_bad_steps,
-        loss_impl=loss_impl,
+        loss_impl=parts.loss_impl,
         chunk_tokens=config.loss_chunk_tokens,
-        step_policy=StepPolicy.from_config(
-            config.distillation, seed=config.seed, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-            tokenizer=tokenizer, teacher=teacher),
+        step_policy=StepPolicy.from_config(config.distillation, seed=config.seed, pad_id=pad_id, tokenizer=tokenizer,
+                                           teacher=teacher),
         train_sampler=OrderSampler(plan) if plan is not None else None,
         source_names=list(plan.names) if plan is not None and config.log_per_source else None,
     )
     install_callbacks(trainer)
-    direct_tracker_output(trainer, run_dir)
+    direct_tracker_output(trainer, start.run_dir)
     add_hardware_metrics(trainer)
-    output = train_saving_on_teacher_loss(trainer, checkpoint)
-    if hasattr(teacher, "close"):  # a served teacher: its connections and request threads
-        teacher.close()
-    metrics = dict(output.metrics)
-    if data.eval is not None:
-        metrics.update(_final_eval(trainer))
+    return trainer
 
+
+def finish_run(config: TrainingConfig, start: RunStart, parts: RunParts, trainer: DistillationTrainer,
+               metrics: dict[str, Any], started: float) -> TrainResult:
+    """final/: the plain student (objective parts and fake quantizers taken off), its projections, the metadata."""
+    run_dir, teacher = start.run_dir, parts.teacher
     detach_objective(trainer.model)
     if config.quantization_aware.enabled:
         strip_fake_quantizers(trainer.model)  # final/ holds plain weights; the scheme is in the metadata
     final_path = run_dir / "final"
     kept_in_final = [entry.name for entry in final_path.iterdir()] if final_path.is_dir() else []  # a user's
-    final_dir = save_final(trainer, tokenizer, run_dir, config)
+    final_dir = save_final(trainer, parts.tokenizer, run_dir, config)
     if trainer.is_world_process_zero():
-        save_projections(objective, final_dir)
+        save_projections(parts.objective, final_dir)
     seconds = time.perf_counter() - started
     if not trainer.is_world_process_zero():
         return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
@@ -231,21 +282,21 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
                  **(teacher.describe() if teacher is not None else {}),
                  "describe": teacher.describe() if teacher is not None else None},
         loss_impl=trainer.loss_impl,
-        objective=describe_objective(objective, config),
+        objective=describe_objective(parts.objective, config),
         student={"model": config.student_model, "revision": model_revision(trainer.model)},
-        data=data_summary(data, plan, trainer.state.global_step * global_batch(config, args.world_size)),
-        device=str(device),
+        data=data_summary(parts.data, parts.plan, trainer.state.global_step * global_batch(config, start.args.world_size)),
+        device=str(start.device),
         teacher_device=str(teacher.device) if teacher is not None and teacher.device is not None else None,
-        precision=precision.name,
-        world_size=args.world_size,
-        parameters={"total": total, "trainable": trainable},
+        precision=start.precision.name,
+        world_size=start.args.world_size,
+        parameters=parts.parameters,
         wall_seconds=round(seconds, 3),
         global_step=trainer.state.global_step,
         final_metrics=metrics,
         best_metric=trainer.state.best_metric,
         best_checkpoint=trainer.state.best_model_checkpoint,
         log_history=trainer.state.log_history,
-        resumed={"checkpoint": checkpoint, "changed_settings": resumed_changes} if checkpoint else None,
+        resumed={"checkpoint": start.checkpoint, "changed_settings": start.resumed_changes} if start.checkpoint else None,
     )
     record_written(final_dir, "nlm train", kept_in_final)  # --overwrite removes exactly what this run wrote there
     logger.info("final model written to %s (%.1fs)", final_dir, seconds)

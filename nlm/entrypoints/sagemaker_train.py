@@ -14,10 +14,10 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nlm.apps.sagemaker import DEFAULT_ROOT, ROOT_ENV, run_training_job, write_failure
     from nlm.config.logging_setup import setup_logging
     from nlm.config.sources import environment_secrets
     from nlm.errors import ConfigError, NlmError
-    from nlm.training.sagemaker import DEFAULT_ROOT, ROOT_ENV, run_training_job, write_failure
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["train"]:

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from nlm.apps.run_report import load_run, write_report
 from nlm.commands.report import Options, run
 from nlm.errors import ConfigError, RunExistsError
-from nlm.report.runs import load_run, write_report
 
 
 def _history(offset):

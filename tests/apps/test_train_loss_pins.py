@@ -11,9 +11,9 @@ import os
 
 import pytest
 
+from nlm.apps.train import train
 from nlm.cli import main
 from nlm.config.sources import load_config
-from nlm.training.run import train
 
 RUNS = {
     "fused": [],

@@ -1,1 +1,0 @@
-"""Register finished models (final/ or export folders) in an MLflow model registry."""
