@@ -31,6 +31,7 @@ from nlm.distill.cache import (
     compare_fingerprints,
     id_dtype,
     read_manifest,
+    rounded_targets,
     save_shard,
     weights_fingerprint,
     write_manifest,
@@ -46,7 +47,7 @@ from nlm.distill.cross_cache import (
 )
 from nlm.distill.engines.aligned import CrossSettings
 from nlm.distill.engines.chunks import chunk_rows
-from nlm.distill.targets import target_logp
+from nlm.distill.targets import SparseTargets, target_logp
 from nlm.distill.teacher import Teacher
 from nlm.distill.teacher_loading import load_teacher, teacher_specs
 from nlm.errors import ConfigError, RunExistsError
@@ -62,28 +63,15 @@ CACHE_ENTRIES = ("manifest.json", "manifest.json.partial", "shard-*.safetensors"
                  TEACHER_TOKENIZER)
 
 
-def rounded_targets(top_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k log-probabilities [n, k] as stored (float16) and the tail bucket (float32), so that the k+1
-    stored probabilities sum to one *after* the fp16 rounding.
-
-    Each value is rounded down (never up), so the stored top-k mass never exceeds the teacher's; the tail
-    is then exactly what the stored values leave (computed in float64), instead of the teacher's own tail,
-    which rounding would no longer complement (peaked rows could even round past one).
-    """
-    stored = top_logp.to(torch.float16)
-    rounded_up = stored.float() > top_logp
-    stored = torch.where(rounded_up, torch.nextafter(stored, torch.full_like(stored, float("-inf"))), stored)
-    left = 1 - stored.double().exp().sum(-1)
-    tail = torch.log(left.clamp(min=1e-30)).float()
-    return stored, tail
-
-
 @torch.no_grad()
 def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k: int, dtype: torch.dtype,
                 device: torch.device, hidden_layers: tuple[int, ...] = ()) -> ShardRows:
     ids, logp, tail, offsets = [], [], [], [0]
     hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
     rows_per_chunk = chunk_rows(teacher.vocab_width, device)
+    prefetch = getattr(teacher, "prefetch", None)  # a served teacher: the shard's requests all in flight at once
+    for batch in batches if prefetch is not None else ():
+        prefetch(batch)
     for batch in batches:
         mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [b, s-1]: the positions the loss trains on
         signal = teacher.signal(batch, mask, device, layers=hidden_layers)
@@ -91,9 +79,13 @@ def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k
             hidden[layer].append(signal.hidden[layer].to("cpu", torch.bfloat16))
         for start in range(0, signal.count, rows_per_chunk):
             rows = signal.rows(start, min(start + rows_per_chunk, signal.count))
-            top = target_logp(rows, temperature).topk(top_k, dim=-1)
-            ids.append(top.indices.to("cpu", dtype))
-            stored, rest = rounded_targets(top.values)
+            if isinstance(rows, SparseTargets):  # a served teacher: its top-k at the temperature already
+                top_ids, top_values = rows.ids[:, :top_k], rows.logp[:, :top_k]
+            else:
+                top = target_logp(rows, temperature).topk(top_k, dim=-1)
+                top_ids, top_values = top.indices, top.values
+            ids.append(top_ids.to("cpu", dtype))
+            stored, rest = rounded_targets(top_values)
             logp.append(stored.cpu())
             tail.append(rest.cpu())
         for row in range(mask.shape[0]):
@@ -146,6 +138,9 @@ def cross_student_tokenizer(config: TrainingConfig, teacher_tokenizer: Any) -> A
 
 
 def _weights_fingerprint(config: TrainingConfig, teacher: Teacher) -> str | list[str]:
+    if config.teacher_url:  # a served teacher: what the server said it serves
+        described = teacher.describe()
+        return f"served:{described['teacher_url']}#{described['served_model']}@{described['tokenizer_fingerprint']}"
     specs = teacher_specs(config)
     found = [model_revision(model) or weights_fingerprint(spec.model, spec.revision)
              for model, spec in zip(teacher.models(), specs, strict=True)]
@@ -176,7 +171,7 @@ def _load_cache_teacher(config: TrainingConfig, tokenizer: Any, student_tokenize
     """The teacher whose targets are cached (nlm.distill.teacher_loading), or with another tokenizer the aligned
     teacher whose group likelihoods are (its tokenizer saved beside the cache); and the vocabulary width."""
     specs = teacher_specs(config)
-    hub = hub_options(config, specs[0].revision)
+    hub = hub_options(config, specs[0].revision) if specs else {}  # no specs: a served teacher (teacher_url)
     precision = resolve_precision(config.precision, device)
     if student_tokenizer is None:
         teacher = load_teacher(config, tokenizer, None, device, precision)  # on teacher_device when set
@@ -255,14 +250,23 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
                         shard_examples: int = 1024, overwrite: bool = False) -> dict[str, Any]:
     """Write (or finish) the cache for `config`'s teacher and training data; returns the manifest."""
     specs = teacher_specs(config)
-    if not specs:
-        raise ConfigError("teacher-cache needs the teacher: pass --teacher MODEL (or --teacher_model, or teachers in the config)")
+    if not specs and not config.teacher_url:
+        raise ConfigError("teacher-cache needs the teacher: pass --teacher MODEL (or --teacher_model, --teacher_url, or "
+                          "teachers in the config)")
+    if config.teacher_url and not config.student_model:
+        raise ConfigError("teacher-cache from teacher_url tokenises the data with the student's tokenizer: pass --student_model")
     if config.distillation.teacher_mixture == "route" and config.teachers:
         raise ConfigError("teacher-cache stores one target per token: use teacher_mixture=average, or cache each teacher apart")
     train_files = resolve_train_files(config.train_file)  # a missing data file fails before the teacher loads
     output = safe_output_dir(output)
-    hub = hub_options(config, specs[0].revision)
-    tokenizer = load_tokenizer(specs[0].model, **hub)
+    if config.teacher_url:  # issue 30: nothing loads before the server answered (exit 2 naming the URL)
+        from nlm.distill.served_teacher import probe_server
+
+        config = config.model_copy(update={"teacher_top_k": top_k})  # the server is asked for the cache's k
+        probe_server(config)[0].close()
+    source = (specs[0].model, specs[0].revision) if specs else (config.student_model, config.student_revision)
+    hub = hub_options(config, source[1])
+    tokenizer = load_tokenizer(source[0], **hub)
     width = len(tokenizer)
     student_tokenizer = cross_student_tokenizer(config, tokenizer)
     if student_tokenizer is not None:

@@ -113,7 +113,8 @@ def _check_required(config: TrainingConfig) -> None:
     if config.distillation.lmbda > 0 and config.distillation.alpha == 0:
         raise ConfigError("distillation.lmbda > 0 trains on the teacher's scores of the student's samples: "
                           "set distillation.alpha > 0")
-    if not config.teacher_model and not config.teachers and not config.teacher_cache and config.distillation.alpha > 0:
+    if (not config.teacher_model and not config.teachers and not config.teacher_cache and not config.teacher_url
+            and config.distillation.alpha > 0):
         raise ConfigError(
             "teacher_model is required when distillation.alpha > 0: pass --teacher_model (or --teacher_cache DIR), "
             "or --distillation.alpha 0 for plain fine-tuning"
@@ -157,7 +158,9 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     start = start_run(config, log_format)
     parts = load_run_parts(config, start)
     trainer = build_trainer(config, start, parts)
-    output = trainer.train(resume_from_checkpoint=start.checkpoint)
+    output = train_saving_on_teacher_loss(trainer, start.checkpoint)
+    if hasattr(parts.teacher, "close"):  # a served teacher: its connections and request threads
+        parts.teacher.close()
     metrics = dict(output.metrics)
     if parts.data.eval is not None:
         metrics.update(_final_eval(trainer))
@@ -167,6 +170,10 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
 def start_run(config: TrainingConfig, log_format: str) -> RunStart:
     """Checks that need no model (required fields, that the models exist), the device, the run folder."""
     _check_required(config)
+    if config.teacher_url:  # a teacher server that does not answer fails here, before any model loads (exit 2)
+        from nlm.distill.served_teacher import probe_server
+
+        probe_server(config)[0].close()
     # Fail on a missing model before any data work or folder creation.
     check_model_exists(config.student_model, **hub_options(config, config.student_revision))
     if not config.teacher_cache:
@@ -294,6 +301,22 @@ def finish_run(config: TrainingConfig, start: RunStart, parts: RunParts, trainer
     record_written(final_dir, "nlm train", kept_in_final)  # --overwrite removes exactly what this run wrote there
     logger.info("final model written to %s (%.1fs)", final_dir, seconds)
     return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
+
+
+def train_saving_on_teacher_loss(trainer: DistillationTrainer, checkpoint: str | None) -> Any:
+    """trainer.train(); when a served teacher stays unreachable, a checkpoint of the last finished step is
+    written first (`--resume` continues from it to the same final weights)."""
+    from nlm.distill.served_teacher import TeacherUnavailableError
+
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    except TeacherUnavailableError:
+        trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own format: optimizer, scheduler, RNG
+        logger.info("checkpoint of step %d saved before stopping", trainer.state.global_step)
+        close = getattr(trainer.teacher, "close", None)
+        if close is not None:
+            close()
+        raise
 
 
 def load_models(config: TrainingConfig, tokenizer: Any, device: torch.device, precision: PrecisionPlan

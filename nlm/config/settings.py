@@ -37,7 +37,7 @@ LR_SCHEDULERS = (
 )
 
 # Secret fields: accepted from the environment and the command line only, never from a file.
-SECRET_FIELDS = ("hf_token",)
+SECRET_FIELDS = ("hf_token", "teacher_api_key")
 
 
 class LoRAConfig(BaseModel):
@@ -289,6 +289,17 @@ class TrainingConfig(BaseSettings):
     teacher_cache: Path | None = Field(
         None, description="Train from a cache written by `nlm teacher-cache` instead of running the teacher."
     )
+    # Served teacher (issue 30): the teacher behind an OpenAI-compatible server (nlm serve, vLLM), asked over HTTP.
+    teacher_url: str | None = Field(
+        None, description="Teacher served over HTTP: the OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1.")
+    teacher_served_model: str | None = Field(None, description="The `model` to ask the server for (default: its only model).")
+    teacher_api_key: SecretStr | None = Field(
+        None, description="Bearer key of the teacher server (environment NLM_TEACHER_API_KEY or --teacher_api_key only).")
+    teacher_top_k: int = Field(20, ge=1, le=1024, description="Top log-probs asked per token; the rest is one tail bucket.")
+    teacher_concurrency: int = Field(4, ge=1, le=256, description="Teacher requests in flight at once.")
+    teacher_timeout: float = Field(60.0, gt=0, description="Seconds before a teacher request is retried.")
+    teacher_retries: int = Field(5, ge=0, le=100, description="Retries of a teacher request (timeouts, 429, 5xx), with backoff.")
+    teacher_prefetch_batches: int = Field(2, ge=0, le=64, description="Micro-batches whose teacher requests run ahead of the student.")
 
     # Devices and precision
     device_preference: list[DeviceName] = Field(
@@ -354,6 +365,8 @@ class TrainingConfig(BaseSettings):
             raise ValueError("give teacher_model or teachers, not both (teacher_model is the one-teacher shorthand)")
         if self.teachers and self.teacher_cache:
             raise ValueError("teacher_cache replaces the teachers: give one or the other (build the cache from `teachers`)")
+        if self.teacher_url and (self.teacher_model or self.teachers or self.teacher_cache):
+            raise ValueError("teacher_url is the teacher: give it alone, without teacher_model, teachers or teacher_cache")
         if self.load_best_model_at_end and self.eval_strategy == "no":
             raise ValueError("load_best_model_at_end needs eval_strategy 'steps' or 'epoch'")
         # A cache holds the teacher's view of the dataset's text only; it cannot score generated text.

@@ -243,6 +243,10 @@ def load_config(cli_args: Sequence[str] = (), config_file: Path | str | None = N
         from nlm.config.logging_setup import register_secret
 
         register_secret(built.hf_token.get_secret_value())
+    if built.teacher_api_key is not None:  # the served teacher's key (issue 30), kept out of the logs too
+        from nlm.config.logging_setup import register_secret
+
+        register_secret(built.teacher_api_key.get_secret_value())
     sources = {key: _source_of(key, layers) for key in known_keys()}
     return LoadedConfig(config=built, sources=sources)
 

@@ -25,6 +25,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "gradient_accumulation_steps", "auto_find_batch_size", "gradient_checkpointing", "seed",
                      "max_bad_steps"),
     "loss engine and teacher cache": ("loss_impl", "loss_chunk_tokens", "teacher_cache"),
+    "served teacher": ("teacher_url", "teacher_served_model", "teacher_api_key", "teacher_top_k", "teacher_concurrency",
+                       "teacher_timeout", "teacher_retries", "teacher_prefetch_batches"),
     "devices and precision": ("device_preference", "device", "precision", "teacher_device", "teacher_precision"),
     "evaluation, checkpoints and logging": ("eval_strategy", "eval_steps", "save_strategy", "save_steps",
                                             "save_total_limit", "load_best_model_at_end", "logging_steps",

@@ -205,3 +205,19 @@ def cache_fingerprint(config: Any, tokenizer: Any, top_k: int) -> dict[str, Any]
         fingerprint["teachers"] = [{"model": t.model, "weight": t.weight, "revision": t.revision} for t in config.teachers]
         fingerprint["teacher_mixture"] = config.distillation.teacher_mixture
     return fingerprint
+
+
+def rounded_targets(top_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k log-probabilities [n, k] as stored (float16) and the tail bucket (float32), so that the k+1
+    stored probabilities sum to one *after* the fp16 rounding.
+
+    Each value is rounded down (never up), so the stored top-k mass never exceeds the teacher's; the tail
+    is then exactly what the stored values leave (computed in float64), instead of the teacher's own tail,
+    which rounding would no longer complement (peaked rows could even round past one).
+    """
+    stored = top_logp.to(torch.float16)
+    rounded_up = stored.float() > top_logp
+    stored = torch.where(rounded_up, torch.nextafter(stored, torch.full_like(stored, float("-inf"))), stored)
+    left = 1 - stored.double().exp().sum(-1)
+    tail = torch.log(left.clamp(min=1e-30)).float()
+    return stored, tail

@@ -26,6 +26,7 @@ from nlm.models.device import PrecisionPlan
 # kind -> module (selects/load). Order is precedence: a cache wins over a model named next to it.
 TEACHER_KINDS: dict[str, str] = {
     "cache": "nlm.distill.teacher_kinds.cache",  # teacher_cache: top-k targets, or cross_alm group likelihoods
+    "served": "nlm.distill.teacher_kinds.served",  # teacher_url: a teacher behind an OpenAI-compatible server
     "cross_tokenizer": "nlm.distill.teacher_kinds.cross_tokenizer",  # teacher_model + distillation.cross_tokenizer
     "ensemble": "nlm.distill.teacher_kinds.ensemble",  # teachers: [...]
     "live": "nlm.distill.teacher_kinds.live",  # teacher_model

@@ -34,6 +34,15 @@ from nlm.inference.jobs import (
     invocation_job,
     openai_job,
 )
+from nlm.inference.logprobs import (
+    chat_logprobs,
+    chat_spec,
+    completion_choices,
+    completion_spec,
+    json_body,
+    model_card,
+    prompt_token_ids,
+)
 from nlm.inference.metrics import ServerMetrics
 from nlm.inference.middleware import GuardMiddleware
 from nlm.inference.registry import ServedModel, load_served_models
@@ -255,18 +264,65 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
     @app.get("/v1/models")
     async def models() -> dict:
         names = list(state.models) if state.ready else [name for name, _ in settings.served_models]
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nlm"} for name in names]}
+        cards = {name: model_card(entry.tokenizer, settings) for name, entry in state.models.items()} if state.ready else {}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nlm", **cards.get(name, {})}
+                                           for name in names]}
 
     @app.post("/v1/completions", responses=ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         served = _ready(body.model)
+        spec = completion_spec(body, settings)  # log-probs asked for (nlm/inference/logprobs.py)
+        if spec is not None and body.stream:
+            raise ClientError(422, "stream with logprobs is not supported; ask without stream", "stream")
 
         def prepare() -> GenerationJob:
-            ids = encode_prompt(served.tokenizer, clean_prompt(body.prompt, settings), settings)
-            return openai_job(ids, body, settings, body.max_tokens, served)
+            if isinstance(body.prompt, list):
+                ids = prompt_token_ids(body.prompt, served.tokenizer, settings)
+            else:
+                ids = encode_prompt(served.tokenizer, clean_prompt(body.prompt, settings), settings)
+            job = openai_job(ids, body, settings, body.max_tokens, served)
+            job.logprobs = spec
+            return job
 
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], list):
+            return await _prompt_batch(body, served, spec, request)
         job = await _off_loop(prepare)
-        return await _respond(job, served, body.stream, "text_completion", chat=False, request=request)
+
+        def shape(output: GenerationOutput) -> list[dict]:
+            text = body.prompt if isinstance(body.prompt, str) else served.tokenizer.decode(job.prompt_ids)
+            return completion_choices(body, output, job.prompt_ids, text, served.tokenizer)
+
+        answer = await _respond(job, served, body.stream, "text_completion", chat=False, request=request, shape=shape)
+        # Log-probs make large bodies (K entries per token): serialised directly, not walked by jsonable_encoder.
+        return json_body(answer) if spec is not None else answer
+
+    async def _prompt_batch(body: CompletionRequest, served: ServedModel, spec: Any, request: Request) -> Any:
+        """Several token-id prompts in one request (as vLLM takes them): one job each, run together through the
+        batcher; choice i answers prompt i."""
+        if (body.n or 1) != 1 or body.stream:
+            raise ClientError(422, "a list of prompts takes n = 1 and no stream", "prompt")
+        if len(body.prompt) > settings.max_batch_size:
+            raise ClientError(422, f"{len(body.prompt)} prompts in one request; the limit is --max_batch_size "
+                                   f"{settings.max_batch_size}", "prompt")
+
+        def prepare(ids: list[int]) -> GenerationJob:
+            job = openai_job(prompt_token_ids(ids, served.tokenizer, settings), body, settings, body.max_tokens, served)
+            job.logprobs = spec
+            return job
+
+        jobs = [await _off_loop(prepare, ids) for ids in body.prompt]
+        outputs = await asyncio.gather(*(_run(job, served, None) for job in jobs))  # one disconnect watch cannot serve many
+        choices = []
+        for index, (job, output) in enumerate(zip(jobs, outputs, strict=True)):
+            for choice in completion_choices(body, output, job.prompt_ids, served.tokenizer.decode(job.prompt_ids),
+                                             served.tokenizer):
+                choices.append({**choice, "index": index})
+        prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
+        generated = sum(output.completion_tokens for output in outputs)
+        answer = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                  "model": served.name, "choices": choices,
+                  "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}}
+        return json_body(answer)
 
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -275,19 +331,32 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
 
         def prepare() -> GenerationJob:
             ids = chat_prompt_ids(body.messages, served, settings)
-            return openai_job(ids, body, settings, body.max_completion_tokens or body.max_tokens, served, field_name, "messages")
+            job = openai_job(ids, body, settings, body.max_completion_tokens or body.max_tokens, served, field_name, "messages")
+            job.logprobs = spec
+            return job
 
+        spec = chat_spec(body, settings)
+        if spec is not None and body.stream:
+            raise ClientError(422, "stream with logprobs is not supported; ask without stream", "stream")
         job = await _off_loop(prepare)
-        return await _respond(job, served, body.stream, "chat.completion", chat=True, request=request)
+
+        def shape(output: GenerationOutput) -> list[dict]:
+            return [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                     "logprobs": chat_logprobs(output, i, served.tokenizer, bool(body.return_tokens_as_token_ids))}
+                    for i, (text, reason) in enumerate(zip(output.texts, output.finish_reasons, strict=True))]
+
+        return await _respond(job, served, body.stream, "chat.completion", chat=True, request=request, shape=shape)
 
     async def _respond(job: GenerationJob, served: ServedModel, stream: bool | None, kind: str, chat: bool,
-                       request: Request) -> Any:
+                       request: Request, shape: Callable[[GenerationOutput], list[dict]] | None = None) -> Any:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if stream:
             return _stream(job, served, ident, created, chat)
         output = await _run(job, served, request)
-        if chat:
+        if shape is not None:
+            choices = shape(output)
+        elif chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
                        for i, (text, reason) in enumerate(zip(output.texts, output.finish_reasons, strict=True))]
         else:

@@ -64,6 +64,29 @@ class SamplingKey:
     num_return_sequences: int
 
 
+@dataclass(frozen=True)
+class LogprobSpec:
+    """The log-probabilities a job asks for: the top `generated` of each generated token (None: none), the top
+    `prompt` of each prompt token after the first (None: none; 0: only the prompt token's own), taken from
+    log_softmax(logits / temperature) over the real vocabulary (the head's padding rows excluded). The
+    temperature is 1 — the model's own distribution — whatever the sampling settings, unless the request
+    uses nlm's `logprobs_temperature` extension."""
+
+    generated: int | None = None
+    prompt: int | None = None
+    temperature: float = 1.0
+
+
+@dataclass
+class PositionLogprobs:
+    """One position's log-probabilities: the token there, its log-prob, and the top ones, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    rank: int = 1  # 1 + how many tokens are more likely than `token`
+
+
 @dataclass
 class GenerationJob:
     prompt_ids: list[int]
@@ -73,6 +96,7 @@ class GenerationJob:
     seed: int | None = None
     stream: Callable[[str], None] | None = None  # called (from the worker) with each new piece of text
     adapter: str | None = None  # the PEFT adapter that serves this request (several LoRA students, one base)
+    logprobs: LogprobSpec | None = None  # log-probabilities to return (scoring, distillation from a served teacher)
     cancelled: bool = False
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -83,6 +107,9 @@ class GenerationOutput:
     texts: list[str]
     completion_tokens: int
     finish_reasons: list[str]
+    token_ids: list[list[int]] = field(default_factory=list)  # the generated tokens of each sequence
+    logprobs: list[list[PositionLogprobs]] | None = None  # per sequence, per generated token (when asked)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # per prompt token; None for the first (when asked)
 
 
 class _StopStringsStreamer(TextStreamer):
@@ -136,6 +163,7 @@ class _Sequence:
     def __init__(self, job: GenerationJob, state: _JobState) -> None:
         self.job, self.state = job, state
         self.tokens: list[int] = []
+        self.logprobs: list[PositionLogprobs] = []  # one per generated token, when the job asks
         self.reason: str | None = None  # "stop" | "length" | "cancelled" once finished
         self.eos = False
 
@@ -171,6 +199,7 @@ class _JobState:
         if self.streamer is not None:
             self.streamer.put(torch.tensor(job.prompt_ids))  # the prompt: skipped, as TextStreamer expects
         self.sequences: list[_Sequence] = []
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = None
 
 
 class GenerationEngine:
@@ -193,6 +222,7 @@ class GenerationEngine:
         self.device = next(model.parameters()).device
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.context = context_length(model.config)
+        self.vocab_width = len(tokenizer)  # log-probabilities cover the real tokens, never the head's padding rows
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # transformers 5.x renames `past_key_values` to `cache`; take whichever this model's forward names.
         parameters = inspect.signature(base.forward).parameters
@@ -320,13 +350,15 @@ class GenerationEngine:
         if admitted and not self._rows and len(admitted) == 1 and self._draftable(admitted[0]):
             self._start_alone(admitted[0])  # its prefill happens inside the drafting stretch
             admitted = []
-        if admitted:
-            self._admitting = admitted
+        # Jobs that score their prompt need logits at every prompt position: they prefill apart, so the
+        # others keep the last-position-only prefill (no [rows, width, vocab] tensor for them).
+        for group in _prefill_groups(admitted):
+            self._admitting = group
             try:
-                self._prefill(admitted)
+                self._prefill(group)
             except Exception as exc:  # noqa: BLE001 - only these requests fail; the running batch goes on
-                logger.exception("prefill failed for %d request(s)", len(admitted))
-                for job in admitted:
+                logger.exception("prefill failed for %d request(s)", len(group))
+                for job in group:
                     self._states.pop(id(job), None)
                     self._deliver(job, exc)
             self._admitting = []
@@ -355,7 +387,7 @@ class GenerationEngine:
         """
         sampling = job.sampling
         return (self.draft is not None and not self.multi_adapter and not sampling.do_sample
-                and sampling.num_return_sequences == 1 and sampling.repetition_penalty == 1.0
+                and sampling.num_return_sequences == 1 and sampling.repetition_penalty == 1.0 and job.logprobs is None
                 and not self._waiting and self._queue.empty())
 
     def _start_alone(self, job: GenerationJob) -> None:
@@ -398,12 +430,12 @@ class GenerationEngine:
         """Rows can join a running cache when every layer is a plain growing cache (no sliding window)."""
         return all(type(layer).__name__ == "DynamicLayer" for layer in getattr(self._cache, "layers", []))
 
-    def _forward(self, rows: list[_Sequence], cache: Any, **inputs: Any) -> torch.Tensor:
+    def _forward(self, rows: list[_Sequence], cache: Any, all_positions: bool = False, **inputs: Any) -> torch.Tensor:
         inputs[self._cache_arg] = cache
         if self.multi_adapter:
             inputs["adapter_names"] = [row.job.adapter or BASE_ADAPTER for row in rows]
         output = self.model(**inputs, use_cache=True)
-        return output.logits[:, -1, :]  # [rows, vocab]
+        return output.logits if all_positions else output.logits[:, -1, :]  # [rows, width, vocab] or [rows, vocab]
 
     def _prefill(self, jobs: list[GenerationJob]) -> None:
         rows: list[_Sequence] = []
@@ -417,8 +449,23 @@ class GenerationEngine:
         mask = torch.tensor([[0] * (width - len(r.job.prompt_ids)) + [1] * len(r.job.prompt_ids) for r in rows], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(rows, cache, input_ids=ids, attention_mask=mask, position_ids=positions, **self._last_logits_only)
-        self._advance(rows, self._choose(rows, logits))
+        scoring = _scores_prompt(jobs[0])  # groups are all-scoring or none (`_prefill_groups`)
+        logits = self._forward(rows, cache, all_positions=scoring, input_ids=ids, attention_mask=mask,
+                               position_ids=positions, **({} if scoring else self._last_logits_only))
+        if scoring:
+            for job in jobs:
+                row = rows.index(self._states[id(job)].sequences[0])
+                prompt = logits[row, width - len(job.prompt_ids):]  # [prompt, vocab]: its real positions
+                self._states[id(job)].prompt_logprobs = [None] + self._position_logprobs(
+                    prompt[:-1], job.prompt_ids[1:], job.logprobs.prompt or 0, job.logprobs.temperature)
+            logits = logits[:, -1, :]
+        tokens = self._choose(rows, logits)
+        self._record(rows, logits, tokens)
+        generating = [i for i, row in enumerate(rows) if row.job.max_new_tokens > 0]
+        for row in rows:  # max_tokens 0: the prompt is scored, nothing is generated
+            if row.job.max_new_tokens == 0:
+                row.reason = "length"
+        self._advance([rows[i] for i in generating], [tokens[i] for i in generating])
         self._join(rows, cache, mask)
         self._retire()
 
@@ -445,8 +492,34 @@ class GenerationEngine:
         mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         logits = self._forward(rows, self._cache, input_ids=ids, attention_mask=mask, position_ids=positions)
         self._mask = mask
-        self._advance(rows, self._choose(rows, logits))
+        tokens = self._choose(rows, logits)
+        self._record(rows, logits, tokens)
+        self._advance(rows, tokens)
         self._retire()
+
+    def _position_logprobs(self, logits: torch.Tensor, tokens: list[int], top: int,
+                           temperature: float) -> list[PositionLogprobs]:
+        """Per row of `logits` [n, vocab]: the log-prob of `tokens[i]` and the `top` most likely, at
+        `temperature`, over the real vocabulary, in float32."""
+        logp = torch.log_softmax(logits[:, : self.vocab_width].float() / temperature, dim=-1)  # [n, V]
+        picked = logp.gather(1, torch.tensor(tokens, device=logp.device).unsqueeze(1))  # [n, 1]
+        ranks = ((logp > picked).sum(-1) + 1).tolist()
+        chosen = picked.squeeze(1).tolist()
+        if top > 0:
+            best = logp.topk(min(top, logp.shape[1]), dim=-1)
+            ids, values = best.indices.tolist(), best.values.tolist()
+        else:
+            ids = values = [[] for _ in tokens]
+        return [PositionLogprobs(token, value, list(zip(i, v, strict=True)), rank)
+                for token, value, i, v, rank in zip(tokens, chosen, ids, values, ranks, strict=True)]
+
+    def _record(self, rows: list[_Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
+        """Keep the log-probs of each chosen token for the rows whose job asks (the model's own distribution,
+        not the sampling processors')."""
+        for index, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            spec = row.job.logprobs
+            if spec is not None and spec.generated is not None and row.job.max_new_tokens > 0:
+                row.logprobs.extend(self._position_logprobs(logits[index:index + 1], [token], spec.generated, spec.temperature))
 
     def _choose(self, rows: list[_Sequence], logits: torch.Tensor) -> list[int]:
         """The next token of each row: argmax for plain greedy rows (one call), processors and sampling otherwise."""
@@ -513,7 +586,7 @@ class GenerationEngine:
 
     def _finish(self, job: GenerationJob) -> None:
         state = self._states.pop(id(job))
-        texts, reasons, count = [], [], 0
+        texts, reasons, count, ids, logprobs = [], [], 0, [], []
         for row in state.sequences:
             tokens = row.tokens[:-1] if row.eos else row.tokens
             text, hit = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), job.stop)
@@ -522,10 +595,14 @@ class GenerationEngine:
             count += len(tokens)
             texts.append(text)
             reasons.append("stop" if row.eos or hit else "length")
+            ids.append(list(tokens))
+            logprobs.append(row.logprobs[: len(tokens)])
         if state.streamer is not None and not job.cancelled:
             state.streamer.end()
         if not job.cancelled:
-            self._deliver(job, GenerationOutput(texts, count, reasons))
+            wanted = job.logprobs is not None and job.logprobs.generated is not None
+            self._deliver(job, GenerationOutput(texts, count, reasons, ids, logprobs if wanted else None,
+                                                state.prompt_logprobs))
 
     @staticmethod
     def _deliver(job: GenerationJob, result: Any) -> None:
@@ -572,6 +649,16 @@ class _YieldToArrivals(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         done = self.row.reason is not None or self.row.job.cancelled or not self.engine._queue.empty() or bool(self.engine._waiting)
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def _scores_prompt(job: GenerationJob) -> bool:
+    return job.logprobs is not None and job.logprobs.prompt is not None
+
+
+def _prefill_groups(jobs: list[GenerationJob]) -> list[list[GenerationJob]]:
+    """The admitted jobs split into those that score their prompt and the others (either may be empty)."""
+    groups = [[job for job in jobs if not _scores_prompt(job)], [job for job in jobs if _scores_prompt(job)]]
+    return [group for group in groups if group]
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

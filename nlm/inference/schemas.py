@@ -81,12 +81,19 @@ class _OpenAIRequest(_Strict):
 class CompletionRequest(_OpenAIRequest):
     """POST /v1/completions (OpenAI)."""
 
-    prompt: str
-    max_tokens: int | None = Field(16, ge=1)
-    echo: Literal[False] | None = False
-    logprobs: None = None
+    prompt: str | list[int] | list[list[int]] = Field(
+        ..., description="Text, token ids (scored as given, no special tokens added), or a list of token-id prompts "
+                         "(one choice each, in order).")
+    max_tokens: int | None = Field(16, ge=0, description="0 with echo or prompt_logprobs: score the prompt, generate nothing.")
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, description="Top log-probs per token (at most the server's --max_logprobs).")
     best_of: Literal[1] | None = 1
     suffix: None = None
+    # vLLM's extensions, in vLLM's response shape.
+    prompt_logprobs: int | None = Field(None, ge=0, description="Top log-probs of every prompt token (vLLM's extension).")
+    return_tokens_as_token_ids: bool | None = Field(None, description='Tokens as "token_id:123" strings (vLLM\'s extension).')
+    # nlm's extension: log-probs of softmax(logits / T) instead of the model's own (T = 1) distribution.
+    logprobs_temperature: float | None = Field(None, gt=0, le=100, description="nlm extension: temperature of the returned log-probs.")
 
 
 class ChatMessage(_Strict):
@@ -101,7 +108,9 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, description="Top log-probs per generated token (needs logprobs: true).")
+    return_tokens_as_token_ids: bool | None = None
 
 
 class ErrorBody(BaseModel):

@@ -55,6 +55,8 @@ class ServerSettings:
     max_return_sequences: int = Field(4, ge=1, description="most sequences per prompt")
     max_prompt_chars: int = Field(32_000, ge=1, description="longer prompts get a 400")
     max_prompt_tokens: int = Field(2048, ge=1, description="longer prompts (in tokens) get a 400")
+    max_logprobs: int = Field(20, ge=0, description="most top log-probs a request may ask per token (logprobs, "
+                                                    "prompt_logprobs, top_logprobs); more is a 422")
     prompt_separator: str | None = Field(
         None, description="appended to /invocations prompts (default: the model's training separator)")
     device: str | None = Field(None, description="force one device: cuda, mps or cpu")

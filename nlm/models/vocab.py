@@ -63,3 +63,16 @@ def shared_vocab_width(teacher_tokenizer: Any, student_tokenizer: Any, teacher: 
         if rows > width:
             logger.info("%s head has %d rows for %d tokens: the %d padding logits are dropped", role, rows, width, rows - width)
     return width
+
+
+def vocabulary_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 of what decides token identity: every (token, id) pair and the special tokens. Two tokenizers
+    with the same fingerprint give the same token the same id; a served teacher publishes it on /v1/models so
+    a client can check it before trusting the server's token ids (the chat template is not part of it)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return "sha256:" + digest.hexdigest()

@@ -95,7 +95,7 @@ class DistillationTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         """The micro-batches of one optimiser step; the step policy may replace their completions (once per step,
         before the target tokens that normalise the loss are counted)."""
-        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches, num_items = super().get_batch_samples(self._read_ahead(epoch_iterator), num_batches, device)
         if self.step_policy is None or not batches:
             return batches, num_items
         student = self.accelerator.unwrap_model(self.model)
@@ -104,6 +104,19 @@ class DistillationTrainer(Trainer):
         alpha = self.step_policy.alpha(source)
         self.objective = self._base_objective if alpha is None else self._base_objective.with_alpha(alpha)
         return batches, self._get_num_items_in_batch(batches, device)
+
+    def _read_ahead(self, epoch_iterator: Any) -> Any:
+        """A served teacher (issue 30) gets the next micro-batches' requests started while this one computes."""
+        prefetch = getattr(self.teacher, "prefetch", None)
+        depth = getattr(getattr(getattr(self.teacher, "client", None), "settings", None), "prefetch_batches", 0)
+        if prefetch is None or depth <= 0:
+            return epoch_iterator
+        from nlm.distill.served_teacher import ReadAhead
+
+        ahead = getattr(self, "_ahead", None)
+        if ahead is None or ahead.source is not epoch_iterator:
+            self._ahead = ahead = ReadAhead(epoch_iterator, depth, prefetch)
+        return ahead
 
     def compute_loss(
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
