@@ -23,7 +23,7 @@ byte-identical between the two servers.
 
 vLLM (issue 28): `--servers vllm nlm-vllm` adds plain vLLM's OpenAI server and `nlm serve --engine vllm` (the
 same vLLM behind nlm's routes), both run by `--vllm_python` (default $NLM_VLLM_PYTHON, else .venv-vllm/bin/python
-from `make setup-vllm`), with the same context (2560) and batch cap (32 sequences); `--model DIR` serves an
+from `make setup-vllm`), with the same context (2560), batch cap (32 sequences) and dtype (the folder's own); `--model DIR` serves an
 existing folder (e.g. SmolLM2-135M-Instruct from bench/realmodel.py) instead of the random model:
 
     .venv/bin/python bench/serve_compare.py --model DIR --servers vllm nlm-vllm nlm --concurrency 1 8 32 --skip_lora
@@ -307,9 +307,12 @@ def main() -> None:
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
                 wait_s = 1800
             if server == "vllm":
+                from nlm.inference.vllm_engine import folder_dtype
+
                 command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                            "--served-model-name", folder.name, "--host", "127.0.0.1", "--port", str(port),
-                           "--max-model-len", "2560", "--max-num-seqs", "32", "--seed", "0"]
+                           "--max-model-len", "2560", "--max-num-seqs", "32", "--seed", "0",
+                           "--dtype", folder_dtype(folder)]  # as nlm-vllm does: the folder's own dtype
                 health = "/health"
             elif server == "nlm-vllm":
                 os.environ["NLM_VLLM_PYTHON"] = args.vllm_python

@@ -65,6 +65,17 @@ def _max_model_len(path: Path, settings: ServerSettings) -> int:
     return min(context, cap) if context else cap
 
 
+def folder_dtype(path: Path) -> str:
+    """The folder's own dtype for vLLM's `--dtype`: nlm's engine computes in it, so vLLM does too (vLLM's
+    "auto" casts an fp32 folder to bf16 on CPU, and greedy answers then drift from the nlm engine's)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "auto"
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
+
+
 def load_vllm_models(settings: ServerSettings) -> list[ServedModel]:
     """What the front needs of each model (tokenizer, context, sampling defaults); the weights load in vLLM."""
     from nlm.models.model_info import prompt_separator
@@ -96,7 +107,7 @@ class VllmEngine:
         command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
                    "--served-model-name", base_name, "--host", "127.0.0.1", "--port", str(self.port),
                    "--max-model-len", str(_max_model_len(base, settings)),
-                   "--max-num-seqs", str(settings.max_batch_size), "--seed", "0"]
+                   "--max-num-seqs", str(settings.max_batch_size), "--seed", "0", "--dtype", folder_dtype(base)]
         if settings.trust_remote_code:
             command.append("--trust-remote-code")
         if adapters:
