@@ -320,7 +320,7 @@ def main() -> None:
                            "--model", str(folder), "--port", str(port), "--request_timeout", "3600"]
                 health = "/ping"
             elif server == "nlm":
-                command = [sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--model", str(folder),
+                command = [sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--engine", "nlm", "--model", str(folder),
                            "--port", str(port), "--device", "cpu", "--max_new_tokens_cap", "4096", "--request_timeout", "3600"]
                 health = "/ping"
             else:

@@ -13,6 +13,7 @@ leaves nlm answering 503 on /ping instead of taking the front down. The cost is 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -33,6 +34,15 @@ logger = logging.getLogger("nlm.serve")
 
 START_TIMEOUT_ENV = "NLM_VLLM_START_TIMEOUT_S"  # first start compiles kernels: minutes on a CPU
 KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB of KV cache on CPU; vLLM's own default is more than small hosts have
+
+
+_LIVE: set[VllmEngine] = set()  # started children: stopped at exit even if nlm stops while they still start
+
+
+@atexit.register
+def _stop_all() -> None:
+    for engine in list(_LIVE):
+        engine.stop()
 
 
 def _free_port() -> int:
@@ -121,6 +131,7 @@ class VllmEngine:
         # requests; nlm stops it after they have finished (stop()).
         self.process = subprocess.Popen(command, env=env, start_new_session=True)
         logger.info("vLLM for %s runs as pid %d on port %d", base_name, self.process.pid, self.port)
+        _LIVE.add(self)
 
     def wait_ready(self, timeout_s: float) -> None:
         import httpx
@@ -149,6 +160,7 @@ class VllmEngine:
         return self.pending
 
     def stop(self) -> None:
+        _LIVE.discard(self)
         if self.process.poll() is None:
             self.process.terminate()
             try:

@@ -57,15 +57,20 @@ def server(model_dir):
     process = subprocess.Popen(
         [sys.executable, "-m", "nlm.cli", "serve", "--engine", "vllm", "--model", f"main={model_dir}",
          "--port", str(port), "--max_concurrent_requests", "8", "--max_prompt_tokens", "256", "--max_new_tokens_cap", "64",
-         "--max_prompt_chars", "2000", "--max_body_bytes", "20000", "--api_key_env", "VLLM_TEST_KEY"],
+         "--max_prompt_chars", "2000", "--max_body_bytes", "20000", "--api_key_env", "VLLM_TEST_KEY",
+         "--request_timeout", "600"],  # a shared CPU: the first requests after start-up can be slow
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": "Bearer sekrit"}
     wait_until_ready(process, base, timeout=1500)
     yield {"base": base, "process": process, "headers": headers, "model": model_dir}
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    if process.poll() is None:  # SIGTERM, not SIGKILL: nlm then stops its vLLM child (a SIGKILL would orphan it)
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _post(server, path, body, **kw):
@@ -79,12 +84,16 @@ def test_greedy_completions_equal_the_nlm_engine_token_for_token(server):
     from nlm.inference.settings import ServerSettings
 
     body = {"model": "main", "max_tokens": 32, "temperature": 0}
-    vllm = [_post(server, "/v1/completions", {**body, "prompt": p}).json() for p in PROMPTS]
+    responses = [_post(server, "/v1/completions", {**body, "prompt": p}) for p in PROMPTS]
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    vllm = [r.json() for r in responses]
     settings = ServerSettings(model=server["model"], served_model_name="main", max_prompt_tokens=256, max_new_tokens_cap=64)
     with TestClient(create_app(settings)) as client:
         while client.get("/ping").status_code != 200:
             time.sleep(0.2)
-        nlm = [client.post("/v1/completions", json={**body, "prompt": p}).json() for p in PROMPTS]
+        answers = [client.post("/v1/completions", json={**body, "prompt": p}) for p in PROMPTS]
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    nlm = [r.json() for r in answers]
     assert [r["choices"][0]["text"] for r in vllm] == [r["choices"][0]["text"] for r in nlm]
     assert [r["usage"] for r in vllm] == [r["usage"] for r in nlm]
 
