@@ -17,6 +17,7 @@ import atexit
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -162,12 +163,19 @@ class VllmEngine:
     def stop(self) -> None:
         _LIVE.discard(self)
         if self.process.poll() is None:
-            self.process.terminate()
+            # The whole session: vLLM's engine-core and worker processes too, not only its API server.
+            self._signal_group(signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._signal_group(signal.SIGKILL)
                 self.process.wait()
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)  # start_new_session: the group id is the child's pid
+        except ProcessLookupError:
+            pass
 
     def _body(self, job: GenerationJob) -> dict[str, Any]:
         s = job.sampling
