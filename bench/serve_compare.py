@@ -20,6 +20,13 @@ serves TARGET alone, then TARGET with `--draft DRAFT`, on nlm's engine, and send
 `prompt` of each line of PROMPTS.jsonl, at least the concurrency, closed loop) at each concurrency; reports
 completion tokens/s of both, their ratio, the draft's acceptance from /metrics, and whether every output is
 byte-identical between the two servers.
+
+vLLM (issue 28): `--servers vllm nlm-vllm` adds plain vLLM's OpenAI server and `nlm serve --engine vllm` (the
+same vLLM behind nlm's routes), both run by `--vllm_python` (default $NLM_VLLM_PYTHON, else .venv-vllm/bin/python
+from `make setup-vllm`), with the same context (2560), batch cap (32 sequences) and dtype (the folder's own); `--model DIR` serves an
+existing folder (e.g. SmolLM2-135M-Instruct from bench/realmodel.py) instead of the random model:
+
+    .venv/bin/python bench/serve_compare.py --model DIR --servers vllm nlm-vllm nlm --concurrency 1 8 32 --skip_lora
 """
 
 from __future__ import annotations
@@ -82,11 +89,11 @@ def build_students(base: Path, root: Path, count: int) -> list[Path]:
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # set from --threads in main(); the same for every server
 
 
-def start(command: list[str], health: str, port: int) -> tuple[subprocess.Popen, str]:
+def start(command: list[str], health: str, port: int, wait_s: float = 600) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **THREADS})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
+    deadline = time.time() + wait_s
     while time.time() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{command[:4]} exited with {process.returncode}")
@@ -266,6 +273,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least the concurrency)")
     parser.add_argument("--servers", nargs="+", default=["nlm", "transformers", "transformers_cb"])
     parser.add_argument("--skip_lora", action="store_true")
+    parser.add_argument("--model", type=Path, help="serve this model folder instead of the random 6-layer model")
+    parser.add_argument("--vllm_python", default=os.environ.get("NLM_VLLM_PYTHON") or str(Path(".venv-vllm/bin/python").resolve()),
+                        help="the Python with vLLM installed (servers vllm and nlm-vllm)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads of every server (OMP_NUM_THREADS); on a shared, oversubscribed CPU more "
                              "than 1 makes each op wait for descheduled sibling threads")
@@ -283,23 +293,41 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     transformers_cli = str(Path(sys.executable).with_name("transformers"))
-    results: dict = {"model": "llama 6x576, vocab 49152, random weights", "max_tokens": args.max_tokens,
+    results: dict = {"model": str(args.model) if args.model else "llama 6x576, vocab 49152, random weights", "max_tokens": args.max_tokens,
                      "cpu_count": os.cpu_count(), "server_threads": args.threads, "load_average": os.getloadavg()[0],
                      "servers": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "model"
-        build_model(folder)
+        folder = args.model or Path(tmp) / "model"
+        if args.model is None:
+            build_model(folder)
         for server in args.servers:
             port = free_port()
-            if server == "nlm":
-                command = [sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--model", str(folder),
+            wait_s = 600
+            if server in ("vllm", "nlm-vllm"):  # the first start compiles for minutes on a CPU
+                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+                wait_s = 1800
+            if server == "vllm":
+                from nlm.inference.vllm_engine import folder_dtype
+
+                command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+                           "--served-model-name", folder.name, "--host", "127.0.0.1", "--port", str(port),
+                           "--max-model-len", "2560", "--max-num-seqs", "32", "--seed", "0",
+                           "--dtype", folder_dtype(folder)]  # as nlm-vllm does: the folder's own dtype
+                health = "/health"
+            elif server == "nlm-vllm":
+                os.environ["NLM_VLLM_PYTHON"] = args.vllm_python
+                command = [sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--engine", "vllm",
+                           "--model", str(folder), "--port", str(port), "--request_timeout", "3600"]
+                health = "/ping"
+            elif server == "nlm":
+                command = [sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--engine", "nlm", "--model", str(folder),
                            "--port", str(port), "--device", "cpu", "--max_new_tokens_cap", "4096", "--request_timeout", "3600"]
                 health = "/ping"
             else:
                 command = [transformers_cli, "serve", str(folder), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu"]
                 command += ["--continuous-batching"] if server == "transformers_cb" else []
                 health = "/health"
-            process, base = start(command, health, port)
+            process, base = start(command, health, port, wait_s)
             try:
                 name = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
                 asyncio.run(closed_loop(base, name, 2, 2, 4))  # warm-up
@@ -317,6 +345,11 @@ def main() -> None:
                 c: round(results["servers"]["nlm"][c]["completion_tokens_per_s"]
                          / results["servers"]["transformers_cb"][c]["completion_tokens_per_s"], 2)
                 for c in results["servers"]["nlm"] if c in results["servers"]["transformers_cb"]}
+        if "vllm" in results["servers"] and "nlm-vllm" in results["servers"]:
+            results["nlm_vllm_vs_vllm_tokens_per_s"] = {
+                c: round(results["servers"]["nlm-vllm"][c]["completion_tokens_per_s"]
+                         / results["servers"]["vllm"][c]["completion_tokens_per_s"], 2)
+                for c in results["servers"]["nlm-vllm"] if c in results["servers"]["vllm"]}
         if not args.skip_lora:
             results["lora_students"] = lora_memory(folder, Path(tmp))
     print(json.dumps(results, indent=2))

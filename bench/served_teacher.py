@@ -90,8 +90,8 @@ def main() -> None:
         return child(args.child)
 
     from cache_quality import long_tail
-    from nlm.apps.evaluate import evaluate_model
 
+    from nlm.apps.evaluate import evaluate_model
     from nlm.apps.teacher_cache import build_teacher_cache
     from nlm.apps.train import train
     from nlm.config.settings import TrainingConfig

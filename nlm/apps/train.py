@@ -159,7 +159,7 @@ def train(config: TrainingConfig, log_format: str = "text") -> TrainResult:
     parts = load_run_parts(config, start)
     trainer = build_trainer(config, start, parts)
     output = train_saving_on_teacher_loss(trainer, start.checkpoint)
-    if hasattr(parts.teacher, "close"):  # a served teacher: its connections and request threads
+    if parts.teacher is not None:  # a served teacher's connections and request threads
         parts.teacher.close()
     metrics = dict(output.metrics)
     if parts.data.eval is not None:

@@ -38,6 +38,12 @@ def _server_fields() -> dict[str, tuple[object, object]]:
                 f"model folder (full, merged or LoRA adapter); repeat as NAME=PATH to serve several models, the first "
                 f"being the default (default: {SAGEMAKER_MODEL_DIR})")))
             continue
+        if name == "engine":  # unset: chosen by what is installed (nlm.inference.engines.default_engine)
+            fields[name] = (Literal["nlm", "vllm"] | None, Field(None, description=(
+                "generation engine: vllm (vLLM's OpenAI server as a child process, nlm's routes and limits in front) "
+                "or nlm (nlm's own continuous batcher, in process); default: vllm when vLLM is importable or "
+                "NLM_VLLM_PYTHON names a Python that has it, else nlm")))
+            continue
         fields[_FLAG_NAMES.get(name, name)] = (annotation, copy.copy(info))
     return fields
 
@@ -57,6 +63,10 @@ def run(options: Options) -> int:  # type: ignore[valid-type]
     values = options.model_dump()  # type: ignore[attr-defined]
     specs = parse_model_specs([str(m) for m in values.pop("model")] or [str(SAGEMAKER_MODEL_DIR)], values["served_model_name"])
     values["model"], values["models"] = specs[0][1], specs
+    if values["engine"] is None:
+        from nlm.inference.engines import default_engine
+
+        values["engine"] = default_engine()
     key_variable = values.pop("api_key_env")
     for field, flag in _FLAG_NAMES.items():
         values[field] = values.pop(flag)

@@ -11,11 +11,12 @@ import torch
 from nlm.distill.cross_vocab import VocabMap
 from nlm.distill.engines.aligned import CrossSettings, TeacherGroups, group_loglik, group_rows
 from nlm.distill.engines.chunks import chunk_rows
+from nlm.distill.teacher import InProcessTeacher
 from nlm.models.heads import capture_hidden
 from nlm.models.loading import freeze
 
 
-class AlignedTeacher:
+class AlignedTeacher(InProcessTeacher):
     """A frozen teacher with its own tokenizer: logits at the aligned group starts of its own token ids.
 
     `paired_tokenizer` tells the data layer to add the teacher's tokenisation and the alignment to each

@@ -25,6 +25,7 @@ from nlm.data.tokenize import tokenizer_fingerprint
 from nlm.distill.aligned_teacher import AlignedTeacher
 from nlm.distill.cache import FORMAT, VERSION, TeacherCache
 from nlm.distill.engines.aligned import CrossSettings, TeacherGroups
+from nlm.distill.teacher import InProcessTeacher
 from nlm.errors import ConfigError
 
 KIND = "cross_alm"
@@ -63,7 +64,7 @@ def group_shard(teacher: AlignedTeacher, batches: list[dict]) -> tuple[torch.Ten
     return torch.cat(values), torch.tensor(offsets, dtype=torch.int64)
 
 
-class CachedAlignedTeacher:
+class CachedAlignedTeacher(InProcessTeacher):
     """Group log-likelihoods read from a `cross_alm` cache by example index; no teacher model is loaded."""
 
     batch_columns = ("index",)

@@ -348,6 +348,13 @@ class ServedTeacher:
                 "tokenizer_fingerprint": self.info.fingerprint, "top_k": self.top_k,
                 "temperature_exact": self.info.nlm or self.temperature == 1.0}
 
+    def read_ahead(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """Requests for the next `prefetch_batches` micro-batches start while the student computes this one."""
+        depth = self.client.settings.prefetch_batches
+        if depth <= 0 or isinstance(batches, ReadAhead):
+            return batches
+        return ReadAhead(batches, depth, self.prefetch)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()

@@ -17,7 +17,7 @@ engine, and models that soft-cap or scale logits after the head).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -80,6 +80,25 @@ class Teacher(Protocol):
         """JSON-able description for training_metadata.json."""
         ...
 
+    def read_ahead(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """The trainer's micro-batch iterator, possibly wrapped so the teacher starts work on the next batches
+        while the student computes this one (a served teacher's requests); plain teachers return it as is."""
+        ...
+
+    def close(self) -> None:
+        """Release what the teacher holds beyond its models (connections, request threads) at the end of a run."""
+        ...
+
+
+class InProcessTeacher:
+    """The defaults of a teacher that reads nothing ahead and holds nothing to release."""
+
+    def read_ahead(self, batches: Iterator[Any]) -> Iterator[Any]:
+        return batches
+
+    def close(self) -> None:
+        return None
+
 
 def _identity(rows: torch.Tensor) -> torch.Tensor:
     return rows
@@ -89,7 +108,7 @@ def _layer_count(model: Any) -> int:
     return int(getattr(model.config, "num_hidden_layers", 0) or 0)
 
 
-class LiveTeacher:
+class LiveTeacher(InProcessTeacher):
     """A frozen causal LM on its own device and dtype, run under no_grad."""
 
     batch_columns: tuple[str, ...] = ()
@@ -171,7 +190,7 @@ class LiveTeacher:
         return {"kind": "live", "model": self.name, "revision": self.revision, "device": str(self.device)}
 
 
-class CachedTeacher:
+class CachedTeacher(InProcessTeacher):
     """Targets read from an offline teacher cache by example index; no teacher model is loaded."""
 
     batch_columns = ("index",)
@@ -222,7 +241,7 @@ class CachedTeacher:
                 "teachers": self.cache.manifest.get("teachers") or [self.cache.fingerprint.get("teacher_model")]}
 
 
-class EnsembleTeacher:
+class EnsembleTeacher(InProcessTeacher):
     """Several live teachers sharing the student's tokenizer.
 
     `average`: each target row is the weighted mixture Σ_i w_i·softmax(z_i/τ) (formed in log space by the

@@ -16,16 +16,16 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nlm.inference.engine import GenerationEngine, GenerationJob, GenerationOutput, WorkerStopped
+from nlm.inference.engine import GenerationJob, GenerationOutput, WorkerStopped
+from nlm.inference.engines import engine_kind
 from nlm.inference.jobs import (
     ClientError,
     chat_prompt_ids,
@@ -45,7 +45,7 @@ from nlm.inference.logprobs import (
 )
 from nlm.inference.metrics import ServerMetrics
 from nlm.inference.middleware import GuardMiddleware
-from nlm.inference.registry import ServedModel, load_served_models
+from nlm.inference.model_registry import ServedModel
 from nlm.inference.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -59,18 +59,6 @@ logger = logging.getLogger("nlm.serve")
 
 Loader = Callable[[ServerSettings], list[ServedModel]]  # loads every served model, in order
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 429, 499, 503, 504)}
-
-
-@dataclass
-class ServerState:
-    models: dict[str, ServedModel] = field(default_factory=dict)  # by served name; the first is the default
-    engines: dict[str, GenerationEngine] = field(default_factory=dict)  # by served name (shared-base students share one)
-    ready: bool = False
-    failure: str | None = None
-    in_flight: int = 0
-
-    def dead_engines(self) -> bool:
-        return any(not engine.alive for engine in self.engines.values())
 
 
 class _SlotStreamingResponse(StreamingResponse):
@@ -89,57 +77,351 @@ class _SlotStreamingResponse(StreamingResponse):
 
 
 def default_loader(settings: ServerSettings) -> list[ServedModel]:
-    return load_served_models(settings)
+    """The served models of `settings.engine` (nlm: loaded in this process; vllm: tokenizers and configs only)."""
+    return engine_kind(settings.engine).load(settings)
 
 
 def _error(status: int, kind: str, message: str, field: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "message": message, "field": field}}, status_code=status)
 
 
-def create_app(settings: ServerSettings, loader: Loader = default_loader,
-               on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
-    metrics = ServerMetrics()
-    state = ServerState()
-    # Templating and tokenising run here, off the event loop (one thread: fast tokenizers are not re-entrant).
-    text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlm-tokenize")
+class Server:
+    """One server's state and the request lifecycle every route shares: readiness, admission (429), running a
+    job on its model's engine (504, client hang-up), metrics. The routes below only translate HTTP to jobs."""
 
-    def load() -> None:
+    def __init__(self, settings: ServerSettings, loader: Loader, on_load_failure: Callable[[str], None] | None) -> None:
+        self.settings = settings
+        self.loader = loader
+        self.on_load_failure = on_load_failure
+        self.metrics = ServerMetrics()
+        self.models: dict[str, ServedModel] = {}  # by served name; the first is the default
+        self.engines: dict[str, Any] = {}  # by served name (students sharing a base share one engine)
+        self.ready = False
+        self.failure: str | None = None
+        self.in_flight = 0
+        # Templating and tokenising run here, off the event loop (one thread: fast tokenizers are not re-entrant).
+        self.text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlm-tokenize")
+
+    def load(self) -> None:
         try:
-            served = loader(settings)
-            engines: dict[int, GenerationEngine] = {}
-            for entry in served:
-                if id(entry.model) not in engines:
-                    engine = GenerationEngine(entry.model, entry.tokenizer, max_batch_size=settings.max_batch_size,
-                                              batch_window_ms=settings.batch_window_ms, observe_batch=metrics.batch_size.observe,
-                                              multi_adapter=entry.adapter is not None, draft=entry.draft,
-                                              num_assistant_tokens=settings.num_assistant_tokens,
-                                              observe_draft=metrics.observe_draft)
-                    engine.warm_up()
-                    engine.start()
-                    engines[id(entry.model)] = engine
-                state.models[entry.name] = entry
-                state.engines[entry.name] = engines[id(entry.model)]
-            state.ready = True
-            logger.info("serving %s (loaded and warmed up)", ", ".join(state.models))
+            served = self.loader(self.settings)
+            self.engines = engine_kind(self.settings.engine).start(served, self.settings, self.metrics)
+            self.models = {entry.name: entry for entry in served}
+            self.ready = True
+            logger.info("serving %s (loaded and warmed up)", ", ".join(self.models))
         except Exception as exc:  # noqa: BLE001 - reported through /ping and the exit code
-            state.failure = f"{type(exc).__name__}: {exc}"
-            logger.error("model could not be loaded: %s", state.failure)
-            if on_load_failure is not None:
-                on_load_failure(state.failure)
+            self.failure = f"{type(exc).__name__}: {exc}"
+            logger.error("model could not be loaded: %s", self.failure)
+            if self.on_load_failure is not None:
+                self.on_load_failure(self.failure)
+
+    def stop(self) -> None:
+        for engine in self.unique_engines():
+            engine.stop()
+        self.text_pool.shutdown(wait=False)
+
+    def unique_engines(self) -> list[Any]:
+        return list({id(e): e for e in self.engines.values()}.values())
+
+    def dead_engines(self) -> bool:
+        return any(not engine.alive for engine in self.engines.values())
+
+    def served(self, name: str | None) -> ServedModel:
+        if not self.ready:
+            raise ClientError(503, "the model is still loading" if self.failure is None else "the model failed to load",
+                              kind="unavailable")
+        if self.dead_engines():
+            raise ClientError(503, "the generation worker has stopped; restart the server", kind="unavailable")
+        if name is None:
+            return next(iter(self.models.values()))
+        if name not in self.models:
+            served = ", ".join(self.models)
+            raise ClientError(404, f"model {name!r} is not served here; served: {served}", "model", kind="model_not_found")
+        return self.models[name]
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.text_pool, fn, *args)
+
+    def admit(self) -> None:
+        """Take a slot, or refuse at once with 429 (before any response starts, streaming included)."""
+        limit = self.settings.max_concurrent_requests
+        if self.in_flight >= limit:
+            raise ClientError(429, f"the server is at its limit of {limit} concurrent requests; retry later",
+                              kind="rate_limited")
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+        self.metrics.queue_depth.set(self.queue_depth())
+
+    def queue_depth(self) -> int:
+        return sum(engine.queue_depth for engine in self.unique_engines())
+
+    async def generate(self, job: GenerationJob, served: ServedModel, request: Request | None) -> GenerationOutput:
+        """Run an admitted job: 504 past the timeout; a client that hangs up cancels it and frees its place."""
+        engine = self.engines[served.name]
+        self.metrics.queue_depth.set(self.queue_depth() + 1)
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        generation = asyncio.ensure_future(engine.generate(job))
+        watch = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+        try:
+            done, _ = await asyncio.wait({generation} | ({watch} if watch else set()),
+                                         timeout=self.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if generation in done:
+                output = generation.result()
+                self.metrics.generated_tokens.inc(output.completion_tokens)
+                return output
+            job.cancelled = True
+            generation.cancel()
+            if watch is not None and watch in done:
+                raise ClientError(499, "the client closed the connection; generation was cancelled", kind="client_closed_request")
+            raise ClientError(504, f"generation took longer than {self.settings.request_timeout_s:g} s", kind="timeout")
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    async def run(self, job: GenerationJob, served: ServedModel, request: Request | None = None) -> GenerationOutput:
+        self.admit()
+        try:
+            return await self.generate(job, served, request)
+        finally:
+            self.release()
+
+
+ServerState = Server  # the name tests and older code know
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up. The body is already read, so the next ASGI message can only be
+    the disconnect: waiting on it costs no polling (wake-ups would take the GIL from the worker thread)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.nlm
+
+
+router = APIRouter()
+
+
+@router.get("/ping", responses={503: {"model": ErrorResponse}})
+async def ping(request: Request) -> JSONResponse:
+    server = _server(request)
+    if server.ready and not server.dead_engines():
+        return JSONResponse({"status": "healthy"})
+    status = "failed" if server.failure or server.ready else "loading"
+    return JSONResponse({"status": status}, status_code=503)
+
+
+@router.get("/metrics", response_class=Response)
+async def prometheus_metrics(request: Request) -> Response:
+    server = _server(request)
+    server.metrics.queue_depth.set(server.queue_depth())
+    return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/invocations", response_model=InvocationResponse, responses=ERRORS)
+async def invocations(body: InvocationRequest, request: Request) -> InvocationResponse:
+    server = _server(request)
+    served = server.served(body.model)
+    job, used, prompt = await server.off_loop(invocation_job, body, served, server.settings)
+    logger.debug("invocation prompt=%r", prompt)
+    output = await server.run(job, served, request)
+    logger.debug("invocation responses=%r", output.texts)
+    return InvocationResponse(responses=output.texts, input_prompt=prompt, generation_config={"model": served.name, **used})
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    server = _server(request)
+    names = list(server.models) if server.ready else [name for name, _ in server.settings.served_models]
+    cards = ({name: model_card(entry.tokenizer, server.settings) for name, entry in server.models.items()}
+             if server.ready else {})
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nlm", **cards.get(name, {})}
+                                       for name in names]}
+
+
+@router.post("/v1/completions", responses=ERRORS)
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    server = _server(request)
+    settings = server.settings
+    served = server.served(body.model)
+    spec = completion_spec(body, settings)  # log-probs asked for (nlm/inference/logprobs.py)
+    if spec is not None and body.stream:
+        raise ClientError(422, "stream with logprobs is not supported; ask without stream", "stream")
+
+    def prepare() -> GenerationJob:
+        if isinstance(body.prompt, list):
+            ids = prompt_token_ids(body.prompt, served.tokenizer, settings)
+        else:
+            ids = encode_prompt(served.tokenizer, clean_prompt(body.prompt, settings), settings)
+        job = openai_job(ids, body, settings, body.max_tokens, served)
+        job.logprobs = spec
+        return job
+
+    if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], list):
+        return await _prompt_batch(server, body, served, spec)
+    job = await server.off_loop(prepare)
+
+    def shape(output: GenerationOutput) -> list[dict]:
+        text = body.prompt if isinstance(body.prompt, str) else served.tokenizer.decode(job.prompt_ids)
+        return completion_choices(body, output, job.prompt_ids, text, served.tokenizer)
+
+    answer = await _respond(server, job, served, body.stream, "text_completion", chat=False, request=request, shape=shape)
+    # Log-probs make large bodies (K entries per token): serialised directly, not walked by jsonable_encoder.
+    return json_body(answer) if spec is not None else answer
+
+
+async def _prompt_batch(server: Server, body: CompletionRequest, served: ServedModel, spec: Any) -> Any:
+    """Several token-id prompts in one request (as vLLM takes them): one job each, run together through the
+    batcher; choice i answers prompt i."""
+    settings = server.settings
+    if (body.n or 1) != 1 or body.stream:
+        raise ClientError(422, "a list of prompts takes n = 1 and no stream", "prompt")
+    if len(body.prompt) > settings.max_batch_size:
+        raise ClientError(422, f"{len(body.prompt)} prompts in one request; the limit is --max_batch_size "
+                               f"{settings.max_batch_size}", "prompt")
+
+    def prepare(ids: list[int]) -> GenerationJob:
+        job = openai_job(prompt_token_ids(ids, served.tokenizer, settings), body, settings, body.max_tokens, served)
+        job.logprobs = spec
+        return job
+
+    jobs = [await server.off_loop(prepare, ids) for ids in body.prompt]
+    outputs = await asyncio.gather(*(server.run(job, served, None) for job in jobs))  # one disconnect watch cannot serve many
+    choices = []
+    for index, (job, output) in enumerate(zip(jobs, outputs, strict=True)):
+        for choice in completion_choices(body, output, job.prompt_ids, served.tokenizer.decode(job.prompt_ids),
+                                         served.tokenizer):
+            choices.append({**choice, "index": index})
+    prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
+    generated = sum(output.completion_tokens for output in outputs)
+    answer = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+              "model": served.name, "choices": choices,
+              "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}}
+    return json_body(answer)
+
+
+@router.post("/v1/chat/completions", responses=ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    server = _server(request)
+    settings = server.settings
+    served = server.served(body.model)
+    field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+
+    def prepare() -> GenerationJob:
+        ids = chat_prompt_ids(body.messages, served, settings)
+        job = openai_job(ids, body, settings, body.max_completion_tokens or body.max_tokens, served, field_name, "messages")
+        job.logprobs = spec
+        return job
+
+    spec = chat_spec(body, settings)
+    if spec is not None and body.stream:
+        raise ClientError(422, "stream with logprobs is not supported; ask without stream", "stream")
+    job = await server.off_loop(prepare)
+
+    def shape(output: GenerationOutput) -> list[dict]:
+        return [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                 "logprobs": chat_logprobs(output, i, served.tokenizer, bool(body.return_tokens_as_token_ids))}
+                for i, (text, reason) in enumerate(zip(output.texts, output.finish_reasons, strict=True))]
+
+    return await _respond(server, job, served, body.stream, "chat.completion", chat=True, request=request, shape=shape)
+
+
+async def _respond(server: Server, job: GenerationJob, served: ServedModel, stream: bool | None, kind: str, chat: bool,
+                   request: Request, shape: Callable[[GenerationOutput], list[dict]] | None = None) -> Any:
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    if stream:
+        return _stream(server, job, served, ident, created, chat)
+    output = await server.run(job, served, request)
+    if shape is not None:
+        choices = shape(output)
+    elif chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
+                   for i, (text, reason) in enumerate(zip(output.texts, output.finish_reasons, strict=True))]
+    else:
+        choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+                   for i, (text, reason) in enumerate(zip(output.texts, output.finish_reasons, strict=True))]
+    usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": output.completion_tokens,
+             "total_tokens": len(job.prompt_ids) + output.completion_tokens}
+    return {"id": ident, "object": kind, "created": created, "model": served.name, "choices": choices, "usage": usage}
+
+
+def _stream(server: Server, job: GenerationJob, served: ServedModel, ident: str, created: int, chat: bool) -> StreamingResponse:
+    server.admit()  # a refusal is a real HTTP 429, not a 200 with an error event
+    pieces: asyncio.Queue[str] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    job.stream = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            delta: dict = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        body = {"id": ident, "object": kind, "created": created, "model": served.name, "choices": [choice]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    released = False
+
+    def release_once() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            server.release()
+
+    async def events() -> AsyncIterator[str]:
+        task = asyncio.create_task(server.generate(job, served, None))
+        try:
+            if chat:
+                yield chunk(None, None, first=True)
+            while not task.done() or not pieces.empty():
+                getter = asyncio.ensure_future(pieces.get())  # no polling: wake on a piece or on the end
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield chunk(getter.result(), None)
+                else:
+                    getter.cancel()
+            output = await task
+            yield chunk(None if chat else "", output.finish_reasons[0])
+        except ClientError as exc:
+            yield f"data: {json.dumps({'error': {'type': exc.kind, 'message': exc.message, 'field': exc.field}})}\n\n"
+        finally:
+            if not task.done():
+                job.cancelled = True
+                task.cancel()
+            release_once()
+        yield "data: [DONE]\n\n"
+
+    return _SlotStreamingResponse(events(), release_once)
+
+
+def create_app(settings: ServerSettings, loader: Loader | None = None,
+               on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+    server = Server(settings, loader or default_loader, on_load_failure)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        threading.Thread(target=load, name="nlm-model-loader", daemon=True).start()
+        threading.Thread(target=server.load, name="nlm-model-loader", daemon=True).start()
         yield
-        for engine in {id(e): e for e in state.engines.values()}.values():
-            engine.stop()
-        text_pool.shutdown(wait=False)
+        server.stop()
 
     app = FastAPI(title="nlm", version="1", lifespan=lifespan,
                   description="Serves a distilled student: SageMaker /invocations and OpenAI-compatible /v1 routes.")
-    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key, metrics=metrics)
-    app.state.nlm = state
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key,
+                       metrics=server.metrics)
+    app.state.nlm = server
+    _add_error_handlers(app)
+    app.include_router(router)
+    return app
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         error = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
@@ -171,248 +453,3 @@ def create_app(settings: ServerSettings, loader: Loader = default_loader,
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error on %s", request.url.path)
         return _error(500, "internal_error", "the server failed while handling this request")
-
-    def _ready(name: str | None) -> ServedModel:
-        if not state.ready:
-            raise ClientError(503, "the model is still loading" if state.failure is None else "the model failed to load",
-                              kind="unavailable")
-        if state.dead_engines():
-            raise ClientError(503, "the generation worker has stopped; restart the server", kind="unavailable")
-        if name is None:
-            return next(iter(state.models.values()))
-        if name not in state.models:
-            served = ", ".join(state.models)
-            raise ClientError(404, f"model {name!r} is not served here; served: {served}", "model", kind="model_not_found")
-        return state.models[name]
-
-    async def _off_loop(fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(text_pool, fn, *args)
-
-    def _admit() -> None:
-        """Take a slot, or refuse at once with 429 (before any response starts, streaming included)."""
-        if state.in_flight >= settings.max_concurrent_requests:
-            raise ClientError(429, f"the server is at its limit of {settings.max_concurrent_requests} concurrent requests; retry later",
-                              kind="rate_limited")
-        state.in_flight += 1
-        metrics.in_flight.set(state.in_flight)
-
-    def _release() -> None:
-        state.in_flight -= 1
-        metrics.in_flight.set(state.in_flight)
-        metrics.queue_depth.set(_queue_depth())
-
-    def _queue_depth() -> int:
-        return sum(engine.queue_depth for engine in {id(e): e for e in state.engines.values()}.values())
-
-    async def _disconnected(request: Request) -> None:
-        """Returns when the client hangs up. The body is already read, so the next ASGI message can only be
-        the disconnect: waiting on it costs no polling (wake-ups would take the GIL from the worker thread)."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    async def _generate(job: GenerationJob, served: ServedModel, request: Request | None) -> GenerationOutput:
-        """Run an admitted job: 504 past the timeout; a client that hangs up cancels it and frees its place."""
-        engine = state.engines[served.name]
-        metrics.queue_depth.set(_queue_depth() + 1)
-        metrics.prompt_tokens.inc(len(job.prompt_ids))
-        generation = asyncio.ensure_future(engine.generate(job))
-        watch = asyncio.ensure_future(_disconnected(request)) if request is not None else None
-        try:
-            done, _ = await asyncio.wait({generation} | ({watch} if watch else set()), timeout=settings.request_timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if generation in done:
-                output = generation.result()
-                metrics.generated_tokens.inc(output.completion_tokens)
-                return output
-            job.cancelled = True
-            generation.cancel()
-            if watch is not None and watch in done:
-                raise ClientError(499, "the client closed the connection; generation was cancelled", kind="client_closed_request")
-            raise ClientError(504, f"generation took longer than {settings.request_timeout_s:g} s", kind="timeout")
-        finally:
-            if watch is not None:
-                watch.cancel()
-
-    async def _run(job: GenerationJob, served: ServedModel, request: Request | None = None) -> GenerationOutput:
-        _admit()
-        try:
-            return await _generate(job, served, request)
-        finally:
-            _release()
-
-    @app.get("/ping", responses={503: {"model": ErrorResponse}})
-    async def ping() -> JSONResponse:
-        if state.ready and not state.dead_engines():
-            return JSONResponse({"status": "healthy"})
-        status = "failed" if state.failure or state.ready else "loading"
-        return JSONResponse({"status": status}, status_code=503)
-
-    @app.get("/metrics", response_class=Response)
-    async def prometheus_metrics() -> Response:
-        metrics.queue_depth.set(_queue_depth())
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.post("/invocations", response_model=InvocationResponse, responses=ERRORS)
-    async def invocations(body: InvocationRequest, request: Request) -> InvocationResponse:
-        served = _ready(body.model)
-        job, used, prompt = await _off_loop(invocation_job, body, served, settings)
-        logger.debug("invocation prompt=%r", prompt)
-        output = await _run(job, served, request)
-        logger.debug("invocation responses=%r", output.texts)
-        return InvocationResponse(responses=output.texts, input_prompt=prompt, generation_config={"model": served.name, **used})
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        names = list(state.models) if state.ready else [name for name, _ in settings.served_models]
-        cards = {name: model_card(entry.tokenizer, settings) for name, entry in state.models.items()} if state.ready else {}
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "nlm", **cards.get(name, {})}
-                                           for name in names]}
-
-    @app.post("/v1/completions", responses=ERRORS)
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        served = _ready(body.model)
-        spec = completion_spec(body, settings)  # log-probs asked for (nlm/inference/logprobs.py)
-        if spec is not None and body.stream:
-            raise ClientError(422, "stream with logprobs is not supported; ask without stream", "stream")
-
-        def prepare() -> GenerationJob:
-            if isinstance(body.prompt, list):
-                ids = prompt_token_ids(body.prompt, served.tokenizer, settings)
-            else:
-                ids = encode_prompt(served.tokenizer, clean_prompt(body.prompt, settings), settings)
-            job = openai_job(ids, body, settings, body.max_tokens, served)
-            job.logprobs = spec
-            return job
-
-        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], list):
-            return await _prompt_batch(body, served, spec, request)
-        job = await _off_loop(prepare)
-
-        def shape(output: GenerationOutput) -> list[dict]:
-            text = body.prompt if isinstance(body.prompt, str) else served.tokenizer.decode(job.prompt_ids)
-            return completion_choices(body, output, job.prompt_ids, text, served.tokenizer)
-
-        answer = await _respond(job, served, body.stream, "text_completion", chat=False, request=request, shape=shape)
-        # Log-probs make large bodies (K entries per token): serialised directly, not walked by jsonable_encoder.
-        return json_body(answer) if spec is not None else answer
-
-    async def _prompt_batch(body: CompletionRequest, served: ServedModel, spec: Any, request: Request) -> Any:
-        """Several token-id prompts in one request (as vLLM takes them): one job each, run together through the
-        batcher; choice i answers prompt i."""
-        if (body.n or 1) != 1 or body.stream:
-            raise ClientError(422, "a list of prompts takes n = 1 and no stream", "prompt")
-        if len(body.prompt) > settings.max_batch_size:
-            raise ClientError(422, f"{len(body.prompt)} prompts in one request; the limit is --max_batch_size "
-                                   f"{settings.max_batch_size}", "prompt")
-
-        def prepare(ids: list[int]) -> GenerationJob:
-            job = openai_job(prompt_token_ids(ids, served.tokenizer, settings), body, settings, body.max_tokens, served)
-            job.logprobs = spec
-            return job
-
-        jobs = [await _off_loop(prepare, ids) for ids in body.prompt]
-        outputs = await asyncio.gather(*(_run(job, served, None) for job in jobs))  # one disconnect watch cannot serve many
-        choices = []
-        for index, (job, output) in enumerate(zip(jobs, outputs, strict=True)):
-            for choice in completion_choices(body, output, job.prompt_ids, served.tokenizer.decode(job.prompt_ids),
-                                             served.tokenizer):
-                choices.append({**choice, "index": index})
-        prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
-        generated = sum(output.completion_tokens for output in outputs)
-        answer = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                  "model": served.name, "choices": choices,
-                  "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}}
-        return json_body(answer)
-
-    @app.post("/v1/chat/completions", responses=ERRORS)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        served = _ready(body.model)
-        field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-
-        def prepare() -> GenerationJob:
-            ids = chat_prompt_ids(body.messages, served, settings)
-            job = openai_job(ids, body, settings, body.max_completion_tokens or body.max_tokens, served, field_name, "messages")
-            job.logprobs = spec
-            return job
-
-        spec = chat_spec(body, settings)
-        if spec is not None and body.stream:
-            raise ClientError(422, "stream with logprobs is not supported; ask without stream", "stream")
-        job = await _off_loop(prepare)
-
-        def shape(output: GenerationOutput) -> list[dict]:
-            return [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                     "logprobs": chat_logprobs(output, i, served.tokenizer, bool(body.return_tokens_as_token_ids))}
-                    for i, (text, reason) in enumerate(zip(output.texts, output.finish_reasons, strict=True))]
-
-        return await _respond(job, served, body.stream, "chat.completion", chat=True, request=request, shape=shape)
-
-    async def _respond(job: GenerationJob, served: ServedModel, stream: bool | None, kind: str, chat: bool,
-                       request: Request, shape: Callable[[GenerationOutput], list[dict]] | None = None) -> Any:
-        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        if stream:
-            return _stream(job, served, ident, created, chat)
-        output = await _run(job, served, request)
-        if shape is not None:
-            choices = shape(output)
-        elif chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
-                       for i, (text, reason) in enumerate(zip(output.texts, output.finish_reasons, strict=True))]
-        else:
-            choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-                       for i, (text, reason) in enumerate(zip(output.texts, output.finish_reasons, strict=True))]
-        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": output.completion_tokens,
-                 "total_tokens": len(job.prompt_ids) + output.completion_tokens}
-        return {"id": ident, "object": kind, "created": created, "model": served.name, "choices": choices, "usage": usage}
-
-    def _stream(job: GenerationJob, served: ServedModel, ident: str, created: int, chat: bool) -> StreamingResponse:
-        _admit()  # a refusal is a real HTTP 429, not a 200 with an error event
-        pieces: asyncio.Queue[str] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        job.stream = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                delta: dict = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            body = {"id": ident, "object": kind, "created": created, "model": served.name, "choices": [choice]}
-            return f"data: {json.dumps(body)}\n\n"
-
-        released = False
-
-        def release_once() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                _release()
-
-        async def events() -> AsyncIterator[str]:
-            task = asyncio.create_task(_generate(job, served, None))
-            try:
-                if chat:
-                    yield chunk(None, None, first=True)
-                while not task.done() or not pieces.empty():
-                    getter = asyncio.ensure_future(pieces.get())  # no polling: wake on a piece or on the end
-                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter.done():
-                        yield chunk(getter.result(), None)
-                    else:
-                        getter.cancel()
-                output = await task
-                yield chunk(None if chat else "", output.finish_reasons[0])
-            except ClientError as exc:
-                yield f"data: {json.dumps({'error': {'type': exc.kind, 'message': exc.message, 'field': exc.field}})}\n\n"
-            finally:
-                if not task.done():
-                    job.cancelled = True
-                    task.cancel()
-                release_once()
-            yield "data: [DONE]\n\n"
-
-        return _SlotStreamingResponse(events(), release_once)
-
-    return app

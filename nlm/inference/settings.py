@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic.dataclasses import dataclass
@@ -70,6 +71,9 @@ class ServerSettings:
     # Several models in one server (issue 17): (name, folder) pairs from repeated `--model NAME=PATH`.
     # Empty: the one model in `model`, named `model_name`. The first pair is the default model.
     models: tuple[tuple[str, Path], ...] = Field((), description="served models as (name, folder) pairs; the first is the default")
+    # The generation engine (issue 28): nlm's own continuous batcher, or vLLM's server behind nlm's routes.
+    engine: Literal["nlm", "vllm"] = Field("nlm", description="generation engine: nlm (in process) or vllm (vLLM's "
+                                           "server as a managed child process behind nlm's routes)")
 
     @property
     def model_name(self) -> str:

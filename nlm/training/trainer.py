@@ -57,6 +57,8 @@ class DistillationTrainer(Trainer):
         if teacher is None and "teacher" in self.objective.needs:
             raise ValueError("a teacher is required when distillation.alpha > 0")
         self.teacher = teacher
+        self._ahead_source: Any = None  # the epoch iterator `_ahead` wraps
+        self._ahead: Any = None
         self.distillation = distillation
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled and getattr(plugin, "zero_stage", 0) == 3)
@@ -106,17 +108,13 @@ class DistillationTrainer(Trainer):
         return batches, self._get_num_items_in_batch(batches, device)
 
     def _read_ahead(self, epoch_iterator: Any) -> Any:
-        """A served teacher (issue 30) gets the next micro-batches' requests started while this one computes."""
-        prefetch = getattr(self.teacher, "prefetch", None)
-        depth = getattr(getattr(getattr(self.teacher, "client", None), "settings", None), "prefetch_batches", 0)
-        if prefetch is None or depth <= 0:
+        """The teacher may start work on the next micro-batches while this one computes (a served teacher's
+        requests); the wrapper is kept per epoch iterator, since HF calls this once per accumulation window."""
+        if self.teacher is None:
             return epoch_iterator
-        from nlm.distill.served_teacher import ReadAhead
-
-        ahead = getattr(self, "_ahead", None)
-        if ahead is None or ahead.source is not epoch_iterator:
-            self._ahead = ahead = ReadAhead(epoch_iterator, depth, prefetch)
-        return ahead
+        if self._ahead_source is not epoch_iterator:
+            self._ahead_source, self._ahead = epoch_iterator, self.teacher.read_ahead(epoch_iterator)
+        return self._ahead
 
     def compute_loss(
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None

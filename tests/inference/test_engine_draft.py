@@ -65,7 +65,7 @@ def test_sampled_requests_are_not_drafted(models):
 
 def test_a_draft_with_another_tokenizer_is_refused_naming_both(model_dirs, other_teacher):
     from nlm.errors import VocabularyMismatchError
-    from nlm.inference.registry import load_served_models
+    from nlm.inference.model_registry import load_served_models
     from nlm.inference.settings import ServerSettings
 
     settings = ServerSettings(model=model_dirs["student"], draft=other_teacher, device="cpu")

@@ -284,7 +284,7 @@ def test_ping_is_503_when_the_generation_worker_dies(models, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from nlm.inference.registry import load_served_models
+        from nlm.inference.model_registry import load_served_models
         from nlm.inference.server import serve
         from nlm.inference.settings import ServerSettings
 

