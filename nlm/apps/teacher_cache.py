@@ -69,10 +69,7 @@ def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k
     ids, logp, tail, offsets = [], [], [], [0]
     hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
     rows_per_chunk = chunk_rows(teacher.vocab_width, device)
-    prefetch = getattr(teacher, "prefetch", None)  # a served teacher: the shard's requests all in flight at once
-    for batch in batches if prefetch is not None else ():
-        prefetch(batch)
-    for batch in batches:
+    for batch in teacher.read_ahead(iter(batches)):  # a served teacher: the next batches' requests in flight
         mask = batch["labels"][:, 1:] != IGNORE_INDEX  # [b, s-1]: the positions the loss trains on
         signal = teacher.signal(batch, mask, device, layers=hidden_layers)
         for layer in hidden_layers:  # bfloat16: fp32's range (large activations fit), half the bytes

@@ -313,9 +313,8 @@ def train_saving_on_teacher_loss(trainer: DistillationTrainer, checkpoint: str |
     except TeacherUnavailableError:
         trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own format: optimizer, scheduler, RNG
         logger.info("checkpoint of step %d saved before stopping", trainer.state.global_step)
-        close = getattr(trainer.teacher, "close", None)
-        if close is not None:
-            close()
+        if trainer.teacher is not None:
+            trainer.teacher.close()
         raise
 
 

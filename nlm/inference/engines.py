@@ -13,9 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nlm.inference.settings import ServerSettings
-
-VLLM_PYTHON_ENV = "NLM_VLLM_PYTHON"  # a Python with vLLM installed (its own venv) that runs vLLM's server
+from nlm.inference.settings import VLLM_PYTHON_ENV, ServerSettings
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,9 @@ def parse_model_specs(values: list[str], served_model_name: str | None = None) -
     return tuple(specs)
 
 
+VLLM_PYTHON_ENV = "NLM_VLLM_PYTHON"  # a Python with vLLM installed (its own venv) that runs vLLM's server
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     model: Path = Field(SAGEMAKER_MODEL_DIR, description="model folder (full, merged or LoRA adapter)")

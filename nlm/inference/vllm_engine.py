@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from nlm.inference.engine import GenerationJob, GenerationOutput, WorkerStopped
-from nlm.inference.engines import VLLM_PYTHON_ENV
 from nlm.inference.jobs import ClientError
 from nlm.inference.model_registry import ServedModel, _adapter_base, _tokenizer
-from nlm.inference.settings import ServerSettings
+from nlm.inference.settings import VLLM_PYTHON_ENV, ServerSettings
 
 logger = logging.getLogger("nlm.serve")
 

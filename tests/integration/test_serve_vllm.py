@@ -2,7 +2,7 @@
 venv is there). One server for the module: vLLM starts in minutes. The nlm front runs in this test's Python;
 vLLM runs from its own venv (NLM_VLLM_PYTHON), as in `make setup-vllm`.
 
-Where vLLM is: $VLLM_TEST_PYTHON, else .venv-vllm/bin/python in the repository, else /work/.venv-vllm.
+Where vLLM is: $VLLM_TEST_PYTHON, else .venv-vllm/bin/python in the repository (`make setup-vllm`).
 The model: $VLLM_TEST_MODEL, else SmolLM2-135M-Instruct from bench/realmodel.py (fp32) when its package is there.
 """
 
@@ -27,7 +27,7 @@ from tests.integration.test_serve_guarantees import BAD_BODIES, BAD_CHATS
 from tests.integration.test_serve_process import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-_CANDIDATES = [os.environ.get("VLLM_TEST_PYTHON"), str(ROOT / ".venv-vllm/bin/python"), "/work/.venv-vllm/bin/python"]
+_CANDIDATES = [os.environ.get("VLLM_TEST_PYTHON"), str(ROOT / ".venv-vllm/bin/python")]
 VLLM_PYTHON = next((c for c in _CANDIDATES if c and Path(c).is_file()), None)
 MODEL_ENV = os.environ.get("VLLM_TEST_MODEL")
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Distillation trains a small model to",

@@ -20,11 +20,13 @@ from tests.integration.test_serve_process import free_port
 
 pytestmark = pytest.mark.slow
 
-VENVS = [Path("/work/.venv-vllm"), Path(__file__).resolve().parents[2] / ".venv-vllm"]
-VENV = next((v for v in VENVS if (v / "READY").is_file() or (v / "bin" / "python").is_file() and os.environ.get("NLM_VLLM")), None)
-if VENV is None:
-    pytest.skip("no vLLM venv (/work/.venv-vllm/READY or ./.venv-vllm): the vLLM interop test is opt-in",
+# Where vLLM is: $VLLM_TEST_PYTHON, else the repository's .venv-vllm (`make setup-vllm`); as in test_serve_vllm.
+_CANDIDATES = [os.environ.get("VLLM_TEST_PYTHON"), str(Path(__file__).resolve().parents[2] / ".venv-vllm/bin/python")]
+_PYTHON = next((Path(c) for c in _CANDIDATES if c and Path(c).is_file()), None)
+if _PYTHON is None:
+    pytest.skip("no vLLM venv (make setup-vllm, or set VLLM_TEST_PYTHON): the vLLM interop test is opt-in",
                 allow_module_level=True)
+VENV = _PYTHON.parent.parent
 K = 20
 
 
