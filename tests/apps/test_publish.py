@@ -60,6 +60,7 @@ def test_publish_records_lineage_and_moves_the_alias_only_on_improvement(tmp_pat
     assert Path(store.removeprefix("sqlite:///")).with_name("registry-artifacts").is_dir()  # not in the cwd
 
 
+@pytest.mark.slow  # one of the fast suite's slowest (MLflow registry round trip)
 def test_higher_is_better_for_accuracy_metrics(tmp_path, model_dirs, store):
     publish_model(_final(tmp_path, model_dirs, "a", 1.0), "acc", tracking_uri=store, alias="best")
     result = publish_model(_final(tmp_path, model_dirs, "b", 0.1), "acc", tracking_uri=store, alias="best",
@@ -67,6 +68,7 @@ def test_higher_is_better_for_accuracy_metrics(tmp_path, model_dirs, store):
     assert not result.alias_moved
 
 
+@pytest.mark.slow  # one of the fast suite's slowest (MLflow registry round trip)
 def test_registered_model_loads_back_with_identical_outputs(tmp_path, model_dirs, store, tokenizer):
     final = _final(tmp_path, model_dirs, "a", 1.0)
     run(Options(model=str(final), name="roundtrip", tracking_uri=store, alias="champion"))

@@ -97,6 +97,7 @@ class _Crash(TrainerCallback):
             raise KeyboardInterrupt("simulated crash")
 
 
+@pytest.mark.slow  # two trainings and a resume each: among the fast suite's slowest
 @pytest.mark.parametrize("extra", [[], ["--lora.enabled", "--lora.r", "4", "--lora.dropout", "0.2"]])
 def test_resume_gives_the_same_final_weights_as_an_uninterrupted_run(model_dirs, pc_file, tmp_path, monkeypatch, extra):
     # Randomness is present: the data are shuffled every epoch (6 steps of 4 over 24 examples, one reshuffle)
@@ -141,6 +142,7 @@ def test_best_model_is_chosen_by_eval_loss(model_dirs, pc_file, tmp_path):
         torch.testing.assert_close(final_weights[key], best_weights[key])
 
 
+@pytest.mark.slow  # several full trainings
 def test_finished_run_is_never_overwritten_without_being_asked(model_dirs, pc_file, tmp_path):
     config = _config(model_dirs, pc_file, tmp_path / "out", "--max_steps", "1")
     first = train(config)
@@ -204,9 +206,10 @@ def test_eval_strategy_without_eval_data_is_an_error(model_dirs, pc_file, tmp_pa
     [],
     ["--lora.enabled", "--lora.include_lm_head", "--lora.r", "4", "--lora.dropout", "0"],  # dropout masks differ by chunk
     ["--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "2"],
-    ["--distillation.divergence", "jsd"],
-    ["--gradient_checkpointing"],
-    ["--gradient_checkpointing", "--lora.enabled", "--lora.dropout", "0"],
+    # The rest run in the full suite only (the fast suite keeps the plain, LoRA and accumulation cases).
+    pytest.param(["--distillation.divergence", "jsd"], marks=pytest.mark.slow),
+    pytest.param(["--gradient_checkpointing"], marks=pytest.mark.slow),
+    pytest.param(["--gradient_checkpointing", "--lora.enabled", "--lora.dropout", "0"], marks=pytest.mark.slow),
 ])
 def test_fused_and_simple_paths_train_to_the_same_weights(model_dirs, pc_file, tmp_path, extra):
     runs, metrics = {}, {}
