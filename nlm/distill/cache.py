@@ -2,7 +2,7 @@
 
 Written by hand because the format is nlm's own (see docs/TEACHER_CACHE.md): a manifest with a fingerprint
 of everything the numbers depend on, and safetensors shards (little-endian, memory-mapped on read) with, per
-target token, k token ids (int16 when the vocabulary fits, else int32), their log-probabilities at the
+target token, k token ids (int16 or uint16 when the vocabulary fits, else int32), their log-probabilities at the
 cache's temperature (float16) and the log of the remaining mass (float32): 4k+4 or 6k+4 bytes per token.
 """
 
@@ -66,7 +66,11 @@ def compare_fingerprints(expected: dict[str, Any], found: dict[str, Any], direct
 
 
 def id_dtype(vocab_size: int) -> torch.dtype:
-    return torch.int16 if vocab_size <= 32767 else torch.int32
+    """The narrowest integer type that holds every token id: int16, uint16 (vocabularies up to 65,536, such as
+    SmolLM2's 49,152: 4 bytes per stored entry instead of 6), else int32. Ids are widened to int64 on read."""
+    if vocab_size <= 32767:
+        return torch.int16
+    return torch.uint16 if vocab_size <= 65536 else torch.int32
 
 
 def bytes_per_token(top_k: int, vocab_size: int) -> int:

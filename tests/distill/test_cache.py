@@ -289,3 +289,25 @@ def test_hidden_states_from_the_cache_train_like_the_live_teacher(model_dirs, pc
                  str(tmp_path / "plain"), "--top_k", "8"]) == 0
     with pytest.raises(ConfigError, match="teacher cache built with distillation.hidden_states"):
         train(load_config([*common, "--teacher_cache", str(tmp_path / "plain"), "--output_dir", str(tmp_path / "x")], config).config)
+
+
+def test_ids_of_a_49k_vocabulary_are_stored_in_two_bytes_and_read_back_exactly(tmp_path):
+    """SmolLM2-sized vocabulary (49,152): uint16 ids (k = 255 fits 1 KiB per token), the same ids on read."""
+    from nlm.distill.cache import FORMAT, VERSION, ShardRows, id_dtype, save_shard, write_manifest
+
+    vocab, k = 49_152, 255
+    assert id_dtype(vocab) == torch.uint16 and bytes_per_token(k, vocab) == 1024
+    assert id_dtype(32_000) == torch.int16 and id_dtype(65_536) == torch.uint16 and id_dtype(128_256) == torch.int32
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(vocab, generator=generator)[:k] for _ in range(7)])  # ids above 32,767 too
+    assert int(ids.max()) > 32_767
+    logp = torch.log_softmax(torch.randn(7, k, generator=generator), dim=-1)
+    rows = ShardRows(ids.to(id_dtype(vocab)), logp.half(), torch.full((7,), -30.0), torch.tensor([0, 3, 7]))
+    save_shard(tmp_path / "shard-00000.safetensors", rows)
+    write_manifest(tmp_path, {"format": FORMAT, "version": VERSION, "complete": True, "top_k": k, "temperature": 1.0,
+                              "vocab_size": vocab, "fingerprint": {},
+                              "shards": [{"file": "shard-00000.safetensors", "first_example": 0, "examples": 2}]})
+    got = TeacherCache(tmp_path).targets([1, 0])
+    assert got.ids.dtype == torch.int64
+    assert torch.equal(got.ids, torch.cat([ids[3:], ids[:3]]))
+    assert (tmp_path / "shard-00000.safetensors").stat().st_size < 7 * 1024 + 4096
