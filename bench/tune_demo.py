@@ -17,7 +17,7 @@ a separate demo task, seed 100, and reported three other tasks with a teacher ea
 the shared machine, at a load of ~19 on 2 cores, its first teacher alone took over 10 minutes, so it was
 stopped before any trial and resized to this one.)
 
-    .venv/bin/python bench/tune_demo.py                 # the table in docs/BENCHMARKS.md (~30 min, 2 CPU cores)
+    .venv/bin/python bench/tune_demo.py                 # the table in docs/BENCHMARKS.md (4 min at load ~3, 15 min at ~10, 2 CPU cores)
     .venv/bin/python bench/tune_demo.py --smoke         # tiny budget: the script runs end to end
 """
 
