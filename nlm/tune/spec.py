@@ -91,7 +91,7 @@ class TuneSpec(BaseModel):
         "successive_halving (ASHA rungs) or none.")
     startup_trials: int = Field(5, ge=0, description="Until this many trials have finished, trials are sampled at "
                                 "random (tpe) and none is pruned.")
-    seed: int | None = Field(None, ge=0, description="Sampler seed (one worker: the same trials again).")
+    seed: int | None = Field(None, ge=0, description="Sampler seed (one worker at --parallel 1: the same trials again).")
     teacher_cache: Literal["auto", "off"] = Field(
         "auto", description="auto: build one teacher cache for all trials when no searched option changes it.")
     cache_top_k: int = Field(64, ge=1, description="Teacher tokens kept per position in the shared cache.")

@@ -63,6 +63,19 @@ def test_a_study_writes_best_yaml_that_nlm_train_accepts(tmp_path, model_dirs, p
     assert main(["train", "--config", str(root / "best.yaml"), "--max_steps", "2", "--save_strategy", "no"]) == 0
     trained = json.loads((tmp_path / "out" / "distill" / "final" / "training_metadata.json").read_text())
     assert trained["config"]["learning_rate"] == pytest.approx(study.best_params["learning_rate"])
+    # Re-running with the default local storage (DIR/tune.db) continues the study: one trial more, the three
+    # earlier ones untouched; at its count a re-run only rewrites the report; another study name is refused.
+    earlier = {n: (root / "trials" / str(n) / "final").stat().st_mtime for n in range(3)}
+    assert main(["tune", "--config", str(config), "--trials", "4"]) == 0
+    study = _study(f"sqlite:///{root / 'tune.db'}", "run")
+    assert [t.number for t in study.trials] == [0, 1, 2, 3] and _trial_folders(root) == [0, 1, 2, 3]
+    assert {n: (root / "trials" / str(n) / "final").stat().st_mtime for n in range(3)} == earlier
+    assert main(["tune", "--config", str(config), "--trials", "4"]) == 0
+    assert len(_study(f"sqlite:///{root / 'tune.db'}", "run").trials) == 4 and _trial_folders(root) == [0, 1, 2, 3]
+    assert (root / "tune_report.md").read_text().count("| complete |") == 4
+    capsys.readouterr()
+    assert main(["tune", "--config", str(config), "--study", "other"]) == 2
+    assert "holds the study 'run'" in capsys.readouterr().err
 
 
 def _worker(config, root, storage, trials):
@@ -133,3 +146,28 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, model_dirs,
     report = (root / "tune_report.md").read_text()
     assert report.count("| fail |") == 2 and "broken_student" in report and not (root / "best.yaml").exists()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_failing_trial_does_not_stop_the_next_one_from_completing(tmp_path, model_dirs, pc_file):
+    import optuna
+
+    broken = tmp_path / "broken_student"  # its tokenizer loads, its weights are missing: the run fails
+    broken.mkdir()
+    for item in model_dirs["student"].iterdir():
+        if "safetensors" not in item.name:
+            shutil.copy2(item, broken / item.name)
+    good = str(model_dirs["student"])
+    storage = f"sqlite:///{tmp_path / 'tune.db'}"
+    study = optuna.create_study(storage=storage, study_name="mixed", direction="minimize")
+    study.enqueue_trial({"student_model": str(broken)})  # Optuna runs enqueued points first, in order
+    study.enqueue_trial({"student_model": good})
+    config = _tune_file(tmp_path, model_dirs, pc_file, space={"student_model": [str(broken), good]}, pruner="none")
+    root = tmp_path / "tune"
+    assert main(["tune", "--config", str(config), "--output_dir", str(root), "--storage", storage, "--study", "mixed",
+                 "--trials", "2"]) == 0
+    trials = _study(storage, "mixed").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert "broken_student" in trials[0].user_attrs["error"] and "error" not in trials[1].user_attrs
+    assert yaml.safe_load((root / "best.yaml").read_text())["student_model"] == good
+    report = (root / "tune_report.md").read_text()
+    assert report.count("| fail |") == 1 and report.count("| complete |") == 1
