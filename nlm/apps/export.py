@@ -73,28 +73,35 @@ def _parameter_bytes(model: Any) -> int:
 
 def _write_quantized(plain: Any, staging: Path, output: Path, fmt: str, settings: dict[str, Any],
                      trust_remote_code: bool) -> dict[str, Any]:
-    """Load the staged `plain` model through TorchAoConfig (transformers quantizes while loading) and save it."""
+    """Load the staged `plain` model through TorchAoConfig (transformers quantizes while loading) and save it:
+    int8 as torchao's own safetensors, int4 as compressed-tensors' pack-quantized (`nlm.export.packed`)."""
     from transformers import AutoModelForCausalLM
 
     from nlm.export.quantize import drop_tied_head, embedding_names, group_size_for, torchao_config
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     group_size = (settings["group_size"] or group_size_for(plain.config, 128)) if fmt == "int4" else None
-    quantization = torchao_config(fmt, plain, device, group_size=group_size,
+    if fmt == "int4":
+        from nlm.export.packed import compressed_tensors_quantization, write_pack_quantized
+
+        compressed_tensors_quantization()  # before any quantizing: the install line, not a traceback
+    quantization = torchao_config(fmt, plain, group_size=group_size,
                                   keep_head_fp=settings["keep_head_fp"], trained_scheme=settings["trained"])
     names = embedding_names(plain)
     model = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32, device_map=device,
                                                  quantization_config=quantization,
                                                  trust_remote_code=trust_remote_code)
+    common = {"device": device, "quantization_aware": settings["trained"], "group_size": group_size}
+    if fmt == "int4":  # torchao's int4 values and scales, stored two per byte
+        return {**write_pack_quantized(plain, model, output, group_size, names, settings["keep_head_fp"]), **common}
     model.save_pretrained(output)
     head_quantized = not settings["keep_head_fp"]
     if names["tied"] and head_quantized:
         drop_tied_head(output, names["output"])
     quant_type = quantization.quant_type
-    return {"library": "torchao", "config": type(quant_type).__name__, "device": device,
+    return {"library": "torchao", "config": type(quant_type).__name__, **common,
             "head_and_embedding": "fp32" if not head_quantized else ("quantized, tied (stored once)"
                                                                      if names["tied"] else "quantized"),
-            "quantization_aware": settings["trained"], "group_size": group_size,
             "settings": {k: str(v) for k, v in vars(quant_type).items() if not k.startswith("_")}}
 
 

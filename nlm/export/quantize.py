@@ -5,11 +5,12 @@ Which torchao configs run where (checked with torch 2.13 CPU and torchao 0.18; s
   `IntxWeightOnlyConfig(int8, per row)`, whose tensor serves both a lookup and a matmul. All of it saves to
   safetensors; the `quantization_config` in config.json makes a plain `from_pretrained` (so `nlm
   eval/generate/serve`) rebuild it with no extra flag.
-- int4: `Int4WeightOnlyConfig` (packed int4, tinygemm kernels) needs CUDA; on CPU it fails at load time,
-  so the CPU path uses `IntxWeightOnlyConfig(int4, per-group)`: int4 values and group scales, stored one
-  value per byte (torchao 0.18 has no packed int4 tensor that both runs on CPU and saves to safetensors).
-  The embedding and head get `IntxWeightOnlyConfig(int8, per row)` under int4 as well (`table_config`: int4
-  there cost SmolLM2-135M +9.7% held-out loss against +1.5%; on CPU it would save no bytes).
+- int4: `IntxWeightOnlyConfig(int4, per-group, symmetric)` on every device: int4 values and group scales.
+  torchao 0.18 keeps them one value per byte (it has no packed int4 tensor that both runs on CPU and saves
+  to safetensors; `Int4WeightOnlyConfig`'s tinygemm layout needs CUDA), so the export stores them through
+  compressed-tensors' `pack-quantized` layout, two per byte (`nlm.export.packed`), a W4A16 folder that
+  transformers loads and vLLM serves. The embedding and head get int8 per row under int4 as well
+  (`table_config`: int4 there cost SmolLM2-135M +9.7% held-out loss against +1.5%).
 - A quantization-aware run (`quantization_aware:` in the training config, `nlm.training.quantization_aware`)
   trains against `weight_config(scheme, group_size)`; its export uses exactly that config for every linear,
   the embedding and the head, so the exported model is the one that was trained (`nlm.models.quantization`).
@@ -35,29 +36,26 @@ from nlm.models.quantization import (
 __all__ = ["drop_tied_head", "embedding_names", "group_size_for", "torchao_config", "weight_config"]
 
 
-def _linear_config(fmt: str, group_size: int, device: str) -> Any:
+def _linear_config(fmt: str, group_size: int) -> Any:
     """What a post-training export uses for the transformer's linears (the head and embedding aside)."""
     ao = torchao_quantization()
     if fmt == "int8":
         return ao.Int8WeightOnlyConfig()
-    if fmt == "int4" and device == "cuda":
-        return ao.Int4WeightOnlyConfig(group_size=group_size)
-    return weight_config(fmt, group_size)
+    return weight_config(fmt, group_size)  # int4: the values nlm.export.packed stores two per byte
 
 
 def torchao_config(
     fmt: str,
     model: Any,
-    device: str,
     *,
     group_size: int | None = None,
     keep_head_fp: bool = False,
     trained_scheme: bool = False,
 ) -> Any:
-    """The `TorchAoConfig` for `fmt` ('int8' or 'int4') on `device` ('cpu' or 'cuda') for `model`.
+    """The `TorchAoConfig` for `fmt` ('int8' or 'int4') for `model`, the same on CPU and CUDA.
 
     The head and the input embedding are quantized too unless `keep_head_fp`; `trained_scheme` (a
-    quantization-aware run) uses `weight_config` for every module, whatever the device.
+    quantization-aware run) uses `weight_config` for every module.
     """
     torchao_quantization()
     from torchao.quantization import FqnToConfig
@@ -66,7 +64,7 @@ def torchao_config(
     if fmt not in ("int8", "int4"):
         raise ConfigError(f"unknown quantized format {fmt!r}: expected int8 or int4")
     size = group_size or group_size_for(model.config, 128)
-    linears = weight_config(fmt, size) if trained_scheme else _linear_config(fmt, size, device)
+    linears = weight_config(fmt, size) if trained_scheme else _linear_config(fmt, size)
     if keep_head_fp:
         return TorchAoConfig(linears)
     table = table_config(fmt, size)

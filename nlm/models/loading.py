@@ -133,9 +133,21 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load the model {name!r}: {_short_error(exc)} ({_hint(name, exc)})") from None
+    except ImportError as exc:  # a quantized folder whose library is missing (an int4 export: compressed-tensors)
+        raise ModelLoadError(f"cannot load the model {name!r}: {_short_error(exc)}") from None
+    _decompress(model)
     if device is not None:
         model.to(device)
     return model
+
+
+def _decompress(model: Any) -> None:
+    """A compressed-tensors model (an int4 export) decompressed to its dense weights now, not by the hook
+    compressed-tensors runs on the first forward: code that reads the head's weight first (`sliced_head`)
+    then sees the same fp32 weights as the forward does."""
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if compressor is not None and hasattr(compressor, "decompress_model"):
+        compressor.decompress_model(model)
 
 
 def check_model_exists(name: str, *, revision: str | None = None, token: Any = None, trust_remote_code: bool = False) -> Any:

@@ -65,10 +65,11 @@ def test_quantized_export_reloads_with_no_flags_and_reports_its_delta(model_dirs
     reference = _logits(load_trained_model(model_dirs["student"]), tokenizer)
     result = export_model(model_dirs["student"], tmp_path / fmt, fmt, eval_file=heldout)
     model = load_trained_model(result.output_dir)  # the loader nlm eval/generate/serve use, no extra flag
-    assert json.loads((result.output_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "torchao"
+    library = {"int8": "torchao", "int4": "compressed-tensors"}[fmt]  # int4: two values per byte (export/packed.py)
+    assert json.loads((result.output_dir / "config.json").read_text())["quantization_config"]["quant_method"] == library
     assert (_logits(model, tokenizer) - reference).abs().max() < tolerance
     meta = result.metadata
-    assert meta["quantization"]["library"] == "torchao"
+    assert meta["quantization"]["library"] == library
     if fmt == "int8":
         assert meta["sizes"]["ratio"] <= 0.6
     quality = meta["quality"]
