@@ -26,7 +26,7 @@ from typing import Any
 from nlm.inference.child import start_child, stop_child
 from nlm.inference.engine import GenerationJob, GenerationOutput, PositionLogprobs, WorkerStopped
 from nlm.inference.jobs import ClientError
-from nlm.inference.model_registry import ServedModel, _adapter_base, _tokenizer
+from nlm.inference.model_registry import ServedModel, _adapter_base, _tokenizer, check_draft
 from nlm.inference.settings import VLLM_PYTHON_ENV, ServerSettings
 
 logger = logging.getLogger("nlm.serve")
@@ -111,10 +111,8 @@ def load_vllm_models(settings: ServerSettings) -> list[ServedModel]:
         separator = settings.prompt_separator if settings.prompt_separator is not None else prompt_separator(path)
         served.append(ServedModel(name, path, None, _tokenizer(path, base, settings), name if base else None, separator,
                                   _max_model_len(config_dir, settings), _generation_defaults(config_dir)))
-    if settings.draft is not None:
-        from nlm.errors import ConfigError
-
-        raise ConfigError("--draft is for --engine nlm; with --engine vllm use vLLM's own speculative decoding")
+    if settings.draft is not None:  # vLLM's own draft-model speculative decoding (speculative_config)
+        check_draft(settings, served[0])
     return served
 
 
@@ -133,6 +131,9 @@ class VllmEngine:
                 "--seed", "0", "--dtype", folder_dtype(base), "--max-logprobs", str(settings.max_logprobs)]
         if settings.trust_remote_code:
             args.append("--trust-remote-code")
+        if settings.draft is not None:
+            args += ["--speculative-config", json.dumps({"method": "draft_model", "model": str(settings.draft),
+                                                         "num_speculative_tokens": settings.num_assistant_tokens})]
         if adapters:
             ranks = [int(json.loads((a.path / "adapter_config.json").read_text(encoding="utf-8")).get("r", 16)) for a in adapters]
             args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(_lora_rank_cap(max(ranks))),
