@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -61,7 +62,8 @@ def through_vllm(name: str, folder: Path, max_tokens: int, wait_s: float) -> dic
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        errors = [line.rstrip() for line in lines if "Error" in line or "error" in line][-6:]
+        errors = [line.rstrip()[:300] for line in lines  # vLLM's own error lines, not nlm's report of them
+                  if re.search(r"\w(Error|Exception)\b", line) and "nlm" not in line and "uvicorn" not in line][-4:]
         return {"served": False, "start_s": round(time.time() - started, 1), "errors": errors}
     finally:
         if process.poll() is None:

