@@ -111,7 +111,7 @@ class ServerInfo:
     fingerprint: str | None  # None: the server publishes none (vLLM)
     vocab_size: int | None
     max_logprobs: int | None
-    nlm: bool  # `nlm serve`: takes logprobs_temperature
+    nlm: bool  # `nlm serve` that takes logprobs_temperature (--engine nlm; --engine vllm says it does not)
 
 
 class TeacherClient:
@@ -152,7 +152,8 @@ class TeacherClient:
             raise ConfigError(f"teacher_served_model {wanted!r} is not served at {self.url}; it serves {', '.join(map(str, names))}")
         entry = data[names.index(wanted)]
         return ServerInfo(wanted, entry.get("tokenizer_fingerprint"), entry.get("vocab_size"), entry.get("max_logprobs"),
-                          entry.get("owned_by") == "nlm" and "tokenizer_fingerprint" in entry)
+                          entry.get("owned_by") == "nlm" and "tokenizer_fingerprint" in entry
+                          and entry.get("logprobs_temperature", True) is not False)
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST with retries on timeouts, connection errors, 429 and 5xx (exponential backoff)."""

@@ -220,6 +220,8 @@ async def ping(request: Request) -> JSONResponse:
 async def prometheus_metrics(request: Request) -> Response:
     server = _server(request)
     server.metrics.queue_depth.set(server.queue_depth())
+    for engine in server.unique_engines():
+        await engine.refresh_metrics(server.metrics)
     return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -261,6 +261,9 @@ class GenerationEngine:
             self._queue.put(None)
             self._thread.join(timeout=30)
 
+    async def refresh_metrics(self, metrics: Any) -> None:
+        """Nothing to fetch before a /metrics scrape: this engine reports as it goes (`observe_draft`)."""
+
     def warm_up(self) -> None:
         """One short generation through the whole loop, so the first request does not pay for lazy initialisation."""
         ids = self.tokenizer("hello", add_special_tokens=True)["input_ids"] or [self.pad_id]

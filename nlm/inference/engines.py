@@ -2,7 +2,7 @@
 
 Each kind loads what the HTTP front needs of every served model (tokenizer, context, sampling defaults) and
 starts the engines that generate for them. An engine has `generate(job) -> GenerationOutput` (async),
-`queue_depth`, `alive`, `stop()`: the routes and guarantees of nlm/inference/app.py are the same over all of them.
+`queue_depth`, `alive`, `stop()`, `refresh_metrics(metrics)` (async, before each /metrics scrape): the routes and guarantees of nlm/inference/app.py are the same over all of them.
 """
 
 from __future__ import annotations

@@ -85,11 +85,13 @@ def prompt_token_ids(prompt: list[int], tokenizer: Any, settings: ServerSettings
 
 
 def model_card(tokenizer: Any, settings: ServerSettings) -> dict[str, Any]:
-    """What /v1/models adds to a model's entry: token identity and the log-prob cap."""
+    """What /v1/models adds to a model's entry: token identity, the log-prob cap, and whether the server takes
+    `logprobs_temperature` (--engine nlm; vLLM gives the model's own distribution only)."""
     key = id(tokenizer)
     if key not in _FINGERPRINTS:
         _FINGERPRINTS[key] = vocabulary_fingerprint(tokenizer)
-    return {"tokenizer_fingerprint": _FINGERPRINTS[key], "vocab_size": len(tokenizer), "max_logprobs": settings.max_logprobs}
+    return {"tokenizer_fingerprint": _FINGERPRINTS[key], "vocab_size": len(tokenizer), "max_logprobs": settings.max_logprobs,
+            "logprobs_temperature": settings.engine == "nlm"}
 
 
 class _Names:

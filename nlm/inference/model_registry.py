@@ -110,10 +110,10 @@ def load_served_models(settings: ServerSettings) -> list[ServedModel]:
     return served
 
 
-def load_draft(settings: ServerSettings, target: ServedModel, device: Any) -> Any:
-    """The `--draft` model for the one served model: it must share that model's tokenizer."""
+def check_draft(settings: ServerSettings, target: ServedModel) -> None:
+    """`--draft` serves one model (not LoRA students) and shares that model's tokenizer (either engine)."""
     from nlm.errors import ConfigError
-    from nlm.models.loading import load_tokenizer, load_trained_model
+    from nlm.models.loading import load_tokenizer
     from nlm.models.speculative import check_draft_tokenizer
 
     if len(settings.served_models) > 1 or target.adapter is not None:
@@ -122,5 +122,13 @@ def load_draft(settings: ServerSettings, target: ServedModel, device: Any) -> An
     assert settings.draft is not None
     draft_tokenizer = load_tokenizer(str(settings.draft), trust_remote_code=settings.trust_remote_code)
     check_draft_tokenizer(draft_tokenizer, target.tokenizer, str(settings.draft), str(target.path))
+
+
+def load_draft(settings: ServerSettings, target: ServedModel, device: Any) -> Any:
+    """The `--draft` model for the one served model: it must share that model's tokenizer."""
+    from nlm.models.loading import load_trained_model
+
+    check_draft(settings, target)
+    assert settings.draft is not None
     return load_trained_model(settings.draft, device=device, trust_remote_code=settings.trust_remote_code,
                               allow_pickle=settings.allow_pickle).eval()

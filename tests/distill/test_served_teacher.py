@@ -44,7 +44,8 @@ class Scripted(BaseHTTPRequestHandler):
     """Answers from the server's `script`: a list of (status, body or callable(request) -> body)."""
 
     def do_GET(self):
-        self._send(200, {"object": "list", "data": [{"id": "t", "object": "model", "owned_by": "vllm"}]})
+        card = getattr(self.server, "card", {"owned_by": "vllm"})
+        self._send(200, {"object": "list", "data": [{"id": "t", "object": "model", **card}]})
 
     def do_POST(self):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -103,6 +104,18 @@ def test_rows_follow_the_mask_and_requests_are_vllm_shaped(server):
     assert all(r["prompt_logprobs"] == K and "logprobs_temperature" not in r for r in server.requests)  # no nlm extension
     probs = rows.logp.double().exp().sum(-1) + rows.tail_logp.double().exp()  # k + 1 buckets sum to one
     torch.testing.assert_close(probs, torch.ones_like(probs), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine_takes_temperature", [True, False])
+def test_nlm_serve_gets_logprobs_temperature_only_when_its_card_says_it_takes_it(server, engine_takes_temperature):
+    # `nlm serve --engine vllm` publishes "logprobs_temperature": false (vLLM gives the model's own distribution)
+    server.card = {"owned_by": "nlm", "tokenizer_fingerprint": "sha256:x", "vocab_size": VOCAB, "max_logprobs": K,
+                   "logprobs_temperature": engine_takes_temperature}
+    served = teacher(server, temperature=2.0)
+    assert served.info.nlm is engine_takes_temperature
+    inputs, mask = batch([5, 6, 7, 8])
+    served.signal(inputs, mask, torch.device("cpu")).all_rows()
+    assert [r.get("logprobs_temperature") for r in server.requests] == [2.0 if engine_takes_temperature else None]
 
 
 def test_tempered_buckets_are_exact_at_temperature_one_and_normalised_otherwise():

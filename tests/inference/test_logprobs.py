@@ -125,6 +125,7 @@ def test_models_publish_the_tokenizer_fingerprint(scored, local):
     entry = scored.get("/v1/models").json()["data"][0]
     assert entry["tokenizer_fingerprint"] == vocabulary_fingerprint(local[1])
     assert entry["vocab_size"] == len(local[1]) and entry["max_logprobs"] == 8
+    assert entry["logprobs_temperature"] is True  # --engine nlm takes it; --engine vllm's card says false
 
 
 def test_a_list_of_token_prompts_gets_one_choice_each_equal_to_alone(scored):
