@@ -4,7 +4,7 @@
 to `/v1/completions` with vLLM's `prompt_logprobs: K`. vLLM (one token generated, nothing else asked) answers
 per prompt token with the top K keyed by token id. `nlm serve` is asked to score only (`max_tokens: 0`: one
 forward pass, no generation machinery) and, with its `nlm_format: "arrays"` extension, answers flat arrays of
-ids and log-probs instead of one JSON object per entry (K + 1 per token): the answer is ~10× smaller and parses
+ids and log-probs instead of one JSON object per entry (K + 1 per token): the answer is ~3× smaller and parses
 without a Python dict per entry; a batch larger than the server's `max_batch_size` goes as several requests,
 in flight together. The targets are then the
 cache's estimator (docs/TEACHER_CACHE.md): the top K at the run's temperature plus one tail bucket holding
@@ -280,6 +280,7 @@ class ServedTeacher:
 
     batch_columns: tuple[str, ...] = ()
     full_distribution = False  # top-K rows: no eval KL or adaptive temperature from them
+    scores_any_text = True
     hidden_layers = 0
     signal_kind = "rows"
     paired_tokenizer = None
@@ -459,23 +460,27 @@ def check_token_identity(info: ServerInfo, tokenizer: Any, client: TeacherClient
                           "(distillation.cross_tokenizer works with an in-process teacher_model only)")
 
 
-def probe_server(config: Any) -> tuple[TeacherClient, ServerInfo]:
-    """Reach the server named by `teacher_url` (exit 2 naming the URL when it does not answer)."""
-    client = TeacherClient(ServedSettings.from_config(config))
+def probe_server(config: Any, settings: ServedSettings | None = None) -> tuple[TeacherClient, ServerInfo]:
+    """Reach the server named by `teacher_url` (exit 2 naming the URL when it does not answer); `settings`
+    instead of the config's when given (`nlm eval`)."""
+    settings = settings or ServedSettings.from_config(config)
+    client = TeacherClient(settings)
     info = client.probe()
-    if info.max_logprobs is not None and config.teacher_top_k > int(info.max_logprobs):
-        raise ConfigError(f"teacher_top_k = {config.teacher_top_k} is over the server's cap of {info.max_logprobs} "
+    if info.max_logprobs is not None and settings.top_k > int(info.max_logprobs):
+        raise ConfigError(f"teacher_top_k = {settings.top_k} is over the server's cap of {info.max_logprobs} "
                           "top log-probs (nlm serve --max_logprobs / vllm --max-logprobs)")
     return client, info
 
 
-def load_served_teacher(config: Any, tokenizer: Any) -> ServedTeacher:
+def load_served_teacher(config: Any, tokenizer: Any, settings: ServedSettings | None = None,
+                        temperature: float | None = None) -> ServedTeacher:
     """The run's served teacher, checked to share the student's tokenizer."""
-    if config.distillation.hidden_states.weight > 0:
+    if config is not None and config.distillation.hidden_states.weight > 0:
         raise ConfigError("distillation.hidden_states needs the teacher's hidden states: a served teacher (teacher_url) "
                           "returns log-probabilities only; use an in-process teacher_model or a cache built with them")
-    client, info = probe_server(config)
+    client, info = probe_server(config, settings)
     check_token_identity(info, tokenizer, client)
     logger.info("teacher served at %s (model %s, top-%d + tail, %d requests in flight)", client.url, info.model,
-                config.teacher_top_k, config.teacher_concurrency)
-    return ServedTeacher(client, info, len(tokenizer), config.distillation.temperature)
+                client.settings.top_k, client.settings.concurrency)
+    return ServedTeacher(client, info, len(tokenizer),
+                         temperature if temperature is not None else config.distillation.temperature)

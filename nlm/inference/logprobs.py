@@ -12,7 +12,7 @@ response shapes clients already parse.
 - nlm's extension `nlm_format: "arrays"` (with `prompt_logprobs: K`, `max_tokens: 0`): per choice,
   `nlm_prompt_logprobs` = `{top_k, token_ids, logprobs, token_logprobs, ranks}`, flat arrays over the prompt's
   positions 1 .. L-1 (`token_ids`/`logprobs` row-major [L-1, K], most likely first; `token_logprobs`/`ranks`
-  those of the prompt's own tokens) instead of one object per position: a served teacher's answers, ~10×
+  those of the prompt's own tokens) instead of one object per position: a served teacher's answers, ~3×
   smaller and parsed without one Python dict per entry.
 
 The numbers are the engine's (`LogprobSpec`): the model's own distribution at temperature 1 over its real
