@@ -191,6 +191,11 @@ class VllmEngine:
             body["stream_options"] = {"include_usage": True}
         return body
 
+    async def score(self, job: Any) -> Any:
+        """Scoring requests (max_tokens 0) ask for log-probabilities: refused as `generate` refuses them."""
+        raise ClientError(422, "log-probabilities are served by --engine nlm (or by the vLLM server itself); "
+                               "this server runs --engine vllm", "logprobs")
+
     async def generate(self, job: GenerationJob) -> GenerationOutput:
         import httpx
 

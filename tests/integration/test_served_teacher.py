@@ -184,13 +184,13 @@ def test_eval_through_the_server_is_the_bucketed_kl_of_the_in_process_teacher(mo
     import json
 
     from torch.nn import functional as F
+    from transformers import AutoModelForCausalLM
 
     from nlm.data.tokenize import PaddingCollator, TokenizeSettings, tokenize_records
     from nlm.distill.cache import rounded_targets
     from nlm.distill.metrics import row_figures
     from nlm.distill.targets import SparseTargets
     from nlm.models.loading import load_tokenizer
-    from transformers import AutoModelForCausalLM
 
     student, teacher = str(model_dirs["student"]), str(model_dirs["teacher"])
     base = ["eval", "--model", student, "--data", str(pc_file), "--json", "--batch_size", "5"]
