@@ -294,7 +294,9 @@ class ServedTeacher:
         self.top_k = client.settings.top_k
         self._pool = ThreadPoolExecutor(max_workers=client.settings.concurrency, thread_name_prefix="nlm-teacher")
         self._pending: collections.OrderedDict[tuple[int, ...], collections.deque[Future]] = collections.OrderedDict()
-        self._pending_cap = max(64, 4 * client.settings.concurrency * max(client.settings.prefetch_batches, 1))
+        # Prefetched answers kept: the read-ahead's batches (`prefetch_batches` + the one being computed) plus
+        # one batch of slack for those an on-policy step replaced; older ones are dropped.
+        self._pending_batches = client.settings.prefetch_batches + 2
         self._lock = threading.Lock()
         self.batches = 0
         self.wait_seconds = 0.0  # time `signal` waited for answers (the benchmark's wait vs compute split)
@@ -329,7 +331,8 @@ class ServedTeacher:
         with self._lock:
             for tokens, slot in zip(examples, self._submit(examples), strict=True):
                 self._pending.setdefault(tuple(tokens), collections.deque()).append(slot)
-            while sum(len(q) for q in self._pending.values()) > self._pending_cap:  # bounded: drop the oldest
+            cap = max(64, self._pending_batches * len(examples))  # slots, in examples
+            while sum(len(q) for q in self._pending.values()) > cap:  # bounded: drop the oldest
                 key, queue = next(iter(self._pending.items()))
                 queue.popleft()[0].cancel()
                 if not queue:

@@ -224,6 +224,17 @@ def test_prefetched_requests_are_used_not_repeated(server):
     assert len(server.requests) == 1
 
 
+def test_large_batches_read_ahead_are_each_requested_once(server):
+    """The read-ahead holds prefetch_batches + 1 batches of 40 examples (120 pending answers, over the old flat
+    cap of 64): none is dropped and asked again."""
+    served = teacher(server)
+    batches = [batch(*[[5 + b, 6 + i % 7, 7, 8 + i % 3] for i in range(40)]) for b in range(5)]
+    for number, inputs in enumerate(served.read_ahead(iter([inputs for inputs, _ in batches]))):
+        mask = batches[number][1]
+        assert served.signal(inputs, mask, torch.device("cpu")).count == int(mask.sum())
+    assert len(server.requests) == len(batches)
+
+
 def test_public_url_drops_credentials_and_unreachable_is_a_config_error():
     assert public_url("http://user:secret@host:8080/v1/?key=1") == "http://host:8080/v1"
     client = TeacherClient(ServedSettings("http://127.0.0.1:9/v1", timeout=2))
