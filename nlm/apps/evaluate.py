@@ -37,8 +37,11 @@ def evaluate_model(
     allow_pickle: bool = False,
     exact_match: bool = False,
     max_new_tokens: int = 32,
+    served: Any = None,
 ) -> dict[str, Any]:
-    """Token-level metrics of `model_path` on `data_file` (targets as in training: completion tokens)."""
+    """Token-level metrics of `model_path` on `data_file` (targets as in training: completion tokens). `served`
+    (`ServedSettings`): the teacher is behind a server (`teacher_url`); its top-K rows give the KL over K + 1
+    buckets and the top-1 agreement."""
     settings = settings or TokenizeSettings()
     tokenizer = load_tokenizer(str(model_path), trust_remote_code=trust_remote_code)  # a wrong path fails first
     # Data before models: a file the tokenizer cannot encode (chat records, no template) fails in a second.
@@ -46,9 +49,39 @@ def evaluate_model(
     # does not grow with the size of the eval file.
     with tempfile.TemporaryDirectory(prefix="nlm-eval-") as scratch:
         data = tokenize_records([Path(data_file)], tokenizer, settings, cache_root=Path(scratch))
+        if served is not None:
+            return _evaluate_served(data, tokenizer, model_path, data_file, served, batch_size=batch_size, settings=settings,
+                                    device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                    exact_match=exact_match, max_new_tokens=max_new_tokens)
         return _evaluate_tokenized(data, tokenizer, model_path, data_file, teacher_path=teacher_path, batch_size=batch_size,
                                    settings=settings, device=device, trust_remote_code=trust_remote_code,
                                    allow_pickle=allow_pickle, exact_match=exact_match, max_new_tokens=max_new_tokens)
+
+
+def _evaluate_served(data: Any, tokenizer: Any, model_path: str | Path, data_file: Path, served: Any, *, batch_size: int,
+                     settings: TokenizeSettings, device: str | None, trust_remote_code: bool, allow_pickle: bool,
+                     exact_match: bool, max_new_tokens: int) -> dict[str, Any]:
+    """The student's figures and, from the teacher server, the K + 1-bucket KL and the top-1 agreement."""
+    from nlm.distill.served_teacher import load_served_teacher
+
+    teacher = load_served_teacher(None, tokenizer, served, temperature=1.0)  # unreachable or another tokenizer: exit 2
+    try:
+        target = select_device(forced=device) if device else select_device()
+        model = load_trained_model(model_path, device=target, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        loader = DataLoader(data.dataset, batch_size=batch_size, collate_fn=PaddingCollator(tokenizer.pad_token_id or 0))
+        sample = torch.tensor([data.dataset[0]["input_ids"][:8]], device=target)
+        sums = EvalSums()
+        for batch in teacher.read_ahead(iter(loader)):
+            score_batch(sums, model, {k: v.to(target) for k, v in batch.items()}, len(tokenizer), teacher=teacher,
+                        chunked=head_reproduces_logits(model, sample))
+    finally:
+        teacher.close()
+    result = sums.metrics()
+    if exact_match:
+        result["exact_match"] = exact_match_accuracy(model, tokenizer, Path(data_file), settings, batch_size, max_new_tokens)
+    result.update({"model": str(model_path), "data": str(data_file), "examples": len(data.dataset),
+                   "teacher": teacher.client.url, "teacher_top_k": teacher.top_k})
+    return result
 
 
 def _evaluate_tokenized(data: Any, tokenizer: Any, model_path: str | Path, data_file: Path, *, teacher_path: str | Path | None,

@@ -107,9 +107,12 @@ def _check_required(config: TrainingConfig) -> None:
         divergence_arguments(config.distillation.divergence, config.distillation.model_dump())
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if not config.teacher_model and (config.distillation.lmbda > 0 or config.distillation.seq_kd):
-        option = "distillation.lmbda > 0" if config.distillation.lmbda > 0 else "distillation.seq_kd"
-        raise ConfigError(f"{option} needs a live teacher: pass --teacher_model")
+    if config.distillation.seq_kd and not config.teacher_model:
+        served = " (a served teacher, teacher_url, scores text but does not write it)" if config.teacher_url else ""
+        raise ConfigError(f"distillation.seq_kd needs a teacher that generates: pass --teacher_model{served}")
+    if config.distillation.lmbda > 0 and not (config.teacher_model or config.teacher_url):
+        raise ConfigError("distillation.lmbda > 0 needs a live teacher to score the student's samples: pass "
+                          "--teacher_model or --teacher_url")
     if config.distillation.lmbda > 0 and config.distillation.alpha == 0:
         raise ConfigError("distillation.lmbda > 0 trains on the teacher's scores of the student's samples: "
                           "set distillation.alpha > 0")

@@ -13,6 +13,11 @@ class Options(BaseModel):
     model: str = Field(description="a trained model folder (full or LoRA adapter) or hub id")
     data: str = Field(description="JSONL file to score", json_schema_extra={"file": True})
     teacher: str | None = Field(None, description="also report KL to and top-1 agreement with this teacher")
+    teacher_url: str | None = Field(None, description="the teacher behind an OpenAI-compatible server (e.g. "
+                                   "http://127.0.0.1:8080/v1, `nlm serve`): KL over its top-K + tail buckets and top-1 "
+                                   "agreement; API key from NLM_TEACHER_API_KEY")
+    teacher_top_k: int = Field(20, ge=1, le=1024, description="with --teacher_url: top log-probs asked per token")
+    teacher_served_model: str | None = Field(None, description="with --teacher_url: the served model (default: its only one)")
     baseline: str | None = Field(None, description="with --teacher: also report the share of the teacher-baseline gap "
                                                    "(loss, token accuracy) this model closes; the baseline is e.g. the "
                                                    "same student fine-tuned without a teacher")
@@ -42,8 +47,19 @@ def run(options: Options) -> int:
         from nlm.apps.draft_eval import report_draft
 
         return report_draft(options)
+    served = None
+    if options.teacher_url is not None:
+        import os
+
+        from nlm.distill.served_teacher import ServedSettings
+        from nlm.errors import ConfigError
+
+        if options.teacher is not None or options.baseline is not None:
+            raise ConfigError("--teacher_url names the teacher: drop --teacher (and --baseline, which needs a local teacher)")
+        served = ServedSettings(options.teacher_url, options.teacher_served_model, os.environ.get("NLM_TEACHER_API_KEY"),
+                                options.teacher_top_k)
     result = evaluate_model(
-        options.model, Path(options.data), teacher_path=options.teacher, batch_size=options.batch_size,
+        options.model, Path(options.data), teacher_path=options.teacher, batch_size=options.batch_size, served=served,
         settings=TokenizeSettings(max_seq_length=options.max_seq_length, prompt_separator=prompt_separator(options.model)),
         device=options.device, trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle,
         exact_match=options.exact_match,

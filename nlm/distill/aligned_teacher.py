@@ -27,6 +27,7 @@ class AlignedTeacher(InProcessTeacher):
     # chooses the aligned engine (nlm.distill.engines.aligned).
     batch_columns: tuple[str, ...] = ()
     full_distribution = False
+    scores_any_text = False
     hidden_layers = 0
     signal_kind = "groups"
 

@@ -69,6 +69,7 @@ class CachedAlignedTeacher(InProcessTeacher):
 
     batch_columns = ("index",)
     full_distribution = False
+    scores_any_text = False
     hidden_layers = 0
     vocab_map = None
     signal_kind = "groups"  # the Teacher protocol (nlm.distill.teacher): one row per aligned group

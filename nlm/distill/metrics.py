@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from nlm.distill.divergences import forward_kl
-from nlm.distill.targets import MixtureLogits, target_logp
+from nlm.distill.targets import MixtureLogits, SparseTargets, tail_logp, target_logp
 
 # Columns of the per-example sums: target tokens, CE, correct top-1, teacher KL, teacher agreement.
 FIGURES = ("tokens", "ce", "correct", "kl", "agree")
@@ -54,17 +54,24 @@ class EvalSums:
         return out
 
 
-def row_figures(student: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | MixtureLogits | None = None
-                ) -> torch.Tensor:
+def row_figures(student: torch.Tensor, targets: torch.Tensor,
+                teacher: torch.Tensor | MixtureLogits | SparseTargets | None = None) -> torch.Tensor:
     """Per target row [n, 5] in FIGURES order (float64), from student logits [n, v], labels [n], teacher [n, v]
-    (or a mixture of teachers)."""
+    (or a mixture of teachers). A served teacher's top-K rows (`SparseTargets`) give the KL over its K + 1
+    buckets (the top K and the tail: a lower bound of the full KL) and agreement with its top-1."""
     student = student.float()
     figures = torch.zeros(targets.numel(), len(FIGURES), dtype=torch.float64, device=student.device)
     figures[:, 0] = 1
     figures[:, 1] = F.cross_entropy(student, targets, reduction="none")
     predicted = student.argmax(-1)
     figures[:, 2] = predicted == targets
-    if teacher is not None:
+    if isinstance(teacher, SparseTargets):
+        own = F.log_softmax(student, -1).gather(1, teacher.ids)  # [n, K]: the student's log-probs of the teacher's top K
+        mine = torch.cat([own, tail_logp(own).unsqueeze(-1)], dim=-1)  # [n, K+1]
+        theirs = teacher.bucket_logp().float()
+        figures[:, 3] = (theirs.exp() * (theirs - mine)).sum(-1)
+        figures[:, 4] = predicted == teacher.ids[:, 0]
+    elif teacher is not None:
         teacher_logp = target_logp(teacher, 1.0)
         figures[:, 3] = forward_kl(teacher_logp, F.log_softmax(student, -1))
         figures[:, 4] = predicted == teacher_logp.argmax(-1)

@@ -1,8 +1,12 @@
 """A teacher behind an OpenAI-compatible server (`nlm serve`, vLLM): its log-probabilities asked over HTTP.
 
-`teacher_url` names the server's `/v1` base. Each example's tokens are sent as a token-id prompt to
-`/v1/completions` with vLLM's `prompt_logprobs: K` (one token generated, nothing else asked), which both
-`nlm serve` and vLLM answer per prompt token with the top K keyed by token id. The targets are then the
+`teacher_url` names the server's `/v1` base. A micro-batch's examples are sent as a list of token-id prompts
+to `/v1/completions` with vLLM's `prompt_logprobs: K`. vLLM (one token generated, nothing else asked) answers
+per prompt token with the top K keyed by token id. `nlm serve` is asked to score only (`max_tokens: 0`: one
+forward pass, no generation machinery) and, with its `nlm_format: "arrays"` extension, answers flat arrays of
+ids and log-probs instead of one JSON object per entry (K + 1 per token): the answer is ~3× smaller and parses
+without a Python dict per entry; a batch larger than the server's `max_batch_size` goes as several requests,
+in flight together. The targets are then the
 cache's estimator (docs/TEACHER_CACHE.md): the top K at the run's temperature plus one tail bucket holding
 the remaining mass (`SparseTargets`), never a truncated divergence.
 
@@ -111,7 +115,8 @@ class ServerInfo:
     fingerprint: str | None  # None: the server publishes none (vLLM)
     vocab_size: int | None
     max_logprobs: int | None
-    nlm: bool  # `nlm serve` that takes logprobs_temperature (--engine nlm; --engine vllm says it does not)
+    nlm: bool  # `nlm serve --engine nlm`: takes logprobs_temperature, max_tokens 0 and nlm_format "arrays"
+    max_batch_size: int | None = None  # the most prompts one request may hold (None: not published)
 
 
 class TeacherClient:
@@ -153,7 +158,8 @@ class TeacherClient:
         entry = data[names.index(wanted)]
         return ServerInfo(wanted, entry.get("tokenizer_fingerprint"), entry.get("vocab_size"), entry.get("max_logprobs"),
                           entry.get("owned_by") == "nlm" and "tokenizer_fingerprint" in entry
-                          and entry.get("logprobs_temperature", True) is not False)
+                          and entry.get("logprobs_temperature", True) is not False,  # --engine vllm: vLLM-shaped
+                          entry.get("max_batch_size"))
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST with retries on timeouts, connection errors, 429 and 5xx (exponential backoff)."""
@@ -230,6 +236,39 @@ def prompt_rows(answer: dict[str, Any], tokens: list[int], top_k: int, vocab: in
     return torch.tensor(ids, dtype=torch.int64).reshape(-1, top_k), torch.tensor(values, dtype=torch.float32).reshape(-1, top_k)
 
 
+def array_rows(answer: dict[str, Any], tokens: list[int], top_k: int, vocab: int, where: str, index: int = 0,
+               prompts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prompt_rows` for nlm's `nlm_format: "arrays"` answer (`nlm_prompt_logprobs`: flat [L-1, K] arrays)."""
+    choices = answer.get("choices")
+    if not choices or not isinstance(choices, list):
+        raise ServedResponseError(f"{where}: the answer has no choices")
+    if len(choices) != prompts:
+        raise ServedResponseError(f"{where}: the answer has {len(choices)} choices for {prompts} prompts")
+    choice = choices[index] if choices[index].get("index", index) == index else next(
+        (c for c in choices if c.get("index") == index), {})
+    field = f"choices[{index}].nlm_prompt_logprobs"
+    arrays = choice.get("nlm_prompt_logprobs")
+    if not isinstance(arrays, dict):
+        raise ServedResponseError(f"{where}: {field} is missing (an nlm serve that predates nlm_format?)")
+    if arrays.get("top_k") != top_k:
+        raise ServedResponseError(f"{where}: {field}.top_k is {arrays.get('top_k')!r}, {top_k} were asked "
+                                  "(is the server's --max_logprobs lower than teacher_top_k?)")
+    rows = len(tokens) - 1
+    try:
+        ids = torch.tensor(arrays["token_ids"], dtype=torch.int64)
+        values = torch.tensor(arrays["logprobs"], dtype=torch.float32)
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise ServedResponseError(f"{where}: {field}: expected token_ids and logprobs arrays of numbers") from None
+    if ids.numel() != rows * top_k or values.numel() != rows * top_k:
+        raise ServedResponseError(f"{where}: {field} holds {values.numel()} log-probs for {len(tokens)} prompt tokens "
+                                  f"at K = {top_k} (another tokenizer or a truncated prompt?)")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ServedResponseError(f"{where}: {field}.token_ids names a token id outside the vocabulary of {vocab}")
+    if not bool(torch.isfinite(values).all()) or (values.numel() and float(values.max()) > 1e-4):
+        raise ServedResponseError(f"{where}: {field}.logprobs holds a log-prob that is NaN, infinite or positive")
+    return ids.reshape(rows, top_k), values.reshape(rows, top_k)
+
+
 def tempered_buckets(logp: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K log-probs at τ = 1 [n, K] -> the K + 1 buckets (top K and the tail) tempered to `temperature`:
     p_i^{1/τ} renormalised over the buckets. Exact at τ = 1; for another τ it treats the tail as one token."""
@@ -243,6 +282,7 @@ class ServedTeacher:
 
     batch_columns: tuple[str, ...] = ()
     full_distribution = False  # top-K rows: no eval KL or adaptive temperature from them
+    scores_any_text = True
     hidden_layers = 0
     signal_kind = "rows"
     paired_tokenizer = None
@@ -256,7 +296,9 @@ class ServedTeacher:
         self.top_k = client.settings.top_k
         self._pool = ThreadPoolExecutor(max_workers=client.settings.concurrency, thread_name_prefix="nlm-teacher")
         self._pending: collections.OrderedDict[tuple[int, ...], collections.deque[Future]] = collections.OrderedDict()
-        self._pending_cap = max(64, 4 * client.settings.concurrency * max(client.settings.prefetch_batches, 1))
+        # Prefetched answers kept: the read-ahead's batches (`prefetch_batches` + the one being computed) plus
+        # one batch of slack for those an on-policy step replaced; older ones are dropped.
+        self._pending_batches = client.settings.prefetch_batches + 2
         self._lock = threading.Lock()
         self.batches = 0
         self.wait_seconds = 0.0  # time `signal` waited for answers (the benchmark's wait vs compute split)
@@ -264,17 +306,26 @@ class ServedTeacher:
     # --- requests ----------------------------------------------------------------------------------------
 
     def _request(self, prompts: list[list[int]]) -> dict[str, Any]:
-        """One request for a batch's examples (a list of token-id prompts, as vLLM and nlm serve take them)."""
-        body: dict[str, Any] = {"model": self.info.model, "prompt": prompts if len(prompts) > 1 else prompts[0],
-                                "max_tokens": 1, "temperature": 0, "prompt_logprobs": self.top_k}
-        if self.info.nlm:
-            body["logprobs_temperature"] = self.temperature
+        """One request for examples of a batch (a list of token-id prompts, as vLLM and nlm serve take them)."""
+        if self.info.nlm:  # score only, answered as flat arrays, at the run's temperature
+            body: dict[str, Any] = {"model": self.info.model, "prompt": prompts, "max_tokens": 0,
+                                    "prompt_logprobs": self.top_k, "nlm_format": "arrays",
+                                    "logprobs_temperature": self.temperature}
+        else:
+            body = {"model": self.info.model, "prompt": prompts if len(prompts) > 1 else prompts[0],
+                    "max_tokens": 1, "temperature": 0, "prompt_logprobs": self.top_k}
         return self.client.post("completions", body)
 
     def _submit(self, prompts: list[list[int]]) -> list[tuple[Future, int, int]]:
-        """Start one request; each prompt's slot is (its future, its choice index, prompts in the request)."""
-        future = self._pool.submit(self._request, prompts)
-        return [(future, index, len(prompts)) for index in range(len(prompts))]
+        """Start the requests (at most the server's max_batch_size prompts each); each prompt's slot is (its
+        future, its choice index, prompts in its request)."""
+        size = self.info.max_batch_size or len(prompts)
+        slots = []
+        for start in range(0, len(prompts), size):
+            chunk = prompts[start:start + size]
+            future = self._pool.submit(self._request, chunk)
+            slots.extend((future, index, len(chunk)) for index in range(len(chunk)))
+        return slots
 
     def prefetch(self, batch: dict[str, Any]) -> None:
         """Start the request of a batch's examples now; `signal` picks their answers up later."""
@@ -282,7 +333,8 @@ class ServedTeacher:
         with self._lock:
             for tokens, slot in zip(examples, self._submit(examples), strict=True):
                 self._pending.setdefault(tuple(tokens), collections.deque()).append(slot)
-            while sum(len(q) for q in self._pending.values()) > self._pending_cap:  # bounded: drop the oldest
+            cap = max(64, self._pending_batches * len(examples))  # slots, in examples
+            while sum(len(q) for q in self._pending.values()) > cap:  # bounded: drop the oldest
                 key, queue = next(iter(self._pending.items()))
                 queue.popleft()[0].cancel()
                 if not queue:
@@ -318,7 +370,8 @@ class ServedTeacher:
         started = time.perf_counter()
         for number, (tokens, (future, index, prompts)) in enumerate(zip(examples, slots, strict=True)):
             where = f"served teacher {self.client.url}, batch {self.batches}, example {number}"
-            top_ids, top_logp = prompt_rows(future.result(), tokens, self.top_k, self.vocab_width, where, index, prompts)
+            rows_of = array_rows if self.info.nlm else prompt_rows
+            top_ids, top_logp = rows_of(future.result(), tokens, self.top_k, self.vocab_width, where, index, prompts)
             rows = mask[number].nonzero().squeeze(-1).to("cpu")  # positions j predicting token j+1
             if rows.numel() and int(rows.max()) >= top_ids.shape[0]:
                 raise ServedResponseError(f"{where}: a target position {int(rows.max())} lies past the example's "
@@ -412,23 +465,27 @@ def check_token_identity(info: ServerInfo, tokenizer: Any, client: TeacherClient
                           "(distillation.cross_tokenizer works with an in-process teacher_model only)")
 
 
-def probe_server(config: Any) -> tuple[TeacherClient, ServerInfo]:
-    """Reach the server named by `teacher_url` (exit 2 naming the URL when it does not answer)."""
-    client = TeacherClient(ServedSettings.from_config(config))
+def probe_server(config: Any, settings: ServedSettings | None = None) -> tuple[TeacherClient, ServerInfo]:
+    """Reach the server named by `teacher_url` (exit 2 naming the URL when it does not answer); `settings`
+    instead of the config's when given (`nlm eval`)."""
+    settings = settings or ServedSettings.from_config(config)
+    client = TeacherClient(settings)
     info = client.probe()
-    if info.max_logprobs is not None and config.teacher_top_k > int(info.max_logprobs):
-        raise ConfigError(f"teacher_top_k = {config.teacher_top_k} is over the server's cap of {info.max_logprobs} "
+    if info.max_logprobs is not None and settings.top_k > int(info.max_logprobs):
+        raise ConfigError(f"teacher_top_k = {settings.top_k} is over the server's cap of {info.max_logprobs} "
                           "top log-probs (nlm serve --max_logprobs / vllm --max-logprobs)")
     return client, info
 
 
-def load_served_teacher(config: Any, tokenizer: Any) -> ServedTeacher:
+def load_served_teacher(config: Any, tokenizer: Any, settings: ServedSettings | None = None,
+                        temperature: float | None = None) -> ServedTeacher:
     """The run's served teacher, checked to share the student's tokenizer."""
-    if config.distillation.hidden_states.weight > 0:
+    if config is not None and config.distillation.hidden_states.weight > 0:
         raise ConfigError("distillation.hidden_states needs the teacher's hidden states: a served teacher (teacher_url) "
                           "returns log-probabilities only; use an in-process teacher_model or a cache built with them")
-    client, info = probe_server(config)
+    client, info = probe_server(config, settings)
     check_token_identity(info, tokenizer, client)
     logger.info("teacher served at %s (model %s, top-%d + tail, %d requests in flight)", client.url, info.model,
-                config.teacher_top_k, config.teacher_concurrency)
-    return ServedTeacher(client, info, len(tokenizer), config.distillation.temperature)
+                client.settings.top_k, client.settings.concurrency)
+    return ServedTeacher(client, info, len(tokenizer),
+                         temperature if temperature is not None else config.distillation.temperature)

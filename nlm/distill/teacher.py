@@ -55,6 +55,9 @@ class Teacher(Protocol):
     batch_columns: tuple[str, ...]
     # Rows hold whole distributions (logits or a mixture), not top-k: eval KL and adaptive temperatures work.
     full_distribution: bool
+    # `signal` scores any tokens (a model runs, in this process or behind a server), not only the dataset's
+    # (a cache): on-policy steps, which train on the student's own samples, need it.
+    scores_any_text: bool
     # Number of layers whose hidden states `signal` can return (0: none).
     hidden_layers: int
     # The one model it runs, which can sample sequences (on-policy / sequence-level steps) and whose revision
@@ -113,6 +116,7 @@ class LiveTeacher(InProcessTeacher):
 
     batch_columns: tuple[str, ...] = ()
     full_distribution = True
+    scores_any_text = True
     signal_kind = "rows"
     paired_tokenizer = None
 
@@ -195,6 +199,7 @@ class CachedTeacher(InProcessTeacher):
 
     batch_columns = ("index",)
     full_distribution = False
+    scores_any_text = False
     hidden_layers = 0
     signal_kind = "rows"
     paired_tokenizer = None
@@ -253,6 +258,7 @@ class EnsembleTeacher(InProcessTeacher):
     """
 
     full_distribution = True
+    scores_any_text = True
     signal_kind = "rows"
     paired_tokenizer = None
     live_model = None  # several models: none samples alone

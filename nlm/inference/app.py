@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nlm.inference.engine import GenerationJob, GenerationOutput, WorkerStopped
+from nlm.inference.engine import GenerationJob, GenerationOutput, PromptScores, ScoringJob, WorkerStopped
 from nlm.inference.engines import engine_kind
 from nlm.inference.jobs import (
     ClientError,
@@ -42,6 +42,7 @@ from nlm.inference.logprobs import (
     json_body,
     model_card,
     prompt_token_ids,
+    scored_choices,
 )
 from nlm.inference.metrics import ServerMetrics
 from nlm.inference.middleware import GuardMiddleware
@@ -164,15 +165,28 @@ class Server:
         engine = self.engines[served.name]
         self.metrics.queue_depth.set(self.queue_depth() + 1)
         self.metrics.prompt_tokens.inc(len(job.prompt_ids))
-        generation = asyncio.ensure_future(engine.generate(job))
+        output = await self._settle(engine.generate(job), job, request)
+        self.metrics.generated_tokens.inc(output.completion_tokens)
+        return output
+
+    async def score(self, job: ScoringJob, served: ServedModel, request: Request | None) -> list[PromptScores]:
+        """Score prompts (one admitted request, however many prompts), under the same timeout and hang-up rules."""
+        self.admit()
+        try:
+            self.metrics.queue_depth.set(self.queue_depth() + 1)
+            self.metrics.prompt_tokens.inc(sum(len(prompt) for prompt in job.prompts))
+            return await self._settle(self.engines[served.name].score(job), job, request)
+        finally:
+            self.release()
+
+    async def _settle(self, work: Any, job: GenerationJob | ScoringJob, request: Request | None) -> Any:
+        generation = asyncio.ensure_future(work)
         watch = asyncio.ensure_future(_disconnected(request)) if request is not None else None
         try:
             done, _ = await asyncio.wait({generation} | ({watch} if watch else set()),
                                          timeout=self.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED)
             if generation in done:
-                output = generation.result()
-                self.metrics.generated_tokens.inc(output.completion_tokens)
-                return output
+                return generation.result()
             job.cancelled = True
             generation.cancel()
             if watch is not None and watch in done:
@@ -264,6 +278,14 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         job.logprobs = spec
         return job
 
+    if body.nlm_format == "arrays" and (body.prompt_logprobs is None or body.max_tokens != 0):
+        raise ClientError(422, 'nlm_format "arrays" shapes prompt_logprobs of a scored prompt: ask for prompt_logprobs '
+                               "with max_tokens 0", "nlm_format")
+    if body.max_tokens == 0 and (body.n or 1) == 1 and not body.stream and server.engines[served.name].scores_prompts:
+        return await _score(server, body, served, spec, request)
+    if body.nlm_format == "arrays":  # --engine vllm: no one-pass scoring there
+        raise ClientError(422, 'nlm_format "arrays" is served by --engine nlm; this server runs --engine vllm: ask in '
+                               "vLLM's shape (prompt_logprobs)", "nlm_format")
     if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], list):
         return await _prompt_batch(server, body, served, spec)
     job = await server.off_loop(prepare)
@@ -275,6 +297,35 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     answer = await _respond(server, job, served, body.stream, "text_completion", chat=False, request=request, shape=shape)
     # Log-probs make large bodies (K entries per token): serialised directly, not walked by jsonable_encoder.
     return json_body(answer) if spec is not None else answer
+
+
+async def _score(server: Server, body: CompletionRequest, served: ServedModel, spec: Any, request: Request) -> Any:
+    """max_tokens 0: the prompts (one, or a list of token-id prompts) are scored in one forward pass, nothing is
+    generated; choice i answers prompt i."""
+    settings = server.settings
+    nested = isinstance(body.prompt, list) and bool(body.prompt) and isinstance(body.prompt[0], list)
+    if nested and len(body.prompt) > settings.max_batch_size:
+        raise ClientError(422, f"{len(body.prompt)} prompts in one request; the limit is --max_batch_size "
+                               f"{settings.max_batch_size}", "prompt")
+
+    def prepare() -> list[list[int]]:
+        if nested:
+            return [prompt_token_ids(ids, served.tokenizer, settings) for ids in body.prompt]
+        if isinstance(body.prompt, list):
+            return [prompt_token_ids(body.prompt, served.tokenizer, settings)]
+        return [encode_prompt(served.tokenizer, clean_prompt(body.prompt, settings), settings)]
+
+    prompts = await server.off_loop(prepare)
+    longest = max(len(prompt) for prompt in prompts)
+    if served.context is not None and longest > served.context:
+        raise ClientError(422, f"a prompt has {longest} tokens; this model's context is {served.context} tokens", "prompt")
+    scores = await server.score(ScoringJob(prompts, spec, adapter=served.adapter), served, request)
+    texts = [body.prompt] if isinstance(body.prompt, str) else None
+    choices = await server.off_loop(scored_choices, body, scores, prompts, texts, served.tokenizer)
+    tokens = sum(len(prompt) for prompt in prompts)
+    return json_body({"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                      "model": served.name, "choices": choices,
+                      "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}})
 
 
 async def _prompt_batch(server: Server, body: CompletionRequest, served: ServedModel, spec: Any) -> Any:

@@ -7,6 +7,10 @@ forward pass for every running sequence. A sequence leaves the batch the moment 
 its token budget, one of its stop strings, or its client going away), so nobody waits for the longest request of
 a group. Results and streamed text go back to the event loop through futures and `call_soon_threadsafe`.
 
+Scoring a prompt without continuing it (`/v1/completions` with `max_tokens: 0`: a served teacher's requests)
+skips all of that: a `ScoringJob` of many prompts is one forward pass over them (right-padded, no cache, no
+sampling), run between two decode steps, and answered with tensors (`PromptScores`), not per-token objects.
+
 Why not transformers' own `ContinuousBatchingManager`: measured on this CPU it was slower than this loop (see
 docs/ARCHITECTURE.md), and it has one sampling configuration per manager, no per-request seed and no stop
 strings. Token choice uses transformers' logits processors and `StopStringCriteria`; only the batch bookkeeping
@@ -85,6 +89,37 @@ class PositionLogprobs:
     logprob: float
     top: list[tuple[int, float]]
     rank: int = 1  # 1 + how many tokens are more likely than `token`
+
+
+@dataclass
+class PromptScores:
+    """One prompt's log-probabilities as CPU tensors: row i is the distribution at position i + 1, predicted from
+    the prompt's first i + 1 tokens (the first token has none). `ranks` is 1 + how many tokens are more likely
+    than the prompt's own token there."""
+
+    token_logprobs: torch.Tensor  # [L-1] float32: the log-prob of each prompt token after the first
+    ranks: torch.Tensor  # [L-1] int64
+    top_ids: torch.Tensor  # [L-1, k] int64, most likely first
+    top_logprobs: torch.Tensor  # [L-1, k] float32
+
+    def positions(self, prompt: list[int]) -> list[PositionLogprobs | None]:
+        """The per-token objects the OpenAI and vLLM shapes are built from: None for the first token."""
+        return [None] + [PositionLogprobs(token, value, list(zip(ids, values, strict=True)), rank)
+                         for token, value, rank, ids, values in zip(
+                             prompt[1:], self.token_logprobs.tolist(), self.ranks.tolist(), self.top_ids.tolist(),
+                             self.top_logprobs.tolist(), strict=True)]
+
+
+@dataclass
+class ScoringJob:
+    """Prompts to score, not to continue: one forward pass over them all, nothing generated."""
+
+    prompts: list[list[int]]
+    spec: LogprobSpec
+    adapter: str | None = None
+    cancelled: bool = False
+    future: asyncio.Future | None = None
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 @dataclass
@@ -203,6 +238,9 @@ class _JobState:
 
 
 class GenerationEngine:
+    # Declared capability (the app reads it, never probes): `score` answers max_tokens-0 prompts in one forward pass.
+    scores_prompts = True
+
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = 32, batch_window_ms: float = 10.0,
                  observe_batch: Callable[[int], None] | None = None, multi_adapter: bool = False,
                  draft: Any = None, num_assistant_tokens: int = 5,
@@ -231,8 +269,9 @@ class GenerationEngine:
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.pad_id = int(pad)
-        self._queue: queue.Queue[GenerationJob | None] = queue.Queue()
+        self._queue: queue.Queue[GenerationJob | ScoringJob | None] = queue.Queue()
         self._waiting: collections.deque[GenerationJob] = collections.deque()  # taken from the queue, not yet admitted
+        self._scoring: collections.deque[ScoringJob] = collections.deque()  # scoring jobs taken, not yet run
         self._thread: threading.Thread | None = None
         self._closing = False
         self._last_batch = 1
@@ -245,7 +284,7 @@ class GenerationEngine:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() + len(self._waiting)
+        return self._queue.qsize() + len(self._waiting) + len(self._scoring)
 
     @property
     def alive(self) -> bool:
@@ -284,13 +323,17 @@ class GenerationEngine:
             job.cancelled = True
             raise
 
+    async def score(self, job: ScoringJob) -> list[PromptScores]:
+        """Each prompt's log-probabilities (`job.spec`), from one forward pass between decode steps."""
+        return await self.generate(job)  # type: ignore[arg-type]  # the same queue and future; `_accept` sorts
+
     # --- worker thread ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def _work(self) -> None:
         try:
-            while not (self._closing and not self._rows and not self._waiting):
-                self._take(block=not self._rows and not self._waiting)
+            while not (self._closing and not self._rows and not self._waiting and not self._scoring):
+                self._take(block=not self._rows and not self._waiting and not self._scoring)
                 self._step()
         except BaseException:
             # Whatever killed the loop (a step's own errors are caught in `_step`), nobody may wait forever:
@@ -303,6 +346,7 @@ class GenerationEngine:
         jobs = {id(row.job): row.job for row in self._rows}
         jobs.update({id(job): job for job in self._admitting})
         jobs.update({id(job): job for job in self._waiting})
+        jobs.update({id(job): job for job in self._scoring})
         try:
             while True:
                 job = self._queue.get_nowait()
@@ -313,6 +357,7 @@ class GenerationEngine:
         for job in jobs.values():
             self._deliver(job, error)
         self._rows, self._waiting, self._cache, self._mask = [], collections.deque(), None, None
+        self._scoring = collections.deque()
 
     def _take(self, block: bool) -> None:
         """Move queued jobs to the waiting line; when idle, block for the first and wait a little for company."""
@@ -328,14 +373,18 @@ class GenerationEngine:
         except queue.Empty:
             pass
 
-    def _accept(self, job: GenerationJob | None) -> None:
+    def _accept(self, job: GenerationJob | ScoringJob | None) -> None:
         if job is None:
             self._closing = True
+        elif isinstance(job, ScoringJob):
+            self._scoring.append(job)
         else:
             self._waiting.append(job)
 
     def _step(self) -> None:
-        """Admit what fits, then one decode step for every running sequence."""
+        """Run the scoring jobs, admit what fits, then one decode step for every running sequence."""
+        while self._scoring:
+            self._score(self._scoring.popleft())
         free = self.max_batch_size - len(self._rows)
         admitted: list[GenerationJob] = []
         while self._waiting:
@@ -500,21 +549,51 @@ class GenerationEngine:
         self._advance(rows, tokens)
         self._retire()
 
+    def _score(self, job: ScoringJob) -> None:
+        """One scoring job: its prompts in forward passes of at most `max_batch_size` rows; a failure is its own."""
+        if job.cancelled:
+            return
+        try:
+            scores: list[PromptScores] = []
+            for start in range(0, len(job.prompts), self.max_batch_size):
+                scores.extend(self._score_rows(job.prompts[start:start + self.max_batch_size], job))
+        except Exception as exc:  # noqa: BLE001 - only this request fails; the running batch goes on
+            logger.exception("scoring failed for %d prompt(s)", len(job.prompts))
+            self._deliver(job, exc)
+            return
+        self._deliver(job, scores)
+
+    def _score_rows(self, prompts: list[list[int]], job: ScoringJob) -> list[PromptScores]:
+        """Right-padded rows (as a training collator pads them), one forward pass without a cache."""
+        self.observe_batch(len(prompts))
+        width = max(len(prompt) for prompt in prompts)
+        ids = torch.tensor([p + [self.pad_id] * (width - len(p)) for p in prompts], device=self.device)
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=self.device)
+        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if self.multi_adapter:
+            inputs["adapter_names"] = [job.adapter or BASE_ADAPTER] * len(prompts)
+        logits = self.model(**inputs, use_cache=False).logits[:, :-1]  # [rows, width-1, vocab]
+        top = job.spec.prompt or 0
+        scores = self._scores(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), top, job.spec.temperature)
+        rows = [slice(r * (width - 1), r * (width - 1) + len(p) - 1) for r, p in enumerate(prompts)]
+        return [PromptScores(*(part[row] for part in scores)) for row in rows]
+
+    def _scores(self, logits: torch.Tensor, tokens: torch.Tensor, top: int, temperature: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row of `logits` [n, vocab]: the log-prob and rank of `tokens[n]` and the `top` most likely, at
+        `temperature`, over the real vocabulary, in float32, on the CPU."""
+        logp = torch.log_softmax(logits[:, : self.vocab_width].float() / temperature, dim=-1)  # [n, V]
+        picked = logp.gather(1, tokens.to(logp.device).unsqueeze(1))  # [n, 1]
+        ranks = (logp > picked).sum(-1) + 1
+        best = logp.topk(min(top, logp.shape[1]), dim=-1)  # top 0: [n, 0]
+        return picked.squeeze(1).cpu(), ranks.cpu(), best.indices.cpu(), best.values.cpu()
+
     def _position_logprobs(self, logits: torch.Tensor, tokens: list[int], top: int,
                            temperature: float) -> list[PositionLogprobs]:
         """Per row of `logits` [n, vocab]: the log-prob of `tokens[i]` and the `top` most likely, at
         `temperature`, over the real vocabulary, in float32."""
-        logp = torch.log_softmax(logits[:, : self.vocab_width].float() / temperature, dim=-1)  # [n, V]
-        picked = logp.gather(1, torch.tensor(tokens, device=logp.device).unsqueeze(1))  # [n, 1]
-        ranks = ((logp > picked).sum(-1) + 1).tolist()
-        chosen = picked.squeeze(1).tolist()
-        if top > 0:
-            best = logp.topk(min(top, logp.shape[1]), dim=-1)
-            ids, values = best.indices.tolist(), best.values.tolist()
-        else:
-            ids = values = [[] for _ in tokens]
-        return [PositionLogprobs(token, value, list(zip(i, v, strict=True)), rank)
-                for token, value, i, v, rank in zip(tokens, chosen, ids, values, ranks, strict=True)]
+        scores = PromptScores(*self._scores(logits, torch.tensor(tokens), top, temperature))
+        return scores.positions([0, *tokens])[1:]  # type: ignore[return-value]
 
     def _record(self, rows: list[_Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
         """Keep the log-probs of each chosen token for the rows whose job asks (the model's own distribution,

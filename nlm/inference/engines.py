@@ -1,8 +1,9 @@
 """The generation engines `nlm serve --engine` chooses between, registered by name.
 
 Each kind loads what the HTTP front needs of every served model (tokenizer, context, sampling defaults) and
-starts the engines that generate for them. An engine has `generate(job) -> GenerationOutput` (async),
-`queue_depth`, `alive`, `stop()`, `refresh_metrics(metrics)` (async, before each /metrics scrape): the routes and guarantees of nlm/inference/app.py are the same over all of them.
+starts the engines that generate for them. An engine has `generate(job) -> GenerationOutput` and
+`score(scoring_job) -> [PromptScores]` (async), `queue_depth`, `alive`, `stop()`, `refresh_metrics(metrics)` (async,
+before each /metrics scrape): the routes and guarantees of nlm/inference/app.py are the same over all of them.
 """
 
 from __future__ import annotations

@@ -94,6 +94,10 @@ class CompletionRequest(_OpenAIRequest):
     return_tokens_as_token_ids: bool | None = Field(None, description='Tokens as "token_id:123" strings (vLLM\'s extension).')
     # nlm's extension: log-probs of softmax(logits / T) instead of the model's own (T = 1) distribution.
     logprobs_temperature: float | None = Field(None, gt=0, le=100, description="nlm extension: temperature of the returned log-probs.")
+    # nlm's extension: prompt log-probs as flat arrays (`nlm_prompt_logprobs`) instead of one object per token.
+    nlm_format: Literal["vllm", "arrays"] | None = Field(
+        None, description='nlm extension: "arrays" returns prompt_logprobs as flat arrays in `nlm_prompt_logprobs` '
+                          "(needs prompt_logprobs and max_tokens 0); default: vLLM's shape.")
 
 
 class ChatMessage(_Strict):

@@ -121,6 +121,9 @@ def load_vllm_models(settings: ServerSettings) -> list[ServedModel]:
 class VllmEngine:
     """One vLLM OpenAI server (a child process) and the requests nlm sends it."""
 
+    # max_tokens-0 requests go to `generate`, which forwards their echo / prompt_logprobs to vLLM (issue 28).
+    scores_prompts = False
+
     def __init__(self, base: Path, base_name: str, adapters: list[ServedModel], settings: ServerSettings) -> None:
         self.base_name = base_name
         self.port = _free_port()
@@ -206,6 +209,11 @@ class VllmEngine:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         return body
+
+    async def score(self, job: Any) -> Any:
+        """Never called (`scores_prompts` is False): max_tokens-0 requests are forwarded to vLLM by `generate`."""
+        raise ClientError(422, 'nlm_format "arrays" (one-pass scoring) is served by --engine nlm; this server runs '
+                               "--engine vllm: ask in vLLM's shape (prompt_logprobs)", "nlm_format")
 
     async def generate(self, job: GenerationJob) -> GenerationOutput:
         import httpx

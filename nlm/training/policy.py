@@ -68,8 +68,12 @@ class StepPolicy:
     """Decides each optimiser step's source and generates its completions; keeps the figures it logs."""
 
     def __init__(self, config: DistillationConfig, *, seed: int, pad_id: int, tokenizer: Any, teacher: Teacher | None) -> None:
-        if (config.lmbda > 0 or config.seq_kd) and (teacher is None or teacher.live_model is None):
-            raise ValueError("on-policy and sequence-level distillation need a live teacher model")
+        # On-policy steps need a teacher that scores any text (live, or served: the server scores the student's
+        # samples); sequence-level KD needs one that writes text (a live model).
+        if config.seq_kd and (teacher is None or teacher.live_model is None):
+            raise ValueError("sequence-level distillation needs a live teacher model")
+        if config.lmbda > 0 and (teacher is None or teacher.live_model is None and not teacher.scores_any_text):
+            raise ValueError("on-policy distillation needs a live or served teacher")
         self.lmbda, self.seq_kd, self.seed, self.pad_id = config.lmbda, config.seq_kd, seed, pad_id
         self.tokenizer, self.teacher = tokenizer, teacher
         self.sampling = SamplingSettings(config.max_new_tokens, config.generation_temperature, config.generation_top_p,

@@ -40,11 +40,28 @@ def vllm_answer(prompt, top=K, logp=None):
     return {"choices": choices[::-1]}  # in any order: the client sorts by index
 
 
+def nlm_answer(prompt, top=K, logp=None, drop=0):
+    """nlm serve's nlm_format "arrays" answer with the numbers of `vllm_answer` (`drop`: rows left out)."""
+    choices = []
+    for index, tokens in enumerate(prompt):
+        rows = range(1, len(tokens) - drop)
+        values = logp if logp is not None else [-0.5 - i for i in range(top)]
+        choices.append({"index": index, "text": "", "nlm_prompt_logprobs": {
+            "top_k": top, "token_ids": [(p + i) % VOCAB for p in rows for i in range(top)],
+            "logprobs": [v for _ in rows for v in values], "token_logprobs": [-1.0 for _ in rows],
+            "ranks": [1 for _ in rows]}})
+    return {"choices": choices}
+
+
+NLM_CARD = {"owned_by": "nlm", "tokenizer_fingerprint": "sha256:x", "vocab_size": VOCAB, "max_logprobs": 8,
+            "max_batch_size": 2}
+
+
 class Scripted(BaseHTTPRequestHandler):
     """Answers from the server's `script`: a list of (status, body or callable(request) -> body)."""
 
     def do_GET(self):
-        card = getattr(self.server, "card", {"owned_by": "vllm"})
+        card = getattr(self.server, "card", None) or {"owned_by": "vllm"}
         self._send(200, {"object": "list", "data": [{"id": "t", "object": "model", **card}]})
 
     def do_POST(self):
@@ -111,11 +128,52 @@ def test_nlm_serve_gets_logprobs_temperature_only_when_its_card_says_it_takes_it
     # `nlm serve --engine vllm` publishes "logprobs_temperature": false (vLLM gives the model's own distribution)
     server.card = {"owned_by": "nlm", "tokenizer_fingerprint": "sha256:x", "vocab_size": VOCAB, "max_logprobs": K,
                    "logprobs_temperature": engine_takes_temperature}
+    if engine_takes_temperature:  # --engine nlm: asked for scoring arrays at the run's temperature
+        server.script = [(200, lambda r: nlm_answer(r["prompt"]))]
     served = teacher(server, temperature=2.0)
     assert served.info.nlm is engine_takes_temperature
     inputs, mask = batch([5, 6, 7, 8])
     served.signal(inputs, mask, torch.device("cpu")).all_rows()
     assert [r.get("logprobs_temperature") for r in server.requests] == [2.0 if engine_takes_temperature else None]
+
+
+def test_nlm_serve_is_asked_for_scoring_arrays_in_requests_of_its_max_batch_size(server):
+    """Against nlm serve: max_tokens 0, nlm_format "arrays", the run's temperature, a batch split to the server's
+    max_batch_size (requests in flight together); the targets are the answer's numbers (already at τ), stored
+    as the cache stores them, with the ids of vLLM's shape for the same numbers."""
+    from nlm.distill.cache import rounded_targets
+
+    rows = ([5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15])
+    inputs, mask = batch(*rows)
+    expected = teacher(server).signal(inputs, mask, torch.device("cpu")).all_rows()  # vLLM's shape
+    stored, tail = rounded_targets(torch.tensor([[-0.5 - i for i in range(K)]] * int(mask.sum())))
+    server.card, server.requests = NLM_CARD, []
+    server.script = [(200, lambda r: nlm_answer(r["prompt"]))] * 2
+    served = teacher(server, temperature=2.0)
+    assert served.info.nlm and served.info.max_batch_size == 2
+    found = served.signal(inputs, mask, torch.device("cpu")).all_rows()
+    assert sorted(len(r["prompt"]) for r in server.requests) == [1, 2]
+    assert all(r["max_tokens"] == 0 and r["nlm_format"] == "arrays" and r["logprobs_temperature"] == 2.0
+               and r["prompt_logprobs"] == K for r in server.requests)
+    assert torch.equal(found.ids, expected.ids)
+    assert torch.equal(found.logp, stored.float()) and torch.equal(found.tail_logp, tail)
+
+
+@pytest.mark.parametrize("answer, field", [
+    (lambda r: nlm_answer(r["prompt"], drop=1), "holds 4 log-probs for 3 prompt tokens"),
+    (lambda r: nlm_answer(r["prompt"], logp=[-0.1, float("nan"), -2.0, -3.0]), "logprobs holds a log-prob that is NaN"),
+    (lambda r: nlm_answer(r["prompt"], top=2), "nlm_prompt_logprobs.top_k is 2, 4 were asked"),
+    (lambda r: {"choices": [{"index": 0, "text": ""}]}, "nlm_prompt_logprobs is missing"),
+    (lambda r: {"choices": [{"index": 0, "nlm_prompt_logprobs": {"top_k": K, "token_ids": "x", "logprobs": []}}]},
+     "expected token_ids and logprobs arrays"),
+])
+def test_malformed_arrays_name_the_batch_example_and_field(server, answer, field):
+    server.card, server.script = NLM_CARD, [(200, answer)]
+    served = teacher(server)
+    inputs, mask = batch([5, 6, 7])
+    with pytest.raises(ServedResponseError, match="batch 1, example 0") as raised:
+        served.signal(inputs, mask, torch.device("cpu"))
+    assert field in str(raised.value)
 
 
 def test_tempered_buckets_are_exact_at_temperature_one_and_normalised_otherwise():
@@ -178,6 +236,17 @@ def test_prefetched_requests_are_used_not_repeated(server):
     served.prefetch(inputs)
     served.signal(inputs, mask, torch.device("cpu"))
     assert len(server.requests) == 1
+
+
+def test_large_batches_read_ahead_are_each_requested_once(server):
+    """The read-ahead holds prefetch_batches + 1 batches of 40 examples (120 pending answers, over the old flat
+    cap of 64): none is dropped and asked again."""
+    served = teacher(server)
+    batches = [batch(*[[5 + b, 6 + i % 7, 7, 8 + i % 3] for i in range(40)]) for b in range(5)]
+    for number, inputs in enumerate(served.read_ahead(iter([inputs for inputs, _ in batches]))):
+        mask = batches[number][1]
+        assert served.signal(inputs, mask, torch.device("cpu")).count == int(mask.sum())
+    assert len(server.requests) == len(batches)
 
 
 def test_public_url_drops_credentials_and_unreachable_is_a_config_error():

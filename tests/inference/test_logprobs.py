@@ -113,6 +113,8 @@ def test_chat_logprobs_in_openai_shape(scored):
     ({"prompt": "a", "prompt_logprobs": 9, "max_tokens": 0}, "prompt_logprobs"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ({"prompt": [0, 100000], "max_tokens": 0, "echo": True}, "prompt"),
+    ({"prompt": [5, 6], "max_tokens": 0, "echo": True, "logprobs": 2, "nlm_format": "arrays"}, "nlm_format"),
+    ({"prompt": [5, 6], "max_tokens": 1, "prompt_logprobs": 2, "nlm_format": "arrays"}, "nlm_format"),
 ])
 def test_refusals_name_the_field(scored, body, field):
     reply = scored.post("/v1/completions", json=body)
@@ -124,7 +126,7 @@ def test_refusals_name_the_field(scored, body, field):
 def test_models_publish_the_tokenizer_fingerprint(scored, local):
     entry = scored.get("/v1/models").json()["data"][0]
     assert entry["tokenizer_fingerprint"] == vocabulary_fingerprint(local[1])
-    assert entry["vocab_size"] == len(local[1]) and entry["max_logprobs"] == 8
+    assert entry["vocab_size"] == len(local[1]) and entry["max_logprobs"] == 8 and entry["max_batch_size"] == 32
     assert entry["logprobs_temperature"] is True  # --engine nlm takes it; --engine vllm's card says false
 
 
@@ -139,3 +141,31 @@ def test_a_list_of_token_prompts_gets_one_choice_each_equal_to_alone(scored):
         for a, b in zip(alone["prompt_logprobs"][1:], choice["prompt_logprobs"][1:], strict=True):
             assert a.keys() == b.keys()
             assert [v["logprob"] for v in a.values()] == pytest.approx([v["logprob"] for v in b.values()], abs=1e-5)
+
+
+def test_scoring_arrays_equal_local_log_softmax_and_the_vllm_shape(scored, local):
+    """max_tokens 0 with a list of token-id prompts: one forward pass; nlm_format "arrays" holds the same numbers
+    as vLLM's shape, and both are the local model's log_softmax of each prompt alone."""
+    model, _ = local
+    prompts = [[5, 6, 7, 8, 9], [9, 10, 11], [12, 13]]
+    body = {"prompt": prompts, "max_tokens": 0, "prompt_logprobs": 4}
+    arrays = scored.post("/v1/completions", json={**body, "nlm_format": "arrays"})
+    shaped = scored.post("/v1/completions", json=body)
+    assert arrays.status_code == 200 and shaped.status_code == 200, arrays.text + shaped.text
+    assert arrays.json()["usage"] == {"prompt_tokens": 10, "completion_tokens": 0, "total_tokens": 10}
+    for prompt, a, v in zip(prompts, arrays.json()["choices"], shaped.json()["choices"], strict=True):
+        found = a["nlm_prompt_logprobs"]
+        assert a["text"] == "" and found["top_k"] == 4 and "prompt_logprobs" not in a
+        ids = torch.tensor(found["token_ids"]).reshape(len(prompt) - 1, 4)
+        values = torch.tensor(found["logprobs"], dtype=torch.float32).reshape(len(prompt) - 1, 4)
+        logp = _local_logp(model, prompt)[:-1]  # [L-1, V]: row j predicts token j + 1
+        top = logp.topk(4)
+        assert torch.equal(ids, top.indices)
+        torch.testing.assert_close(values, top.values, rtol=0, atol=1e-5)
+        own = logp.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(torch.tensor(found["token_logprobs"], dtype=torch.float32), own, rtol=0, atol=1e-5)
+        assert found["ranks"] == ((logp > own.unsqueeze(1)).sum(-1) + 1).tolist()
+        for position, entry in enumerate(v["prompt_logprobs"][1:]):  # vLLM's shape: the same numbers
+            ranked = sorted(entry.items(), key=lambda item: item[1]["rank"])[:4]
+            assert [int(k) for k, _ in ranked] == ids[position].tolist()
+            assert [item["logprob"] for _, item in ranked] == values[position].tolist()
