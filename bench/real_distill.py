@@ -64,6 +64,8 @@ ROWS: dict[str, tuple] = {  # (init, teacher source, distillation[, training ove
     "finetune_lr1e-3": ("even", "none", {"alpha": 0.0}, {"learning_rate": 1e-3}),
     "recipe_lr1e-3": ("even", "live", {"alpha": 1.0, "temperature": 1.0}, {"learning_rate": 1e-3}),
     "kd_live_lr1e-3": ("even", "live", {}, {"learning_rate": 1e-3}),  # the defaults at that rate
+    "importance_finetune_lr1e-3": ("importance", "none", {"alpha": 0.0}, {"learning_rate": 1e-3}),
+    "importance_kd_lr1e-3": ("importance", "live", {}, {"learning_rate": 1e-3}),
 }
 
 
@@ -152,8 +154,8 @@ def main() -> None:
     for name, row in done.items():
         if "loss" in row and base and top and name not in ("teacher",):
             row = dict(row, **gap_closed(row, top, base))
-            same = done.get(f"{row.get('init')}_finetune")
-            if row.get("init") not in (None, "even") and same:  # the gap against fine-tuning the same cut
+            same = done.get(f"{row.get('init')}_finetune" + ("_lr1e-3" if row.get("learning_rate") == 1e-3 else ""))
+            if same and same is not row and (row.get("init") not in (None, "even") or row.get("learning_rate")):  # the gap against fine-tuning the same cut
                 row["same_init"] = gap_closed(row, top, same)
         table[name] = row
     print(json.dumps({"cut": args.cut, "layers": layers, "budget": BUDGET, "seed": BUDGET["seed"],
