@@ -16,7 +16,8 @@ Speculative decoding (issue 27), a separate run on a real target and its distill
     .venv/bin/python bench/serve_compare.py --draft_pair TARGET DRAFT --draft_prompts PROMPTS.jsonl \
         [--draft_concurrency 1 4 8] [--max_tokens 32]
 
-serves TARGET alone, then TARGET with `--draft DRAFT`, on nlm's engine, and sends the same greedy requests (the
+serves TARGET alone, then TARGET with `--draft DRAFT`, on each engine of `--draft_engines nlm vllm` (default nlm),
+and sends the same greedy requests (the
 `prompt` of each line of PROMPTS.jsonl, at least the concurrency, closed loop) at each concurrency; reports
 completion tokens/s of both, their ratio, the draft's acceptance from /metrics, and whether every output is
 byte-identical between the two servers.
@@ -202,15 +203,18 @@ def draft_metrics(base: str) -> dict:
     return found
 
 
-def draft_compare(target: Path, draft: Path, prompts_file: Path, levels: list[int], max_tokens: int) -> dict:
-    """TARGET alone vs TARGET + DRAFT on nlm's engine: tokens/s per concurrency, identical outputs, acceptance."""
+def draft_compare(target: Path, draft: Path, prompts_file: Path, levels: list[int], max_tokens: int,
+                  engine: str = "nlm") -> dict:
+    """TARGET alone vs TARGET + DRAFT on one engine (`nlm serve --engine nlm|vllm`): tokens/s per concurrency,
+    identical outputs, acceptance."""
     prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines() if line.strip()]
     runs: dict = {}
     for name, extra in (("target_alone", []), ("target_with_draft", ["--draft", str(draft)])):
         port = free_port()
-        command = [sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--model", str(target), *extra,
-                   "--port", str(port), "--device", "cpu", "--max_new_tokens_cap", "4096", "--request_timeout", "3600"]
-        process, base = start(command, "/ping", port)
+        command = [sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--engine", engine,
+                   "--model", str(target), *extra, "--port", str(port), "--max_new_tokens_cap", "4096",
+                   "--request_timeout", "3600", *(["--device", "cpu"] if engine == "nlm" else [])]
+        process, base = start(command, "/ping", port, 1800 if engine == "vllm" else 600)
         try:
             model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
             asyncio.run(texts_loop(base, model, 1, prompts[:1], 4))  # warm-up
@@ -224,7 +228,8 @@ def draft_compare(target: Path, draft: Path, prompts_file: Path, levels: list[in
                       file=sys.stderr, flush=True)
         finally:
             stop(process)
-    result = {"target": str(target), "draft": str(draft), "max_tokens": max_tokens, "prompts": len(prompts), "levels": {}}
+    result = {"engine": engine, "target": str(target), "draft": str(draft), "max_tokens": max_tokens,
+              "prompts": len(prompts), "levels": {}}
     for level in map(str, levels):
         alone, drafted = runs["target_alone"][level], runs["target_with_draft"][level]
         result["levels"][level] = {
@@ -283,14 +288,20 @@ def main() -> None:
                         help="instead: TARGET alone vs TARGET with its draft on nlm's engine (speculative decoding)")
     parser.add_argument("--draft_prompts", type=Path, help="JSONL with a `prompt` per line (--draft_pair)")
     parser.add_argument("--draft_concurrency", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--draft_engines", nargs="+", choices=["nlm", "vllm"], default=["nlm"],
+                        help="engines to run --draft_pair on, one after the other (vllm: vLLM's draft-model "
+                             "speculative decoding behind nlm serve, run by --vllm_python)")
     args = parser.parse_args()
     THREADS.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if args.draft_pair is not None:
         if args.draft_prompts is None:
             parser.error("--draft_pair needs --draft_prompts")
-        result = draft_compare(*args.draft_pair, args.draft_prompts, args.draft_concurrency, args.max_tokens)
-        result.update(server_threads=args.threads, load_average=os.getloadavg()[0])
-        print(json.dumps(result, indent=2))
+        if "vllm" in args.draft_engines:
+            os.environ["NLM_VLLM_PYTHON"] = args.vllm_python
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        result = {engine: draft_compare(*args.draft_pair, args.draft_prompts, args.draft_concurrency, args.max_tokens, engine)
+                  for engine in args.draft_engines}
+        print(json.dumps({"engines": result, "server_threads": args.threads, "load_average": os.getloadavg()[0]}, indent=2))
         return
     transformers_cli = str(Path(sys.executable).with_name("transformers"))
     results: dict = {"model": str(args.model) if args.model else "llama 6x576, vocab 49152, random weights", "max_tokens": args.max_tokens,

@@ -13,6 +13,7 @@ leaves nlm answering 503 on /ping instead of taking the front down. The cost is 
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
 import logging
@@ -118,6 +119,18 @@ def load_vllm_models(settings: ServerSettings) -> list[ServedModel]:
     return served
 
 
+def speculative_config(settings: ServerSettings) -> dict[str, Any]:
+    """vLLM's draft-model speculative decoding with nlm's engine's rule of when to draft: only while one sequence
+    is decoded (vLLM's dynamic schedule: K drafted tokens at batch size 1, none from 2 up). With two or more rows
+    the batch already spreads the cost of reading the weights, and verifying drafts would add compute to a step
+    that is no longer bound by that read (issue 27: never slower than the target alone at 8 clients)."""
+    k = settings.num_assistant_tokens
+    config: dict[str, Any] = {"method": "draft_model", "model": str(settings.draft), "num_speculative_tokens": k}
+    if settings.max_batch_size > 1:
+        config["num_speculative_tokens_per_batch_size"] = [[1, 1, k], [2, settings.max_batch_size, 0]]
+    return config
+
+
 class VllmEngine:
     """One vLLM OpenAI server (a child process) and the requests nlm sends it."""
 
@@ -132,6 +145,7 @@ class VllmEngine:
         self._client: Any = None
         self.draft = settings.draft is not None
         self._spec_seen: dict[str, float] = {}  # vLLM's spec-decode totals at the last /metrics scrape
+        self._scrape = asyncio.Lock()
         python = os.environ.get(VLLM_PYTHON_ENV) or sys.executable
         args = ["--model", str(base), "--served-model-name", base_name, "--host", "127.0.0.1", "--port", str(self.port),
                 "--max-model-len", str(_max_model_len(base, settings)), "--max-num-seqs", str(settings.max_batch_size),
@@ -142,8 +156,7 @@ class VllmEngine:
         if settings.trust_remote_code:
             args.append("--trust-remote-code")
         if settings.draft is not None:
-            args += ["--speculative-config", json.dumps({"method": "draft_model", "model": str(settings.draft),
-                                                         "num_speculative_tokens": settings.num_assistant_tokens})]
+            args += ["--speculative-config", json.dumps(speculative_config(settings))]
         if adapters:
             ranks = [int(json.loads((a.path / "adapter_config.json").read_text(encoding="utf-8")).get("r", 16)) for a in adapters]
             args += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(_lora_rank_cap(max(ranks))),
@@ -273,14 +286,18 @@ class VllmEngine:
 
         if not self.draft or self._client is None or not self.alive:
             return
-        try:
-            text = (await self._client.get("/metrics", timeout=5)).text
-        except httpx.HTTPError:
-            return
-        totals = {name: sum(float(v) for v in re.findall(rf"^vllm:spec_decode_{name}_total{{[^}}]*}} (\S+)$", text, re.M))
-                  for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
-        rise = {name: int(value - self._spec_seen.get(name, 0.0)) for name, value in totals.items()}
-        self._spec_seen = totals
+        async with self._scrape:  # one scrape at a time: two overlapping ones would count the same drafts twice
+            try:
+                text = (await self._client.get("/metrics", timeout=5)).text
+            except httpx.HTTPError:
+                return
+            totals = {name: sum(float(v) for v in re.findall(rf"^vllm:spec_decode_{name}_total{{[^}}]*}} (\S+)$", text, re.M))
+                      for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+            rise = {name: int(value - self._spec_seen.get(name, 0.0)) for name, value in totals.items()}
+            if any(value < 0 for value in rise.values()):  # vLLM's counters went back (restarted): start again
+                self._spec_seen = totals
+                return
+            self._spec_seen = totals
         if rise["num_drafts"] > 0:
             metrics.observe_draft(DraftCounts(new_tokens=rise["num_accepted_tokens"] + rise["num_drafts"],
                                               target_forwards=rise["num_drafts"], drafted=rise["num_draft_tokens"]))

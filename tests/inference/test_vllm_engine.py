@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from nlm.errors import ConfigError
 from nlm.inference.engine import GenerationJob, LogprobSpec, SamplingKey
-from nlm.inference.vllm_engine import VLLM_LORA_RANKS, _lora_rank_cap, _scored_output
+from nlm.inference.settings import ServerSettings
+from nlm.inference.vllm_engine import VLLM_LORA_RANKS, _lora_rank_cap, _scored_output, speculative_config
 
 K = 3
 GREEDY = SamplingKey(False, 1.0, 1.0, 0, 1.0, 1)
@@ -83,3 +84,20 @@ def test_lora_rank_cap_is_the_smallest_that_vllm_takes_and_holds_the_rank(rank):
 def test_a_rank_over_vllms_largest_says_to_merge():
     with pytest.raises(ConfigError, match="nlm export --format merged"):
         _lora_rank_cap(1024)
+
+
+def _drafted_at(config, batch):
+    """What vLLM's dynamic schedule gives a batch of `batch` sequences (its ranges are inclusive)."""
+    schedule = config.get("num_speculative_tokens_per_batch_size")
+    if schedule is None:
+        return config["num_speculative_tokens"]
+    return next(k for start, end, k in schedule if start <= batch <= end)
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 2, 32])
+def test_vllm_drafts_only_while_one_sequence_is_decoded_as_the_nlm_engine_does(tmp_path, max_batch_size):
+    settings = ServerSettings(model=tmp_path, draft=tmp_path, num_assistant_tokens=4, max_batch_size=max_batch_size)
+    config = speculative_config(settings)
+    assert config["method"] == "draft_model" and config["model"] == str(tmp_path)
+    assert _drafted_at(config, 1) == 4
+    assert [_drafted_at(config, b) for b in range(2, max_batch_size + 1)] == [0] * (max_batch_size - 1)

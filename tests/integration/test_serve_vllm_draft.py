@@ -94,6 +94,9 @@ def test_greedy_answers_with_the_draft_equal_the_target_alone_under_concurrency(
 
 
 def test_metrics_carry_the_drafts_acceptance_under_nlms_names(server):
+    # One request alone: the only sequence in the batch, so vLLM drafts for it (speculative_config's schedule)
+    reply = httpx.post(f"{server['base']}/v1/completions", json={**GREEDY, "model": "target", "prompt": PROMPTS[0]}, timeout=600)
+    assert reply.status_code == 200, reply.text
     text = httpx.get(f"{server['base']}/metrics").text
 
     def value(name):
