@@ -300,8 +300,12 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
                                          hidden_layers, cross=student_tokenizer is not None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    # A resumed build keeps the id type its manifest recorded (a cache started before ids were narrowed to
+    # uint16 stays int32 throughout), so every shard of one cache holds one type.
+    ids_type = getattr(torch, manifest["id_dtype"]) if manifest.get("id_dtype") else id_dtype(width)
+
     def write_topk(path: Path, batches: list[dict]) -> int:
-        rows = _shard_rows(teacher, batches, config.distillation.temperature, top_k, id_dtype(width), device, hidden_layers)
+        rows = _shard_rows(teacher, batches, config.distillation.temperature, top_k, ids_type, device, hidden_layers)
         save_shard(path, rows)
         return int(rows.ids.shape[0])
 

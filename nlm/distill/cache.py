@@ -152,12 +152,14 @@ class TeacherCache:
                     "run's data; the cache was built from other data or settings: rebuild it")
 
     def tensor_rows(self, name: str, example_indices: list[int]) -> torch.Tensor:
-        """The rows of one stored tensor for the examples, concatenated in the order given."""
+        """The rows of one stored tensor for the examples, concatenated in the order given. Integer rows are
+        widened to int64 before they are joined: torch cannot concatenate uint16 with other integer types."""
         parts = []
         for index in example_indices:
             number, local = self._locate(index)
             start, end = self._offsets[number][local], self._offsets[number][local + 1]
-            parts.append(self._shard(number).get_slice(name)[start:end])
+            part = self._shard(number).get_slice(name)[start:end]
+            parts.append(part if part.is_floating_point() else part.to(torch.int64))
         return torch.cat(parts)
 
     def targets(self, example_indices: list[int], device: torch.device | str = "cpu") -> SparseTargets:

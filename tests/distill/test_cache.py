@@ -311,3 +311,22 @@ def test_ids_of_a_49k_vocabulary_are_stored_in_two_bytes_and_read_back_exactly(t
     assert got.ids.dtype == torch.int64
     assert torch.equal(got.ids, torch.cat([ids[3:], ids[:3]]))
     assert (tmp_path / "shard-00000.safetensors").stat().st_size < 7 * 1024 + 4096
+
+
+def test_a_cache_whose_shards_hold_different_id_types_reads_back_across_them(tmp_path):
+    """A build started when ids were int32 and resumed after they became uint16: a batch spanning both shards."""
+    from nlm.distill.cache import FORMAT, VERSION, ShardRows, save_shard, write_manifest
+
+    vocab, k = 49_152, 4
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (6, k), generator=generator)
+    logp = torch.log_softmax(torch.randn(6, k, generator=generator), dim=-1)
+    for number, (dtype, rows) in enumerate(((torch.int32, slice(0, 3)), (torch.uint16, slice(3, 6)))):
+        save_shard(tmp_path / f"shard-{number:05d}.safetensors",
+                   ShardRows(ids[rows].to(dtype), logp[rows].half(), torch.full((3,), -30.0), torch.tensor([0, 3])))
+    write_manifest(tmp_path, {"format": FORMAT, "version": VERSION, "complete": True, "top_k": k, "temperature": 1.0,
+                              "vocab_size": vocab, "fingerprint": {}, "shards": [
+                                  {"file": "shard-00000.safetensors", "first_example": 0, "examples": 1},
+                                  {"file": "shard-00001.safetensors", "first_example": 1, "examples": 1}]})
+    got = TeacherCache(tmp_path).targets([1, 0])
+    assert torch.equal(got.ids, torch.cat([ids[3:], ids[:3]]))
