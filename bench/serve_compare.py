@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -90,9 +91,18 @@ def build_students(base: Path, root: Path, count: int) -> list[Path]:
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # set from --threads in main(); the same for every server
 
 
-def start(command: list[str], health: str, port: int, wait_s: float = 600) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **THREADS})
+def start(command: list[str], health: str, port: int, wait_s: float = 600, env: dict[str, str] | None = None,
+          log: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Run a server on loopback `port`; return it and its base URL once `health` answers 200. RuntimeError when it
+    exits first or is not up within `wait_s` (it is killed then). `env`: the child's whole environment (default:
+    this one, offline, quiet, with THREADS); `log`: a list its output is read into as it comes (default: dropped)."""
+    if env is None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **THREADS}
+    output = subprocess.DEVNULL if log is None else subprocess.PIPE
+    process = subprocess.Popen(command, stdout=output, stderr=subprocess.DEVNULL if log is None else subprocess.STDOUT,
+                               text=True, env=env)
+    if log is not None:  # read as it comes: the pipe must not fill up
+        threading.Thread(target=lambda: log.extend(iter(process.stdout.readline, "")), daemon=True).start()
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + wait_s
     while time.time() < deadline:
@@ -105,6 +115,7 @@ def start(command: list[str], health: str, port: int, wait_s: float = 600) -> tu
             pass
         time.sleep(0.5)
     process.kill()
+    process.wait()
     raise RuntimeError(f"{command[:4]} did not start")
 
 

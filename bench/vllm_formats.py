@@ -17,24 +17,17 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_compare import free_port, start, stop  # noqa: E402
+
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Distillation trains a small model to",
            "List three colours:", "Once upon a time", "The quick brown fox"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def greedy(post, name: str, max_tokens: int) -> list[str]:
@@ -45,34 +38,22 @@ def greedy(post, name: str, max_tokens: int) -> list[str]:
 
 def through_vllm(name: str, folder: Path, max_tokens: int, wait_s: float) -> dict:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "nlm.cli", "serve", "--engine", "vllm", "--model", f"{name}={folder}",
-                                "--port", str(port), "--request_timeout", "1200"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True).start()
-    base, started = f"http://127.0.0.1:{port}", time.time()
+    started = time.time()
     try:
-        while time.time() - started < wait_s and process.poll() is None:
-            try:
-                if httpx.get(f"{base}/ping", timeout=2).status_code == 200:
-                    texts = greedy(lambda path, body: httpx.post(f"{base}{path}", json=body, timeout=1200).json(),
-                                   name, max_tokens)
-                    return {"served": True, "start_s": round(time.time() - started, 1), "texts": texts}
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        process, base = start([sys.executable, "-m", "nlm.cli", "serve", "--engine", "vllm", "--model", f"{name}={folder}",
+                               "--port", str(port), "--request_timeout", "1200"],
+                              "/ping", port, wait_s, env={**os.environ, "HF_HUB_OFFLINE": "1"}, log=lines)
+    except RuntimeError:
         errors = [line.rstrip()[:300] for line in lines  # vLLM's own error lines, not nlm's report of them
                   if re.search(r"\w(Error|Exception)\b", line) and "nlm" not in line and "uvicorn" not in line][-4:]
         return {"served": False, "start_s": round(time.time() - started, 1), "errors": errors}
+    start_s = round(time.time() - started, 1)
+    try:
+        texts = greedy(lambda path, body: httpx.post(f"{base}{path}", json=body, timeout=1200).json(), name, max_tokens)
+        return {"served": True, "start_s": start_s, "texts": texts}
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
 
 
 def through_nlm(name: str, folder: Path, max_tokens: int) -> list[str]:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from nlm.errors import ConfigError
+from nlm.models.quantization import required_module
 
 COMPRESSED_TENSORS_MISSING = ("needs compressed-tensors: run `pip install 'compressed-tensors>=0.20,<0.21'` "
                               "(or: pip install -e '.[export]' in the nlm checkout)")
@@ -35,11 +36,7 @@ COMPRESSED_TENSORS_MISSING = ("needs compressed-tensors: run `pip install 'compr
 
 def compressed_tensors_quantization(what: str = "--format int4") -> Any:
     """`compressed_tensors.quantization`, or a ConfigError naming `what` needs it and the install line."""
-    try:
-        import compressed_tensors.quantization as ct
-    except ImportError:
-        raise ConfigError(f"{what} {COMPRESSED_TENSORS_MISSING}") from None
-    return ct
+    return required_module("compressed_tensors.quantization", what, COMPRESSED_TENSORS_MISSING)
 
 
 def pack_quantized_config(group_size: int, tables: list[str], ignore: list[str]) -> Any:

@@ -7,6 +7,7 @@ quantizers from this config) and `nlm export --format int8|int4` (which applies 
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -17,13 +18,20 @@ TORCHAO_MISSING = ("needs torchao: run `pip install 'torchao>=0.18,<0.19'` "
                    "(or: pip install -e '.[export]' in the nlm checkout)")
 
 
+def required_module(name: str, what: str, missing: str) -> Any:
+    """The module `name`, or a ConfigError "{what} {missing}" (`missing`: "needs PACKAGE: run `pip install ...`").
+
+    Shared by the optional quantization libraries: torchao here, compressed-tensors in `nlm.export.packed`.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ConfigError(f"{what} {missing}") from None
+
+
 def torchao_quantization(what: str = "--format int8/int4") -> Any:
     """`torchao.quantization`, or a ConfigError naming `what` needs it and the install line."""
-    try:
-        import torchao.quantization as ao
-    except ImportError:
-        raise ConfigError(f"{what} {TORCHAO_MISSING}") from None
-    return ao
+    return required_module("torchao.quantization", what, TORCHAO_MISSING)
 
 
 def weight_config(scheme: str, group_size: int, what: str = "--format int8/int4") -> Any:

@@ -14,9 +14,7 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import httpx
 import pytest
 import torch
 
+from tests.integration.serving import start_server, stop_server
 from tests.integration.test_serve_guarantees import BAD_BODIES, BAD_CHATS
 from tests.integration.test_serve_process import free_port
 
@@ -55,38 +54,17 @@ def server(model_dir):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NLM_VLLM_PYTHON": VLLM_PYTHON, "VLLM_TEST_KEY": "sekrit"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    process = subprocess.Popen(
+    started = start_server(
         [sys.executable, "-m", "nlm.cli", "serve", "--engine", "vllm", "--model", f"main={model_dir}",
          "--port", str(port), "--max_concurrent_requests", "8", "--max_prompt_tokens", "256", "--max_new_tokens_cap", "64",
          "--max_prompt_chars", "2000", "--max_body_bytes", "20000", "--api_key_env", "VLLM_TEST_KEY",
          "--request_timeout", "600"],  # a shared CPU: the first requests after start-up can be slow
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []  # nlm's and vLLM's log, read as it comes (the pipe must not fill up)
-    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
-    reader.start()
-    base = f"http://127.0.0.1:{port}"
+        port, env)
     headers = {"Authorization": "Bearer sekrit"}
-    deadline = time.time() + 1500
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base}/ping", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        process.kill()
-        raise AssertionError("".join(lines[-60:]))
-    child = re.search(r"vLLM for main runs as pid (\d+) on port (\d+)", "".join(lines))
-    yield {"base": base, "process": process, "headers": headers, "model": model_dir, "lines": lines, "reader": reader,
-           "child_pid": int(child.group(1)), "vllm": f"http://127.0.0.1:{child.group(2)}"}
-    if process.poll() is None:  # SIGTERM, not SIGKILL: nlm then stops its vLLM child (a SIGKILL would orphan it)
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    child = re.search(r"vLLM for main runs as pid (\d+) on port (\d+)", "".join(started.lines))
+    yield {"base": started.base, "process": started.process, "headers": headers, "model": model_dir, "lines": started.lines,
+           "reader": started.reader, "child_pid": int(child.group(1)), "vllm": f"http://127.0.0.1:{child.group(2)}"}
+    stop_server(started.process)  # SIGTERM, not SIGKILL: nlm then stops its vLLM child (a SIGKILL would orphan it)
 
 
 def _post(server, path, body, **kw):

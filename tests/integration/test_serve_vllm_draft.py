@@ -13,14 +13,13 @@ import concurrent.futures
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import pytest
 
+from tests.integration.serving import start_server
 from tests.integration.test_serve_process import free_port
 from tests.integration.test_serve_vllm import PROMPTS, VLLM_PYTHON, model_dir  # noqa: F401 - the shared fixture
 
@@ -45,26 +44,12 @@ def server(model_dir, draft):  # noqa: F811
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NLM_VLLM_PYTHON": VLLM_PYTHON}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    process = subprocess.Popen([sys.executable, "-m", "nlm.cli", "serve", "--engine", "vllm", "--model", f"target={model_dir}",
-                                "--draft", str(draft), "--num_assistant_tokens", str(DRAFTED), "--port", str(port),
-                                "--max_prompt_tokens", "256", "--max_new_tokens_cap", "64", "--request_timeout", "600"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
-    reader.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 1500
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base}/ping", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        process.kill()
-        raise AssertionError("".join(lines[-60:]))
-    yield {"base": base, "process": process, "lines": lines, "reader": reader}
+    started = start_server([sys.executable, "-m", "nlm.cli", "serve", "--engine", "vllm", "--model", f"target={model_dir}",
+                            "--draft", str(draft), "--num_assistant_tokens", str(DRAFTED), "--port", str(port),
+                            "--max_prompt_tokens", "256", "--max_new_tokens_cap", "64", "--request_timeout", "600"],
+                           port, env)
+    process = started.process
+    yield {"base": started.base, "process": process, "lines": started.lines, "reader": started.reader}
     if process.poll() is None:
         process.kill()
         process.wait()

@@ -11,15 +11,14 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.integration.serving import start_server, stop_server
 from tests.integration.test_serve_process import free_port
 from tests.integration.test_serve_vllm import PROMPTS, VLLM_PYTHON, model_dir  # noqa: F401 - the shared fixture
 
@@ -57,33 +56,11 @@ def _serve(model_spec: str):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NLM_VLLM_PYTHON": VLLM_PYTHON}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    process = subprocess.Popen([sys.executable, "-m", "nlm.cli", "serve", "--engine", "vllm", "--model", model_spec,
-                                "--port", str(port), "--max_prompt_tokens", "256", "--max_new_tokens_cap", "64",
-                                "--request_timeout", "600"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True).start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 1500
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base}/ping", timeout=2).status_code == 200:
-                return process, base, lines
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise AssertionError("".join(lines[-60:]))
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    started = start_server([sys.executable, "-m", "nlm.cli", "serve", "--engine", "vllm", "--model", model_spec,
+                            "--port", str(port), "--max_prompt_tokens", "256", "--max_new_tokens_cap", "64",
+                            "--request_timeout", "600"],
+                           port, env)
+    return started.process, started.base, started.lines
 
 
 def _greedy(base: str, model: str) -> list[str]:
@@ -102,7 +79,7 @@ def adapter_answers(lora_student, model_dir):  # noqa: F811
         assert "--enable-lora" in log and f"student={lora_student}" in log
         return {"student": _greedy(base, "student")}
     finally:
-        _stop(process)
+        stop_server(process)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +95,7 @@ def merged(lora_student, tmp_path_factory):
 def merged_server(merged):
     process, base, lines = _serve(f"merged={merged}")
     yield {"process": process, "base": base, "lines": lines}
-    _stop(process)
+    stop_server(process)
 
 
 def test_a_lora_student_through_vllms_adapters_equals_its_merged_export_served_by_vllm(adapter_answers, merged_server):

@@ -5,7 +5,6 @@ when the vLLM venv is absent (built apart: see docs/DISTRIBUTED.md)."""
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 from nlm.cli import main
 from tests.conftest import write_jsonl
-from tests.integration.serving import wait_until_ready
+from tests.integration.serving import start_server, wait_until_ready
 from tests.integration.test_serve_process import free_port
 
 pytestmark = pytest.mark.slow
@@ -41,25 +40,14 @@ def smollm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vllm(smollm):
     port = free_port()
-    process = subprocess.Popen(
+    started = start_server(
         [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm),
          "--served-model-name", "teacher", "--max-model-len", "512", "--max-logprobs", "64", "--port", str(port),
          "--dtype", "float32", "--no-enable-prefix-caching"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            raise AssertionError(process.stdout.read()[-3000:])
-        time.sleep(2)
-    yield f"{base}/v1"
-    process.kill()
-    process.wait()
+        port, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}, health="/v1/models", timeout=600)
+    yield f"{started.base}/v1"
+    started.process.kill()
+    started.process.wait()
 
 
 @pytest.fixture(scope="module")
