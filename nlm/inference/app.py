@@ -281,7 +281,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.nlm_format == "arrays" and (body.prompt_logprobs is None or body.max_tokens != 0):
         raise ClientError(422, 'nlm_format "arrays" shapes prompt_logprobs of a scored prompt: ask for prompt_logprobs '
                                "with max_tokens 0", "nlm_format")
-    if body.max_tokens == 0 and (body.n or 1) == 1 and not body.stream and server.engines[served.name].scores_prompts:
+    # echo alone (no log-probs) is no scoring: it takes the generate path, which echoes the prompt.
+    if (spec is not None and body.max_tokens == 0 and (body.n or 1) == 1 and not body.stream
+            and server.engines[served.name].scores_prompts):
         return await _score(server, body, served, spec, request)
     if body.nlm_format == "arrays":  # --engine vllm: no one-pass scoring there
         raise ClientError(422, 'nlm_format "arrays" is served by --engine nlm; this server runs --engine vllm: ask in '

@@ -108,6 +108,16 @@ def test_chat_logprobs_in_openai_shape(scored):
     assert content and all(len(item["top_logprobs"]) == 2 and item["logprob"] <= 0 for item in content)
 
 
+@pytest.mark.parametrize("prompt", ["Hello", [5, 6, 7]])
+def test_echo_alone_with_max_tokens_0_echoes_the_prompt(scored, local, prompt):
+    """No log-probs asked: nothing to score, the prompt comes back as it is (a regression gave 500 here)."""
+    reply = scored.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True})
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    assert choice["text"] == (prompt if isinstance(prompt, str) else local[1].decode(prompt))
+    assert choice.get("logprobs") is None and reply.json()["usage"]["completion_tokens"] == 0
+
+
 @pytest.mark.parametrize("body, field", [
     ({"prompt": "a", "logprobs": 9}, "logprobs"),
     ({"prompt": "a", "prompt_logprobs": 9, "max_tokens": 0}, "prompt_logprobs"),
