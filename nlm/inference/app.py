@@ -278,9 +278,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         job.logprobs = spec
         return job
 
-    if body.nlm_format == "arrays" and (body.prompt_logprobs is None or body.max_tokens != 0):
+    if body.nlm_format == "arrays" and (body.prompt_logprobs is None or body.max_tokens != 0 or (body.n or 1) != 1
+                                        or body.stream):
         raise ClientError(422, 'nlm_format "arrays" shapes prompt_logprobs of a scored prompt: ask for prompt_logprobs '
-                               "with max_tokens 0", "nlm_format")
+                               "with max_tokens 0, n 1 and no stream", "nlm_format")
     # echo alone (no log-probs) is no scoring: it takes the generate path, which echoes the prompt.
     if (spec is not None and body.max_tokens == 0 and (body.n or 1) == 1 and not body.stream
             and server.engines[served.name].scores_prompts):

@@ -125,12 +125,15 @@ def test_echo_alone_with_max_tokens_0_echoes_the_prompt(scored, local, prompt):
     ({"prompt": [0, 100000], "max_tokens": 0, "echo": True}, "prompt"),
     ({"prompt": [5, 6], "max_tokens": 0, "echo": True, "logprobs": 2, "nlm_format": "arrays"}, "nlm_format"),
     ({"prompt": [5, 6], "max_tokens": 1, "prompt_logprobs": 2, "nlm_format": "arrays"}, "nlm_format"),
+    ({"prompt": [5, 6], "max_tokens": 0, "prompt_logprobs": 2, "nlm_format": "arrays", "n": 2}, "nlm_format"),
 ])
 def test_refusals_name_the_field(scored, body, field):
     reply = scored.post("/v1/completions", json=body)
     assert reply.status_code == 422 and reply.json()["error"]["field"] == field
     if "logprobs" in field:
         assert "cap of 8" in reply.json()["error"]["message"]
+    if field == "nlm_format":  # this server runs --engine nlm: the message must not say otherwise
+        assert "engine" not in reply.json()["error"]["message"]
 
 
 def test_models_publish_the_tokenizer_fingerprint(scored, local):
