@@ -24,7 +24,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nlm.inference.engine import GenerationJob, GenerationOutput, PromptScores, ScoringJob, WorkerStopped
+from nlm.inference.engine import (
+    GenerationJob,
+    GenerationOutput,
+    PromptScores,
+    ScoringJob,
+    ScoringTooLarge,
+    WorkerStopped,
+)
 from nlm.inference.engines import engine_kind
 from nlm.inference.jobs import (
     ClientError,
@@ -176,6 +183,8 @@ class Server:
             self.metrics.queue_depth.set(self.queue_depth() + 1)
             self.metrics.prompt_tokens.inc(sum(len(prompt) for prompt in job.prompts))
             return await self._settle(self.engines[served.name].score(job), job, request)
+        except ScoringTooLarge as exc:  # deterministic for this request: 413, which clients do not retry
+            raise ClientError(413, str(exc), "prompt", kind="payload_too_large") from None
         finally:
             self.release()
 

@@ -136,6 +136,22 @@ def test_refusals_name_the_field(scored, body, field):
         assert "engine" not in reply.json()["error"]["message"]
 
 
+def test_scoring_out_of_memory_is_a_413_naming_the_prompts(scored, monkeypatch):
+    """Deterministic for the request, so a client status that the served teacher does not retry."""
+    from nlm.distill.served_teacher import RETRIED_STATUS
+
+    engine = next(iter(scored.app.state.nlm.engines.values()))
+
+    def exhausted(prompts, job):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 34.00 GiB")
+
+    monkeypatch.setattr(engine, "_score_rows", exhausted)
+    reply = scored.post("/v1/completions", json={"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 0, "prompt_logprobs": 2,
+                                                 "nlm_format": "arrays"})
+    assert reply.status_code == 413 and 413 not in RETRIED_STATUS
+    assert "2 prompt(s)" in reply.json()["error"]["message"] and reply.json()["error"]["field"] == "prompt"
+
+
 def test_models_publish_the_tokenizer_fingerprint(scored, local):
     entry = scored.get("/v1/models").json()["data"][0]
     assert entry["tokenizer_fingerprint"] == vocabulary_fingerprint(local[1])
