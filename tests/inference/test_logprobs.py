@@ -157,6 +157,11 @@ def test_models_publish_the_tokenizer_fingerprint(scored, local):
     assert entry["tokenizer_fingerprint"] == vocabulary_fingerprint(local[1])
     assert entry["vocab_size"] == len(local[1]) and entry["max_logprobs"] == 8 and entry["max_batch_size"] == 32
     assert entry["logprobs_temperature"] is True  # --engine nlm takes it; --engine vllm's card says false
+    assert entry["nlm_format"] == ["arrays"]  # declared, so the served teacher need not infer it
+    from nlm.inference.logprobs import model_card
+
+    vllm_card = model_card(local[1], ServerSettings(engine="vllm"))
+    assert vllm_card["nlm_format"] == [] and vllm_card["logprobs_temperature"] is False
 
 
 def test_a_list_of_token_prompts_gets_one_choice_each_equal_to_alone(scored):
