@@ -115,8 +115,16 @@ class ServerInfo:
     fingerprint: str | None  # None: the server publishes none (vLLM)
     vocab_size: int | None
     max_logprobs: int | None
-    nlm: bool  # `nlm serve --engine nlm`: takes logprobs_temperature, max_tokens 0 and nlm_format "arrays"
+    nlm: bool  # the card declares nlm_format "arrays" (`nlm serve --engine nlm`): asked with max_tokens 0, that
+    # format and logprobs_temperature; any other server is asked in vLLM's shape
     max_batch_size: int | None = None  # the most prompts one request may hold (None: not published)
+
+
+def _declares_arrays(card: dict[str, Any]) -> bool:
+    """Whether a /v1/models entry declares nlm's scoring arrays (`"nlm_format": ["arrays"]`); an nlm serve that
+    predates the declaration, --engine vllm and vLLM itself do not, and are asked in vLLM's shape."""
+    formats = card.get("nlm_format")
+    return isinstance(formats, list) and "arrays" in formats
 
 
 class TeacherClient:
@@ -157,8 +165,7 @@ class TeacherClient:
             raise ConfigError(f"teacher_served_model {wanted!r} is not served at {self.url}; it serves {', '.join(map(str, names))}")
         entry = data[names.index(wanted)]
         return ServerInfo(wanted, entry.get("tokenizer_fingerprint"), entry.get("vocab_size"), entry.get("max_logprobs"),
-                          entry.get("owned_by") == "nlm" and "tokenizer_fingerprint" in entry
-                          and entry.get("logprobs_temperature", True) is not False,  # --engine vllm: vLLM-shaped
+                          _declares_arrays(entry),
                           entry.get("max_batch_size"))
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:

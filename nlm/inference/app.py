@@ -24,7 +24,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nlm.inference.engine import GenerationJob, GenerationOutput, PromptScores, ScoringJob, WorkerStopped
+from nlm.inference.engine import (
+    GenerationJob,
+    GenerationOutput,
+    PromptScores,
+    ScoringJob,
+    ScoringTooLarge,
+    WorkerStopped,
+)
 from nlm.inference.engines import engine_kind
 from nlm.inference.jobs import (
     ClientError,
@@ -176,6 +183,8 @@ class Server:
             self.metrics.queue_depth.set(self.queue_depth() + 1)
             self.metrics.prompt_tokens.inc(sum(len(prompt) for prompt in job.prompts))
             return await self._settle(self.engines[served.name].score(job), job, request)
+        except ScoringTooLarge as exc:  # deterministic for this request: 413, which clients do not retry
+            raise ClientError(413, str(exc), "prompt", kind="payload_too_large") from None
         finally:
             self.release()
 
@@ -278,10 +287,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         job.logprobs = spec
         return job
 
-    if body.nlm_format == "arrays" and (body.prompt_logprobs is None or body.max_tokens != 0):
+    if body.nlm_format == "arrays" and (body.prompt_logprobs is None or body.max_tokens != 0 or (body.n or 1) != 1
+                                        or body.stream):
         raise ClientError(422, 'nlm_format "arrays" shapes prompt_logprobs of a scored prompt: ask for prompt_logprobs '
-                               "with max_tokens 0", "nlm_format")
-    if body.max_tokens == 0 and (body.n or 1) == 1 and not body.stream and server.engines[served.name].scores_prompts:
+                               "with max_tokens 0, n 1 and no stream", "nlm_format")
+    # echo alone (no log-probs) is no scoring: it takes the generate path, which echoes the prompt.
+    if (spec is not None and body.max_tokens == 0 and (body.n or 1) == 1 and not body.stream
+            and server.engines[served.name].scores_prompts):
         return await _score(server, body, served, spec, request)
     if body.nlm_format == "arrays":  # --engine vllm: no one-pass scoring there
         raise ClientError(422, 'nlm_format "arrays" is served by --engine nlm; this server runs --engine vllm: ask in '

@@ -10,6 +10,8 @@ a group. Results and streamed text go back to the event loop through futures and
 Scoring a prompt without continuing it (`/v1/completions` with `max_tokens: 0`: a served teacher's requests)
 skips all of that: a `ScoringJob` of many prompts is one forward pass over them (right-padded, no cache, no
 sampling), run between two decode steps, and answered with tensors (`PromptScores`), not per-token objects.
+The head, log-softmax and top-k of that pass run a chunk of positions at a time (`chunk_rows`, as training
+and evaluation chunk them), so no [rows, width, vocab] tensor exists whole.
 
 Why not transformers' own `ContinuousBatchingManager`: measured on this CPU it was slower than this loop (see
 docs/ARCHITECTURE.md), and it has one sampling configuration per manager, no per-request seed and no stop
@@ -26,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +46,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from nlm.distill.engines.chunks import chunk_rows
 from nlm.models.generation import eos_token_ids
+from nlm.models.heads import capture_hidden, head_reproduces_logits, output_head, sliced_head
 from nlm.models.speculative import DraftCounts, configure_draft, count_verify_steps
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,16 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter bat
 
 class WorkerStopped(RuntimeError):
     """The generation worker is gone (it died, or the server is shutting down): the request cannot be served."""
+
+
+class ScoringTooLarge(RuntimeError):
+    """A scoring job ran out of memory: the same request would fail again, so it is the client's to make smaller."""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError ("can't allocate memory")."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc)))
 
 
 @dataclass(frozen=True)
@@ -267,6 +281,11 @@ class GenerationEngine:
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
         # Prefill needs the logits of each prompt's last position only, not [rows, width, vocab].
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+        # Scoring: positions per head chunk (None: `chunk_rows` for the vocabulary and device), and whether the
+        # head may run apart from the forward (decided at the first scoring job; False: the model post-processes
+        # its logits, or its head is not a plain Linear, so whole logits are taken a few rows per forward).
+        self.score_chunk: int | None = None
+        self._head_apart: bool | None = None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.pad_id = int(pad)
         self._queue: queue.Queue[GenerationJob | ScoringJob | None] = queue.Queue()
@@ -558,13 +577,23 @@ class GenerationEngine:
             for start in range(0, len(job.prompts), self.max_batch_size):
                 scores.extend(self._score_rows(job.prompts[start:start + self.max_batch_size], job))
         except Exception as exc:  # noqa: BLE001 - only this request fails; the running batch goes on
-            logger.exception("scoring failed for %d prompt(s)", len(job.prompts))
+            if _out_of_memory(exc):
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                longest = max(len(prompt) for prompt in job.prompts)
+                message = (f"scoring {len(job.prompts)} prompt(s) of up to {longest} tokens in one request ran out of "
+                           f"memory on {self.device}; send fewer prompts per request (a served teacher: a smaller batch)")
+                logger.warning(message)
+                exc = ScoringTooLarge(message)
+            else:
+                logger.exception("scoring failed for %d prompt(s)", len(job.prompts))
             self._deliver(job, exc)
             return
         self._deliver(job, scores)
 
     def _score_rows(self, prompts: list[list[int]], job: ScoringJob) -> list[PromptScores]:
-        """Right-padded rows (as a training collator pads them), one forward pass without a cache."""
+        """Right-padded rows (as a training collator pads them), one forward pass without a cache; the scores
+        of the real positions only, a chunk at a time (`_position_logits`)."""
         self.observe_batch(len(prompts))
         width = max(len(prompt) for prompt in prompts)
         ids = torch.tensor([p + [self.pad_id] * (width - len(p)) for p in prompts], device=self.device)
@@ -572,11 +601,46 @@ class GenerationEngine:
         inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if self.multi_adapter:
             inputs["adapter_names"] = [job.adapter or BASE_ADAPTER] * len(prompts)
-        logits = self.model(**inputs, use_cache=False).logits[:, :-1]  # [rows, width-1, vocab]
-        top = job.spec.prompt or 0
-        scores = self._scores(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), top, job.spec.temperature)
-        rows = [slice(r * (width - 1), r * (width - 1) + len(p) - 1) for r, p in enumerate(prompts)]
-        return [PromptScores(*(part[row] for part in scores)) for row in rows]
+        real = mask[:, 1:].bool()  # [rows, width-1]: the positions that predict a prompt token
+        targets = ids[:, 1:][real]  # [n], prompt after prompt
+        top, temperature = job.spec.prompt or 0, job.spec.temperature
+        parts, start = [], 0
+        for logits in self._position_logits(inputs, real):  # [c, vocab]
+            parts.append(self._scores(logits, targets[start:start + logits.shape[0]], top, temperature))
+            start += logits.shape[0]
+        columns = [torch.cat(column) for column in zip(*parts, strict=True)]
+        lengths = [len(prompt) - 1 for prompt in prompts]
+        return [PromptScores(*row) for row in zip(*(column.split(lengths) for column in columns), strict=True)]
+
+    def _position_logits(self, inputs: dict[str, Any], real: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The logits [c, vocab] of the `real` [rows, width-1] positions in order, at most `score_chunk` (else
+        `chunk_rows`) positions at a time; at least one chunk, empty when there are no positions."""
+        step = self.score_chunk or chunk_rows(self.vocab_width, self.device)
+        if self._head_runs_apart(inputs["input_ids"][:1, :8]):
+            with capture_hidden(self.model) as (store, _):
+                self.model(**inputs, use_cache=False)
+            hidden = store.pop("hidden")[:, :-1][real]  # [n, H]: the head runs per chunk below
+            head = sliced_head(self.model, self.vocab_width)
+            for start in range(0, max(hidden.shape[0], 1), step):
+                yield head(hidden[start:start + step])
+            return
+        # Whole logits (the model post-processes them, or its head is not a plain Linear): as many rows per
+        # forward as `step` positions hold, at least one.
+        rows = max(1, step // max(real.shape[1], 1))
+        yield real.new_zeros((0, self.vocab_width), dtype=torch.float32)
+        for first in range(0, real.shape[0], rows):
+            part = {name: value[first:first + rows] for name, value in inputs.items()}
+            logits = self.model(**part, use_cache=False).logits[:, :-1][real[first:first + rows]]  # [m, vocab]
+            for start in range(0, logits.shape[0], step):
+                yield logits[start:start + step]
+
+    def _head_runs_apart(self, sample: torch.Tensor) -> bool:
+        """Whether the head may run apart from the forward: a plain Linear head whose product equals the
+        model's logits (no soft-capping or scaling after it). Checked once, on `sample` [1, s] ids."""
+        if self._head_apart is None:
+            self._head_apart = (type(output_head(self.model)) is torch.nn.Linear
+                                       and head_reproduces_logits(self.model, sample))
+        return self._head_apart
 
     def _scores(self, logits: torch.Tensor, tokens: torch.Tensor, top: int, temperature: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

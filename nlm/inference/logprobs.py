@@ -90,13 +90,15 @@ def prompt_token_ids(prompt: list[int], tokenizer: Any, settings: ServerSettings
 
 
 def model_card(tokenizer: Any, settings: ServerSettings) -> dict[str, Any]:
-    """What /v1/models adds to a model's entry: token identity, the log-prob cap, and whether the server takes
-    `logprobs_temperature` (--engine nlm; vLLM gives the model's own distribution only)."""
+    """What /v1/models adds to a model's entry: token identity, the log-prob cap, and what the engine serves
+    beyond vLLM's shape, declared so a client need not infer it: `logprobs_temperature` and `nlm_format` (the
+    answer formats it takes: `["arrays"]`, one-pass scoring of `max_tokens: 0`) on --engine nlm only."""
     key = id(tokenizer)
     if key not in _FINGERPRINTS:
         _FINGERPRINTS[key] = vocabulary_fingerprint(tokenizer)
     return {"tokenizer_fingerprint": _FINGERPRINTS[key], "vocab_size": len(tokenizer), "max_logprobs": settings.max_logprobs,
             "logprobs_temperature": settings.engine == "nlm",
+            "nlm_format": ["arrays"] if settings.engine == "nlm" else [],
             "max_batch_size": settings.max_batch_size}  # the most token-id prompts one request may hold
 
 

@@ -54,7 +54,7 @@ def nlm_answer(prompt, top=K, logp=None, drop=0):
 
 
 NLM_CARD = {"owned_by": "nlm", "tokenizer_fingerprint": "sha256:x", "vocab_size": VOCAB, "max_logprobs": 8,
-            "max_batch_size": 2}
+            "max_batch_size": 2, "logprobs_temperature": True, "nlm_format": ["arrays"]}
 
 
 class Scripted(BaseHTTPRequestHandler):
@@ -125,9 +125,10 @@ def test_rows_follow_the_mask_and_requests_are_vllm_shaped(server):
 
 @pytest.mark.parametrize("engine_takes_temperature", [True, False])
 def test_nlm_serve_gets_logprobs_temperature_only_when_its_card_says_it_takes_it(server, engine_takes_temperature):
-    # `nlm serve --engine vllm` publishes "logprobs_temperature": false (vLLM gives the model's own distribution)
+    # `nlm serve --engine vllm` publishes "logprobs_temperature": false and no nlm_format (vLLM's shape only)
     server.card = {"owned_by": "nlm", "tokenizer_fingerprint": "sha256:x", "vocab_size": VOCAB, "max_logprobs": K,
-                   "logprobs_temperature": engine_takes_temperature}
+                   "logprobs_temperature": engine_takes_temperature,
+                   "nlm_format": ["arrays"] if engine_takes_temperature else []}
     if engine_takes_temperature:  # --engine nlm: asked for scoring arrays at the run's temperature
         server.script = [(200, lambda r: nlm_answer(r["prompt"]))]
     served = teacher(server, temperature=2.0)
@@ -135,6 +136,23 @@ def test_nlm_serve_gets_logprobs_temperature_only_when_its_card_says_it_takes_it
     inputs, mask = batch([5, 6, 7, 8])
     served.signal(inputs, mask, torch.device("cpu")).all_rows()
     assert [r.get("logprobs_temperature") for r in server.requests] == [2.0 if engine_takes_temperature else None]
+
+
+@pytest.mark.parametrize("card", [
+    {"logprobs_temperature": True},  # an nlm serve from before the card declared nlm_format
+    {"logprobs_temperature": True, "nlm_format": "arrays"},  # not a list of formats: not trusted
+    {"logprobs_temperature": True, "nlm_format": ["something-else"]},
+])
+def test_a_card_that_does_not_declare_arrays_is_asked_in_vllms_shape(server, card):
+    """The arrays path is taken on the card's declaration only, never inferred from other fields."""
+    server.card = {"owned_by": "nlm", "tokenizer_fingerprint": "sha256:x", "vocab_size": VOCAB, "max_logprobs": K,
+                   "max_batch_size": 2, **card}
+    served = teacher(server, temperature=2.0)
+    assert not served.info.nlm
+    inputs, mask = batch([5, 6, 7, 8])
+    served.signal(inputs, mask, torch.device("cpu")).all_rows()
+    assert all(r["max_tokens"] == 1 and "nlm_format" not in r and "logprobs_temperature" not in r
+               for r in server.requests)
 
 
 def test_nlm_serve_is_asked_for_scoring_arrays_in_requests_of_its_max_batch_size(server):

@@ -108,6 +108,16 @@ def test_chat_logprobs_in_openai_shape(scored):
     assert content and all(len(item["top_logprobs"]) == 2 and item["logprob"] <= 0 for item in content)
 
 
+@pytest.mark.parametrize("prompt", ["Hello", [5, 6, 7]])
+def test_echo_alone_with_max_tokens_0_echoes_the_prompt(scored, local, prompt):
+    """No log-probs asked: nothing to score, the prompt comes back as it is (a regression gave 500 here)."""
+    reply = scored.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True})
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    assert choice["text"] == (prompt if isinstance(prompt, str) else local[1].decode(prompt))
+    assert choice.get("logprobs") is None and reply.json()["usage"]["completion_tokens"] == 0
+
+
 @pytest.mark.parametrize("body, field", [
     ({"prompt": "a", "logprobs": 9}, "logprobs"),
     ({"prompt": "a", "prompt_logprobs": 9, "max_tokens": 0}, "prompt_logprobs"),
@@ -115,12 +125,31 @@ def test_chat_logprobs_in_openai_shape(scored):
     ({"prompt": [0, 100000], "max_tokens": 0, "echo": True}, "prompt"),
     ({"prompt": [5, 6], "max_tokens": 0, "echo": True, "logprobs": 2, "nlm_format": "arrays"}, "nlm_format"),
     ({"prompt": [5, 6], "max_tokens": 1, "prompt_logprobs": 2, "nlm_format": "arrays"}, "nlm_format"),
+    ({"prompt": [5, 6], "max_tokens": 0, "prompt_logprobs": 2, "nlm_format": "arrays", "n": 2}, "nlm_format"),
 ])
 def test_refusals_name_the_field(scored, body, field):
     reply = scored.post("/v1/completions", json=body)
     assert reply.status_code == 422 and reply.json()["error"]["field"] == field
     if "logprobs" in field:
         assert "cap of 8" in reply.json()["error"]["message"]
+    if field == "nlm_format":  # this server runs --engine nlm: the message must not say otherwise
+        assert "engine" not in reply.json()["error"]["message"]
+
+
+def test_scoring_out_of_memory_is_a_413_naming_the_prompts(scored, monkeypatch):
+    """Deterministic for the request, so a client status that the served teacher does not retry."""
+    from nlm.distill.served_teacher import RETRIED_STATUS
+
+    engine = next(iter(scored.app.state.nlm.engines.values()))
+
+    def exhausted(prompts, job):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 34.00 GiB")
+
+    monkeypatch.setattr(engine, "_score_rows", exhausted)
+    reply = scored.post("/v1/completions", json={"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 0, "prompt_logprobs": 2,
+                                                 "nlm_format": "arrays"})
+    assert reply.status_code == 413 and 413 not in RETRIED_STATUS
+    assert "2 prompt(s)" in reply.json()["error"]["message"] and reply.json()["error"]["field"] == "prompt"
 
 
 def test_models_publish_the_tokenizer_fingerprint(scored, local):
@@ -128,6 +157,11 @@ def test_models_publish_the_tokenizer_fingerprint(scored, local):
     assert entry["tokenizer_fingerprint"] == vocabulary_fingerprint(local[1])
     assert entry["vocab_size"] == len(local[1]) and entry["max_logprobs"] == 8 and entry["max_batch_size"] == 32
     assert entry["logprobs_temperature"] is True  # --engine nlm takes it; --engine vllm's card says false
+    assert entry["nlm_format"] == ["arrays"]  # declared, so the served teacher need not infer it
+    from nlm.inference.logprobs import model_card
+
+    vllm_card = model_card(local[1], ServerSettings(engine="vllm"))
+    assert vllm_card["nlm_format"] == [] and vllm_card["logprobs_temperature"] is False
 
 
 def test_a_list_of_token_prompts_gets_one_choice_each_equal_to_alone(scored):

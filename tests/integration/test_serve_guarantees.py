@@ -252,6 +252,11 @@ BAD_CHATS = [
     {"model": "main", "messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]},
     {"model": "main", "messages": "hello"},
 ]
+# Odd but valid /v1/completions requests: each answers 200 (echo alone with max_tokens 0 once gave 500).
+ODD_COMPLETIONS = [
+    {"model": "main", "prompt": "Hello", "max_tokens": 0, "echo": True},
+    {"model": "main", "prompt": [5, 6, 7], "max_tokens": 0, "echo": True},
+]
 
 
 def test_concurrent_bad_requests_mixed_with_good_ones_never_5xx(server):
@@ -259,6 +264,7 @@ def test_concurrent_bad_requests_mixed_with_good_ones_never_5xx(server):
     calls = [("/invocations", {"model": "gpt", "prompt": f"hello {i}", "max_new_tokens": 6}) for i in range(8)]
     calls += [("/invocations", body) for body in BAD_BODIES] + [("/v1/chat/completions", body) for body in BAD_CHATS]
     calls += [("/v1/completions", {"model": m, "prompt": "hi", "max_tokens": 5, "temperature": 0}) for m in ("main", "a", "b", "eos")]
+    calls += [("/v1/completions", body) for body in ODD_COMPLETIONS]
 
     def call(item):
         path, body = item
@@ -275,6 +281,7 @@ def test_concurrent_bad_requests_mixed_with_good_ones_never_5xx(server):
     good = [r for (path, body), r in zip(calls, responses, strict=True) if isinstance(body, dict) and "hello " in str(body.get("prompt"))]
     assert all(r.status_code == 200 for r in good)
     assert all(r.status_code in (400, 404, 413, 422) for r in responses[8:8 + len(BAD_BODIES) + len(BAD_CHATS)])
+    assert all(r.status_code == 200 for r in responses[len(responses) - len(ODD_COMPLETIONS):])
 
 
 def test_ping_is_503_when_the_generation_worker_dies(models, tmp_path):

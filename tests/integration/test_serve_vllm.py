@@ -239,6 +239,7 @@ def test_logprobs_echo_and_chat_top_logprobs_equal_the_nlm_engine(server):
 def test_logprob_caps_and_the_temperature_extension_are_refused_by_name(server):
     card = httpx.get(f"{server['base']}/v1/models", headers=server["headers"]).json()["data"][0]
     assert card["max_logprobs"] == 20 and card["logprobs_temperature"] is False and card["tokenizer_fingerprint"]
+    assert card["nlm_format"] == []  # no scoring arrays: the served teacher asks in vLLM's shape
     for path, body, field in [("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
                               ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
