@@ -6,9 +6,10 @@ on the same folder (in this process).
         --folder merged=DIR --folder int8=DIR --folder int4=DIR [--max_tokens 24]
 
 Per folder: whether vLLM started and answered, the first lines of its error when not, and how many of the
-prompts' greedy answers equal the nlm engine's. Prints one JSON object. vLLM loads torchao folders (int8, int4)
-only when torchao is importable in its Python (`make setup-vllm` does not install it); put it on the child's
-PYTHONPATH to try.
+prompts' greedy answers equal the nlm engine's. Prints one JSON object. int8 is a torchao folder: without
+torchao in vLLM's Python (`make setup-vllm` does not install it) vLLM exits with an ImportError; put torchao on
+the child's PYTHONPATH to try it. int4 is a compressed-tensors `pack-quantized` folder. What each gave:
+docs/DEPLOY.md ("Which `nlm export` formats vLLM serves").
 """
 
 from __future__ import annotations

@@ -5,13 +5,15 @@ are no smaller than int8. The int4 values and group scales are still torchao's (
 quantizers saw, `nlm.models.quantization.weight_config`); compressed-tensors only stores them:
 
 - every linear but the head: W4A16, symmetric int4 per group of `group_size` input columns, format
-  `pack-quantized` (`weight_packed` int32, `weight_scale`, `weight_shape`), what vLLM serves as W4A16;
+  `pack-quantized` (`weight_packed` int32, `weight_scale`, `weight_shape`), compressed-tensors' W4A16 scheme;
 - the input embedding and the output head (unless --keep_head_fp): int8 per row, format `int-quantized`
   (`weight` int8, `weight_scale`), the int8 choice of `table_config`.
 
 config.json gets compressed-tensors' `quantization_config`, so a plain `from_pretrained` (nlm eval,
 generate, serve) rebuilds the model: transformers' CompressedTensorsHfQuantizer decompresses it to fp32
-(q * scale, torchao's own dequantization) before the first forward.
+(q * scale, torchao's own dequantization) before the first forward. vLLM 0.32 (CPU) refused the default
+folder (the int8 head and embedding make it `mixed-precision`) and did not get a `--keep_head_fp` folder
+started: serving an int4 export through vLLM is not shown (docs/DEPLOY.md, docs/BENCHMARKS.md).
 
 A tied head and embedding are stored once: the head's int8 copy is left out of the file and only its
 per-row scale (vocabulary x 1) is kept. Loading ties the head to the compressed embedding, and

@@ -9,8 +9,8 @@ Which torchao configs run where (checked with torch 2.13 CPU and torchao 0.18; s
   torchao 0.18 keeps them one value per byte (it has no packed int4 tensor that both runs on CPU and saves
   to safetensors; `Int4WeightOnlyConfig`'s tinygemm layout needs CUDA), so the export stores them through
   compressed-tensors' `pack-quantized` layout, two per byte (`nlm.export.packed`), a W4A16 folder that
-  transformers loads and vLLM serves. The embedding and head get int8 per row under int4 as well
-  (`table_config`: int4 there cost SmolLM2-135M +9.7% held-out loss against +1.5%).
+  transformers loads (vLLM 0.32 refused the default one: docs/DEPLOY.md). The embedding and head get int8
+  per row under int4 as well (`table_config`: int4 there cost SmolLM2-135M +9.7% held-out loss against +1.5%).
 - A quantization-aware run (`quantization_aware:` in the training config, `nlm.training.quantization_aware`)
   trains against `weight_config(scheme, group_size)`; its export uses exactly that config for every linear,
   the embedding and the head, so the exported model is the one that was trained (`nlm.models.quantization`).
