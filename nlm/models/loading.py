@@ -135,19 +135,30 @@ def load_causal_lm(
         raise ModelLoadError(f"cannot load the model {name!r}: {_short_error(exc)} ({_hint(name, exc)})") from None
     except ImportError as exc:  # a quantized folder whose library is missing (an int4 export: compressed-tensors)
         raise ModelLoadError(f"cannot load the model {name!r}: {_short_error(exc)}") from None
-    _decompress(model)
+    _decompress(model, name)
     if device is not None:
         model.to(device)
     return model
 
 
-def _decompress(model: Any) -> None:
+def _decompress(model: Any, name: str) -> None:
     """A compressed-tensors model (an int4 export) decompressed to its dense weights now, not by the hook
     compressed-tensors runs on the first forward: code that reads the head's weight first (`sliced_head`)
-    then sees the same fp32 weights as the forward does."""
-    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
-    if compressor is not None and hasattr(compressor, "decompress_model"):
-        compressor.decompress_model(model)
+    then sees the same fp32 weights as the forward does. Decided by what the folder's config declares; a
+    compressed-tensors without the decompressor this calls is a ModelLoadError, never a silent skip."""
+    declared = model.config.to_dict().get("quantization_config") or {}
+    if declared.get("quant_method") != "compressed-tensors":
+        return
+    try:
+        from compressed_tensors.compressors import ModelCompressor
+
+        compressor = ModelCompressor.from_compression_config(model.config.quantization_config)
+        decompress = compressor.decompress_model
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot load the model {name!r}: its config declares compressed-tensors, and this "
+                             "compressed-tensors has no ModelCompressor.from_compression_config(...).decompress_model "
+                             f"({_short_error(exc)}); expected compressed-tensors>=0.20,<0.21") from None
+    decompress(model)
 
 
 def check_model_exists(name: str, *, revision: str | None = None, token: Any = None, trust_remote_code: bool = False) -> Any:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from nlm.apps.export import export_model
-from nlm.errors import ConfigError
+from nlm.errors import ConfigError, ModelLoadError
 from nlm.export.packed import compressed_tensors_quantization
 from nlm.export.quantize import torchao_config
 from nlm.models.loading import load_trained_model
@@ -77,3 +77,18 @@ def test_a_missing_compressed_tensors_names_the_install_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "compressed_tensors.quantization", None)  # import now raises ImportError
     with pytest.raises(ConfigError, match=r"--format int4 needs compressed-tensors: run `pip install"):
         compressed_tensors_quantization()
+
+
+def test_a_compressed_tensors_without_its_decompressor_is_a_load_error(tokenizer, tmp_path, monkeypatch):
+    """The folder declares compressed-tensors: a library that lost `decompress_model` fails the load in one line
+    instead of leaving the weights compressed (head reads before the first forward would be wrong)."""
+    from compressed_tensors.compressors import ModelCompressor
+
+    source = tmp_path / "source"
+    build_causal_lm("llama", vocab_size=512, hidden_size=64, seed=5).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = export_model(source, tmp_path / "int4", "int4", group_size=32).output_dir
+    monkeypatch.delattr(ModelCompressor, "decompress_model")
+    with pytest.raises(ModelLoadError, match=r"int4.*declares compressed-tensors.*decompress_model") as caught:
+        load_trained_model(out)
+    assert "\n" not in str(caught.value)
