@@ -159,14 +159,17 @@ def main() -> None:
                 record({"row": f"cache_build_top{top_k}", "seconds": round(time.perf_counter() - started, 1),
                         "bytes_per_token": manifest["bytes_per_token"]})
             config["teacher_cache"] = str(cache)
-        started = time.perf_counter()
-        result = train(TrainingConfig(**config))
-        seconds = time.perf_counter() - started
+        final = Path(common["output_dir"]) / name / "final"
+        metadata = final / "training_metadata.json"
+        finished = json.loads(metadata.read_text()) if metadata.is_file() else {}
+        if finished.get("global_step") != config["max_steps"]:  # else: trained to the end before an interruption
+            final = train(TrainingConfig(**config)).final_dir
+            finished = json.loads(metadata.read_text())
         curve = [{"step": e["step"], "loss": round(e["eval_loss"], 4),
                   **({"token_accuracy": round(e["eval_token_accuracy"], 4)} if "eval_token_accuracy" in e else {})}
-                 for e in result.log_history if "eval_loss" in e]
+                 for e in finished.get("log_history", []) if "eval_loss" in e]
         record({"row": name, "init": init, "teacher": source, "distillation": distillation, **overrides,
-                **score(result.final_dir), "train_seconds": round(seconds, 1), **({"curve": curve} if curve else {})})
+                **score(final), "train_seconds": finished.get("wall_seconds"), **({"curve": curve} if curve else {})})
     base, top = done.get("finetune"), done.get("teacher")
     table = {}
     for name, row in done.items():

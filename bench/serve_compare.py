@@ -22,6 +22,9 @@ and sends the same greedy requests (the
 completion tokens/s of both, their ratio, the draft's acceptance from /metrics, and whether every output is
 byte-identical between the two servers.
 
+What nlm's front costs on one vLLM run (issue 28): `--ab_rounds N --model DIR` starts `nlm serve --engine vllm`
+once and sends each level's closed loop through nlm's routes and straight to its vLLM child, alternating N rounds.
+
 vLLM (issue 28): `--servers vllm nlm-vllm` adds plain vLLM's OpenAI server and `nlm serve --engine vllm` (the
 same vLLM behind nlm's routes), both run by `--vllm_python` (default $NLM_VLLM_PYTHON, else .venv-vllm/bin/python
 from `make setup-vllm`), with the same context (2560), batch cap (32 sequences) and dtype (the folder's own); `--model DIR` serves an
@@ -252,6 +255,40 @@ def draft_compare(target: Path, draft: Path, prompts_file: Path, levels: list[in
     return result
 
 
+def front_vs_direct(folder: Path, levels: list[int], requests: int, max_tokens: int, rounds: int) -> dict:
+    """What nlm's front costs on top of vLLM, with the vLLM run held fixed: one `nlm serve --engine vllm`, and at
+    each concurrency the same closed loop sent through nlm's routes and straight to its vLLM child, alternating
+    for `rounds` rounds. Separate vLLM starts differ by several percent from run to run on this CPU; one child
+    measured both ways does not."""
+    import re
+
+    port, log = free_port(), []
+    command = [sys.executable, "-m", "nlm.cli", "--log_level", "INFO", "serve", "--engine", "vllm", "--model", str(folder),
+               "--port", str(port), "--request_timeout", "3600"]
+    process, base = start(command, "/ping", port, 1800,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **THREADS}, log=log)
+    try:
+        child = re.search(r"vLLM for \S+ runs as pid \d+ on port (\d+)", "".join(log))
+        assert child, "nlm serve did not log its vLLM child's port"
+        routes = {"nlm_front": base, "vllm_direct": f"http://127.0.0.1:{child.group(1)}"}
+        names = {via: httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] for via, url in routes.items()}
+        asyncio.run(closed_loop(base, names["nlm_front"], 2, 2, 4))  # warm-up
+        out: dict = {}
+        for concurrency in levels:
+            runs: dict = {via: [] for via in routes}
+            for _ in range(rounds):
+                for via, url in routes.items():
+                    runs[via].append(asyncio.run(closed_loop(url, names[via], concurrency, max(requests, concurrency), max_tokens)))
+            tokens = {via: sum(r["completion_tokens_per_s"] for r in rs) / rounds for via, rs in runs.items()}
+            p99 = {via: max(r["p99_latency_s"] for r in rs) for via, rs in runs.items()}
+            out[str(concurrency)] = {"runs": runs, "front_vs_direct_tokens_per_s": round(tokens["nlm_front"] / tokens["vllm_direct"], 3),
+                                     "front_vs_direct_p99": round(p99["nlm_front"] / p99["vllm_direct"], 3)}
+            print(json.dumps({concurrency: {k: v for k, v in out[str(concurrency)].items() if k != "runs"}}), file=sys.stderr, flush=True)
+        return out
+    finally:
+        stop(process)
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -295,6 +332,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads of every server (OMP_NUM_THREADS); on a shared, oversubscribed CPU more "
                              "than 1 makes each op wait for descheduled sibling threads")
+    parser.add_argument("--ab_rounds", type=int, default=0,
+                        help="instead: nlm serve --engine vllm's front vs its own vLLM child, same process, this many "
+                             "alternating rounds per concurrency (needs --model)")
     parser.add_argument("--draft_pair", nargs=2, type=Path, metavar=("TARGET", "DRAFT"),
                         help="instead: TARGET alone vs TARGET with its draft on nlm's engine (speculative decoding)")
     parser.add_argument("--draft_prompts", type=Path, help="JSONL with a `prompt` per line (--draft_pair)")
@@ -313,6 +353,15 @@ def main() -> None:
         result = {engine: draft_compare(*args.draft_pair, args.draft_prompts, args.draft_concurrency, args.max_tokens, engine)
                   for engine in args.draft_engines}
         print(json.dumps({"engines": result, "server_threads": args.threads, "load_average": os.getloadavg()[0]}, indent=2))
+        return
+    if args.ab_rounds:
+        if args.model is None:
+            parser.error("--ab_rounds needs --model")
+        os.environ["NLM_VLLM_PYTHON"] = args.vllm_python
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        result = front_vs_direct(args.model, args.concurrency, args.requests, args.max_tokens, args.ab_rounds)
+        print(json.dumps({"model": str(args.model), "levels": result, "server_threads": args.threads,
+                          "load_average": os.getloadavg()[0]}, indent=2))
         return
     transformers_cli = str(Path(sys.executable).with_name("transformers"))
     results: dict = {"model": str(args.model) if args.model else "llama 6x576, vocab 49152, random weights", "max_tokens": args.max_tokens,
