@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from nlm.cli import main
 from tests.conftest import write_jsonl
-from tests.integration.serving import start_server, wait_until_ready
+from tests.integration.serving import start_server, stop_server, wait_until_ready
 from tests.integration.test_serve_process import free_port
 
 pytestmark = pytest.mark.slow
@@ -46,8 +46,7 @@ def vllm(smollm):
          "--dtype", "float32", "--no-enable-prefix-caching"],
         port, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}, health="/v1/models", timeout=600)
     yield f"{started.base}/v1"
-    started.process.kill()
-    started.process.wait()
+    stop_server(started.process)  # SIGTERM: vLLM stops its engine-core and worker processes (a SIGKILL orphans them)
 
 
 @pytest.fixture(scope="module")
