@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import peak_rss_bytes  # noqa: E402
 
 
 def child(path: Path, cache: Path) -> dict:
@@ -30,7 +32,7 @@ def child(path: Path, cache: Path) -> dict:
     started = time.perf_counter()
     data = tokenize_records([path], tokenizer, TokenizeSettings(max_seq_length=256), cache_root=cache)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {"examples": len(data.dataset), "target_tokens": data.stats.target_tokens, "seconds": round(seconds, 1),
             "rss_before_mib": round(before / 2**20), "peak_rss_mib": round(peak / 2**20)}
 

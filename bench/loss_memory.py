@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import peak_rss_bytes  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -71,7 +74,7 @@ def run_case(impl: str, vocab: int, tokens: int, hidden: int) -> dict:
     started = time.perf_counter()
     step()
     second = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {"impl": impl, "vocab": vocab, "tokens": tokens, "hidden": hidden, "loss": round(value, 5),
             "peak_extra_mib": round((peak - baseline) / 2**20, 1), "seconds": round(min(first, second), 3)}
 

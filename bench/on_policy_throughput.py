@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import peak_rss_mib  # noqa: E402
 from train_throughput import StepTimer, build_assets  # noqa: E402  (one owner of the models and data)
 
 RUNNERS = ("nlm_on_policy", "trl_gkd")
@@ -116,7 +116,7 @@ def main() -> None:
         runner = {"nlm_on_policy": run_nlm, "trl_gkd": run_trl}[args.runner]
         result = runner(Path(args.root), args.steps, args.batch, args.seed, args.max_new_tokens)
         print(json.dumps({"runner": args.runner, **result,
-                          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                          "peak_rss_mib": peak_rss_mib()}))
         return
 
     samples: dict[str, list[dict]] = {name: [] for name in args.runners}

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def child(config_json: str) -> None:
     """One training run in this process; prints its figures as the last stdout line."""
     import gc
-    import resource
+
+    from peak_memory import peak_rss_mib
 
     from nlm.apps.train import train
     from nlm.config.settings import TrainingConfig
@@ -40,7 +41,7 @@ def child(config_json: str) -> None:
     served = [o for o in gc.get_objects() if isinstance(o, ServedTeacher)]
     figures = {"final": str(result.final_dir), "train_runtime": result.metrics.get("train_runtime"),
                "samples_per_second": result.metrics.get("train_samples_per_second"),
-               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+               "peak_rss_mb": round(peak_rss_mib(), 1)}
     if served:
         figures["wait_seconds"] = round(served[0].wait_seconds, 2)
     print(json.dumps(figures))

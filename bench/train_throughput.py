@@ -25,13 +25,15 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import peak_rss_mib  # noqa: E402
 
 VOCAB = 32768
 SEQ_WORDS = 120  # words per turn; with the template, ~256 tokens per record
@@ -255,7 +257,7 @@ def main() -> None:
                "build_cache": lambda: build_cache(root, args.seed)}[args.runner]
         seconds = run()
         print(json.dumps({"runner": args.runner, "seconds": seconds,
-                          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                          "peak_rss_mib": peak_rss_mib()}))
         return
 
     with tempfile.TemporaryDirectory(prefix="nlm-bench-") as scratch:
