@@ -76,12 +76,30 @@ ROWS: dict[str, tuple] = {  # (init, teacher source, distillation[, training ove
     # Three-epoch candidate recipe, fixed before its run: the defaults plus the scale-free hidden-state term on
     # the kept layers (the best lr-3e-4 row of the one-epoch table; Minitron's depth-pruned students use both).
     "importance_kd_hidden": ("importance", "live", {"hidden_states": {"weight": 1.0, "loss": "mse", "layers": "auto"}}),
+    # The 1 KiB cache with a sampled tail (`--tail_samples`, issue 24), fixed before its run (2026-12-07): the same
+    # 255 slots as kd_cache255, as the top 64 tokens plus 191 draws from the rest of the teacher's distribution.
+    "kd_cache64s191": ("even", "cache:255:191", {}),
+    # configs/on_policy.yaml as its header says to use it: on a student that already writes sensible text (here
+    # the three-epoch importance_kd student, `after:ROW`), one more epoch at its settings (lr 1e-4, lmbda 0.5,
+    # reverse KL, τ 1) against one more epoch of fine-tuning and of default KD from the same weights. Fixed
+    # before these rows ran (2026-12-07); the gap is against continue_finetune.
+    "continue_finetune": ("after:importance_kd", "none", {"alpha": 0.0}, {"max_steps": 60, "learning_rate": 1e-4}),
+    "continue_on_policy": ("after:importance_kd", "live", {"lmbda": 0.5, "alpha": 0.5, "divergence": "reverse_kl",
+                                                           "temperature": 1.0, "max_new_tokens": 48},
+                           {"max_steps": 60, "learning_rate": 1e-4}),
+    "continue_kd": ("after:importance_kd", "live", {}, {"max_steps": 60, "learning_rate": 1e-4}),
 }
 
 
-def student(root: Path, teacher: Path, init: str, layers: int, train_file: Path) -> Path:
-    """The cut, made once with `nlm init-student` and reused by every row."""
+def student(root: Path, teacher: Path, init: str, layers: int, train_file: Path, runs: Path | None = None) -> Path:
+    """The cut, made once with `nlm init-student` and reused by every row; `after:ROW`: that row's final weights."""
     from nlm.models.prune import init_student
+
+    if init.startswith("after:"):
+        folder = Path(runs or root) / init.removeprefix("after:") / "final"
+        if not (folder / "config.json").is_file():
+            raise SystemExit(f"{folder} missing: run --rows {init.removeprefix('after:')} first")
+        return folder
 
     folder = root / f"student-{layers}-{init}"
     if not (folder / "config.json").is_file():
@@ -146,17 +164,20 @@ def main() -> None:
             continue
         init, source, distillation, *more = ROWS[name]
         overrides = more[0] if more else {}
-        config = dict(common, run_name=name, student_model=str(student(root, teacher, init, layers, train_file)),
+        config = dict(common, run_name=name,
+                      student_model=str(student(root, teacher, init, layers, train_file, Path(common["output_dir"]))),
                       distillation=distillation, **overrides)
         if source == "live":
             config["teacher_model"] = str(teacher)
-        elif source.startswith("cache:"):
-            top_k = int(source.split(":")[1])
-            cache = root / f"cache-{args.cut}-top{top_k}"
-            if f"cache_build_top{top_k}" not in done:  # built (or an interrupted build finished) once per K
+        elif source.startswith("cache:"):  # cache:K, or cache:K:M (M of the K slots drawn from the tail)
+            top_k, samples = (int(part) for part in (source.split(":")[1:] + ["0"])[:2])
+            label = f"top{top_k}" + (f"s{samples}" if samples else "")
+            cache = root / f"cache-{args.cut}-{label}"
+            if f"cache_build_{label}" not in done:  # built (or an interrupted build finished) once per K
                 started = time.perf_counter()
-                manifest = build_teacher_cache(TrainingConfig(**dict(config, teacher_model=str(teacher))), cache, top_k=top_k)
-                record({"row": f"cache_build_top{top_k}", "seconds": round(time.perf_counter() - started, 1),
+                manifest = build_teacher_cache(TrainingConfig(**dict(config, teacher_model=str(teacher))), cache, top_k=top_k,
+                                               tail_samples=samples)
+                record({"row": f"cache_build_{label}", "seconds": round(time.perf_counter() - started, 1),
                         "bytes_per_token": manifest["bytes_per_token"]})
             config["teacher_cache"] = str(cache)
         final = Path(common["output_dir"]) / name / "final"
@@ -176,6 +197,8 @@ def main() -> None:
         if "loss" in row and base and top and name not in ("teacher",):
             row = dict(row, **gap_closed(row, top, base))
             same = done.get(f"{row.get('init')}_finetune" + ("_lr1e-3" if row.get("learning_rate") == 1e-3 else ""))
+            if str(row.get("init")).startswith("after:"):  # a continued student: against continued fine-tuning
+                same = done.get("continue_finetune")
             if same and same is not row and (row.get("init") not in (None, "even") or row.get("learning_rate")):  # the gap against fine-tuning the same cut
                 row["same_init"] = gap_closed(row, top, same)
         table[name] = row

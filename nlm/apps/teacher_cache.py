@@ -32,6 +32,7 @@ from nlm.distill.cache import (
     id_dtype,
     read_manifest,
     rounded_targets,
+    sampled_tail,
     save_shard,
     weights_fingerprint,
     write_manifest,
@@ -65,7 +66,9 @@ CACHE_ENTRIES = ("manifest.json", "manifest.json.partial", "shard-*.safetensors"
 
 @torch.no_grad()
 def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k: int, dtype: torch.dtype,
-                device: torch.device, hidden_layers: tuple[int, ...] = ()) -> ShardRows:
+                device: torch.device, hidden_layers: tuple[int, ...] = (), tail_samples: int = 0,
+                generator: torch.Generator | None = None) -> ShardRows:
+    """`tail_samples`: of the top_k slots, that many are draws from the tail (`sampled_tail`, with `generator`)."""
     ids, logp, tail, offsets = [], [], [], [0]
     hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
     rows_per_chunk = chunk_rows(teacher.vocab_width, device)
@@ -78,13 +81,19 @@ def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k
             rows = signal.rows(start, min(start + rows_per_chunk, signal.count))
             if isinstance(rows, SparseTargets):  # a served teacher: its top-k at the temperature already
                 top_ids, top_values = rows.ids[:, :top_k], rows.logp[:, :top_k]
+            elif tail_samples:
+                assert generator is not None
+                top_ids, top_values = sampled_tail(target_logp(rows, temperature).cpu(), top_k - tail_samples, tail_samples,
+                                                   generator)
             else:
                 top = target_logp(rows, temperature).topk(top_k, dim=-1)
                 top_ids, top_values = top.indices, top.values
             ids.append(top_ids.to("cpu", dtype))
             stored, rest = rounded_targets(top_values)
             logp.append(stored.cpu())
-            tail.append(rest.cpu())
+            # Sampled rows list the whole distribution (their probabilities sum to one up to the fp16 rounding
+            # down): the tail bucket holds no mass, so the loss gives the student's rest no pull either way.
+            tail.append(torch.full_like(rest, float("-inf")).cpu() if tail_samples else rest.cpu())
         for row in range(mask.shape[0]):
             offsets.append(offsets[-1] + int(mask[row].sum()))
     return ShardRows(torch.cat(ids), torch.cat(logp), torch.cat(tail), torch.tensor(offsets, dtype=torch.int64),
@@ -244,9 +253,20 @@ def _checked_teacher(config: TrainingConfig, teacher: Teacher, dataset: Any, cro
 
 
 def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, batch_size: int = 8,
-                        shard_examples: int = 1024, overwrite: bool = False) -> dict[str, Any]:
-    """Write (or finish) the cache for `config`'s teacher and training data; returns the manifest."""
+                        shard_examples: int = 1024, overwrite: bool = False, tail_samples: int = 0) -> dict[str, Any]:
+    """Write (or finish) the cache for `config`'s teacher and training data; returns the manifest.
+
+    `tail_samples`: of the `top_k` slots per token, that many are draws from the teacher's tail instead of its
+    next-best tokens (`nlm.distill.cache.sampled_tail`; for forward KL, the default divergence)."""
     specs = teacher_specs(config)
+    if tail_samples and not 1 <= tail_samples < top_k:
+        raise ConfigError(f"tail_samples = {tail_samples}: expected 1 <= tail_samples < top_k ({top_k}); the rest of the "
+                          "slots keep the teacher's top tokens")
+    if tail_samples and config.teacher_url:
+        raise ConfigError("tail_samples needs the teacher's whole distribution; a served teacher (teacher_url) returns only "
+                          "its top-k: build the cache without --tail_samples, or from teacher_model")
+    if tail_samples and config.distillation.cross_tokenizer:
+        raise ConfigError("tail_samples applies to a top-k cache; a cross_tokenizer cache stores group likelihoods")
     if not specs and not config.teacher_url:
         raise ConfigError("teacher-cache needs the teacher: pass --teacher MODEL (or --teacher_model, --teacher_url, or "
                           "teachers in the config)")
@@ -270,7 +290,7 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
         top_k = 0  # one likelihood per aligned group, no top-k
     elif not 1 <= top_k < width:
         raise ConfigError(f"top_k = {top_k}: expected 1 <= top_k < vocabulary size {width}")
-    fingerprint = cache_fingerprint(config, tokenizer, top_k)
+    fingerprint = cache_fingerprint(config, tokenizer, top_k, tail_samples)
     if student_tokenizer is not None:
         fingerprint.update(cross_fingerprint(student_tokenizer))
         if config.distillation.hidden_states.weight > 0:
@@ -298,6 +318,8 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     hidden_layers = _checked_teacher(config, teacher, dataset, student_tokenizer is not None, device, existing, output)
     manifest = existing or _new_manifest(config, fingerprint, teacher, teacher_weights, top_k, width, len(dataset),
                                          hidden_layers, cross=student_tokenizer is not None)
+    if tail_samples:
+        manifest["tail_samples"] = tail_samples
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # A resumed build keeps the id type its manifest recorded (a cache started before ids were narrowed to
@@ -305,7 +327,10 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
     ids_type = getattr(torch, manifest["id_dtype"]) if manifest.get("id_dtype") else id_dtype(width)
 
     def write_topk(path: Path, batches: list[dict]) -> int:
-        rows = _shard_rows(teacher, batches, config.distillation.temperature, top_k, ids_type, device, hidden_layers)
+        # Draws seeded by the run's seed and the shard's number: a resumed build redraws what it would have drawn.
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + int(path.stem.rsplit("-", 1)[-1]))
+        rows = _shard_rows(teacher, batches, config.distillation.temperature, top_k, ids_type, device, hidden_layers,
+                           tail_samples, generator)
         save_shard(path, rows)
         return int(rows.ids.shape[0])
 

@@ -4,6 +4,9 @@ Written by hand because the format is nlm's own (see docs/TEACHER_CACHE.md): a m
 of everything the numbers depend on, and safetensors shards (little-endian, memory-mapped on read) with, per
 target token, k token ids (int16 or uint16 when the vocabulary fits, else int32), their log-probabilities at the
 cache's temperature (float16) and the log of the remaining mass (float32): 4k+4 or 6k+4 bytes per token.
+
+With `tail_samples: M` the k slots are the top k - M plus M draws from the rest of the distribution (see
+`sampled_tail`): an unbiased estimate of the whole distribution instead of the top k and one tail bucket.
 """
 
 from __future__ import annotations
@@ -77,6 +80,39 @@ def bytes_per_token(top_k: int, vocab_size: int) -> int:
     return top_k * (torch.tensor([], dtype=id_dtype(vocab_size)).element_size() + 2) + 4
 
 
+def sampled_tail(logp: torch.Tensor, head: int, samples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top `head` tokens exactly, and `samples` draws (with replacement) from the rest of the distribution.
+
+    logp: [n, V] log-probabilities at the cache's temperature. Returns ids [n, head + samples] and log-probs
+    [n, head + samples] (float32): the head's own log-probs, then for each distinct drawn token
+    log(T · count / samples), where T is the mass outside the head, and -inf in the slots that duplicates leave
+    free (they repeat a drawn id, with no mass). The listed probabilities sum to one, and their expectation over
+    the draws is the teacher's distribution token by token, so the forward-KL gradient of a student against
+    them, q - p̂, is unbiased (random-sampling KD, Anshumann et al., ACL 2025); the head, kept exactly, leaves
+    only the tail to be estimated. Nothing is left for a tail bucket: the caller stores its mass as zero.
+
+    Written here because no library draws stratified (exact head, sampled tail) sparse targets for KD.
+    """
+    top = logp.topk(head, dim=-1)
+    probs = logp.exp()
+    probs.scatter_(-1, top.indices, 0.0)  # the tail's probabilities, unnormalised
+    tail_mass = probs.sum(-1, keepdim=True)  # [n, 1]
+    has_tail = tail_mass > 0
+    draws = torch.multinomial(torch.where(has_tail, probs, torch.ones_like(probs)), samples, replacement=True,
+                              generator=generator)  # [n, M]; rows without a tail draw anything, weighted 0 below
+    draws, _ = draws.sort(dim=-1)
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    group = first.long().cumsum(-1) - 1  # [n, M]: index of each draw's distinct token
+    counts = torch.zeros_like(draws, dtype=torch.float64).scatter_add_(-1, group, torch.ones_like(draws, dtype=torch.float64))
+    distinct = torch.zeros_like(draws).scatter_(-1, group, draws)  # slot j: the j-th distinct token (0 past the last)
+    used = counts > 0
+    distinct = torch.where(used, distinct, draws[:, :1])  # free slots repeat a drawn id; their mass is zero
+    weight = torch.log(tail_mass.double() * counts / samples).float()  # -inf where counts == 0 or no tail
+    weight = torch.where(used & has_tail, weight, torch.full_like(weight, float("-inf")))
+    return torch.cat([top.indices, distinct], dim=-1), torch.cat([top.values.float(), weight], dim=-1)
+
+
 @dataclass
 class ShardRows:
     ids: torch.Tensor  # [n, k]
@@ -109,6 +145,7 @@ class TeacherCache:
             raise CacheMismatchError(f"teacher cache {self.directory} is incomplete; rerun `nlm teacher-cache` to finish it")
         self.manifest = manifest
         self.top_k = int(manifest["top_k"])
+        self.tail_samples = int(manifest.get("tail_samples", 0))  # of the top_k slots, drawn from the tail
         self.temperature = float(manifest["temperature"])
         self.vocab_size = int(manifest["vocab_size"])
         self._starts = [shard["first_example"] for shard in manifest["shards"]]
@@ -186,7 +223,7 @@ def weights_fingerprint(model_path: str, revision: str | None) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def cache_fingerprint(config: Any, tokenizer: Any, top_k: int) -> dict[str, Any]:
+def cache_fingerprint(config: Any, tokenizer: Any, top_k: int, tail_samples: int = 0) -> dict[str, Any]:
     """Everything the cached numbers depend on: the data files in their order (the example indices follow
     it), every tokenisation setting (max_line_bytes included: it decides which lines are skipped), the
     tokenizer and its chat template, the temperature, top-k, and — when the run names the teacher — its
@@ -204,6 +241,8 @@ def cache_fingerprint(config: Any, tokenizer: Any, top_k: int) -> dict[str, Any]
         "top_k": top_k,
         "nlm_version": nlm.__version__,
     }
+    if tail_samples:  # absent when 0, so caches built before tail sampling keep their fingerprint
+        fingerprint["tail_samples"] = tail_samples
     if config.teacher_model:
         fingerprint["teacher_model"] = config.teacher_model
         fingerprint["teacher_weights"] = weights_fingerprint(config.teacher_model, config.teacher_revision)

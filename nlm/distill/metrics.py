@@ -69,7 +69,7 @@ def row_figures(student: torch.Tensor, targets: torch.Tensor,
         own = F.log_softmax(student, -1).gather(1, teacher.ids)  # [n, K]: the student's log-probs of the teacher's top K
         mine = torch.cat([own, tail_logp(own).unsqueeze(-1)], dim=-1)  # [n, K+1]
         theirs = teacher.bucket_logp().float()
-        figures[:, 3] = (theirs.exp() * (theirs - mine)).sum(-1)
+        figures[:, 3] = forward_kl(theirs, mine)  # buckets without teacher mass (a sampled cache's) count 0
         figures[:, 4] = predicted == teacher.ids[:, 0]
     elif teacher is not None:
         teacher_logp = target_logp(teacher, 1.0)

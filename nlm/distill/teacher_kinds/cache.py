@@ -34,11 +34,20 @@ def open_teacher_cache(config: TrainingConfig, tokenizer: Any) -> Teacher:
             logger.info("cross-tokenizer (alm) teacher from cache %s (%d aligned groups); the teacher model is not loaded",
                         cache.directory, cache.manifest["tokens"])
             return teacher
-        compare_fingerprints(cache_fingerprint(config, tokenizer, cache.top_k), cache.fingerprint, cache.directory)
+        compare_fingerprints(cache_fingerprint(config, tokenizer, cache.top_k, cache.tail_samples), cache.fingerprint,
+                             cache.directory)
     except (FileNotFoundError, CacheMismatchError) as exc:
         raise ConfigError(str(exc)) from None
+    if cache.tail_samples and config.distillation.divergence != "forward_kl":
+        # The draws estimate p without bias, and forward KL's gradient (q - p) is linear in p; the other
+        # divergences are not, so their estimate from the draws would be biased.
+        raise ConfigError(f"teacher cache {cache.directory} samples its tail (tail_samples {cache.tail_samples}), an unbiased "
+                          f"target for distillation.divergence forward_kl only, not {config.distillation.divergence}: use "
+                          "forward_kl, or a cache built without --tail_samples")
     if cache.vocab_size != len(tokenizer):
         raise ConfigError(f"teacher cache vocabulary {cache.vocab_size} differs from the student tokenizer's {len(tokenizer)}")
-    logger.info("teacher targets from cache %s (top-%d, %d tokens); the teacher model is not loaded",
-                cache.directory, cache.top_k, cache.manifest["tokens"])
+    shape = (f"top-{cache.top_k - cache.tail_samples} + {cache.tail_samples} tail draws" if cache.tail_samples
+             else f"top-{cache.top_k}")
+    logger.info("teacher targets from cache %s (%s, %d tokens); the teacher model is not loaded",
+                cache.directory, shape, cache.manifest["tokens"])
     return CachedTeacher(cache)
