@@ -133,7 +133,7 @@ def _teacher_cache_dir(config: Any, pipeline: Pipeline) -> Path:
 
     assert pipeline.teacher_cache is not None
     tokenizer = load_tokenizer(config.teacher_model, **hub_options(config, config.teacher_revision))
-    fingerprint = cache_fingerprint(config, tokenizer, pipeline.teacher_cache.top_k)
+    fingerprint = cache_fingerprint(config, tokenizer, pipeline.teacher_cache.top_k, pipeline.teacher_cache.tail_samples)
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return pipeline.output_dir / ".cache" / "teacher" / digest
 
@@ -219,7 +219,8 @@ def _shared_teacher_caches(pipeline: Any, prepared: dict[str, tuple[Path, Any]],
         cache_jobs.append(Job(
             name=f"teacher-cache {directory.name}",
             command=_python_nlm("teacher-cache", "--config", str(prepared[names[0]][0]), "--output", str(directory),
-                                "--top_k", str(settings.top_k), "--batch_size", str(settings.batch_size),
+                                "--top_k", str(settings.top_k), "--tail_samples", str(settings.tail_samples),
+                                "--batch_size", str(settings.batch_size),
                                 # A complete cache with this fingerprint is reused even under --overwrite.
                                 "--overwrite=false"),
             log_path=_fresh_log(pipeline, f"teacher-cache-{directory.name}"),

@@ -29,6 +29,7 @@ class SharedTeacherCache(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     top_k: int = Field(64, ge=1, description="teacher tokens kept per position")
+    tail_samples: int = Field(0, ge=0, description="of the top_k slots, draws from the teacher's tail (docs/TEACHER_CACHE.md)")
     batch_size: int = Field(8, ge=1, description="sequences per teacher forward while building")
 
 
