@@ -8,8 +8,9 @@ server vs computed:
 
 - in_process@2, in_process@1: the teacher inside the trainer, with 2 and 1 torch threads;
 - cache_top20@2: a top-20 teacher cache built first (its build time reported apart), then trained from;
-- nlm_serve_top20: `nlm serve --max_logprobs 64` on loopback, `teacher_top_k: 20`;
-- vllm_top20: vLLM's OpenAI server on loopback (`--max-logprobs 64 --no-enable-prefix-caching`), same K.
+- nlm_serve_top20: `nlm serve --engine nlm --max_logprobs 64` on loopback, `teacher_top_k: 20`;
+- vllm_top20: vLLM's OpenAI server on loopback (`--max-logprobs 64 --no-enable-prefix-caching`), same K;
+- nlm_serve_vllm_top20 (optional row): `nlm serve --engine vllm`, vLLM behind nlm's front, same K.
 
 Server and trainer get one torch thread each (`OMP_NUM_THREADS=1`): on this 2-core machine two processes of
 two threads each oversubscribe the cores (0.15-0.19x, docs/BENCHMARKS.md), and vLLM's engine core busy-polls
@@ -144,26 +145,14 @@ def main() -> None:
                     server, url = start(
                         command, "/health", port, 1800, env={**env, "VLLM_CPU_KVCACHE_SPACE": "2"}
                     )
-                else:
-                    command = [
-                        sys.executable,
-                        "-m",
-                        "nlm.cli",
-                        "--log_level",
-                        "WARNING",
-                        "serve",
-                        "--model",
-                        f"teacher={teacher}",
-                        "--port",
-                        str(port),
-                        "--max_logprobs",
-                        "64",
-                        "--max_batch_size",
-                        "16",
-                        "--device",
-                        "cpu",
-                    ]
-                    server, url = start(command, "/ping", port, 600, env=env)
+                else:  # nlm_serve: nlm's own engine; nlm_serve_vllm: nlm serve --engine vllm (vLLM behind nlm's front)
+                    engine = "vllm" if name.startswith("nlm_serve_vllm") else "nlm"
+                    command = [sys.executable, "-m", "nlm.cli", "--log_level", "WARNING", "serve", "--engine", engine,
+                               "--model", f"teacher={teacher}", "--port", str(port), "--max_logprobs", "64",
+                               "--max_batch_size", "16", "--device", "cpu"]
+                    if engine == "vllm":
+                        env["NLM_VLLM_PYTHON"] = args.vllm_python
+                    server, url = start(command, "/ping", port, 1800 if engine == "vllm" else 600, env=env)
                 extra = {"teacher_url": f"{url}/v1", "teacher_top_k": args.top_k}
             try:
                 figures = served_teacher.run_child({**base, "run_name": row.replace("@", "-t"), **extra})
