@@ -88,6 +88,14 @@ ROWS: dict[str, tuple] = {  # (init, teacher source, distillation[, training ove
                                                            "temperature": 1.0, "max_new_tokens": 48},
                            {"max_steps": 60, "learning_rate": 1e-4}),
     "continue_kd": ("after:importance_kd", "live", {}, {"max_steps": 60, "learning_rate": 1e-4}),
+    # Added after continue_on_policy's result (worse than continued fine-tuning on accuracy), so not fixed before
+    # every run: on-policy with the divergence and temperature the off-policy rows use (forward KL, τ 2), and
+    # on_policy.yaml's settings at a lower on-policy share.
+    "continue_on_policy_fkl": ("after:importance_kd", "live", {"lmbda": 0.5, "max_new_tokens": 48},
+                               {"max_steps": 60, "learning_rate": 1e-4}),
+    "continue_on_policy_lmbda0.25": ("after:importance_kd", "live", {"lmbda": 0.25, "alpha": 0.5, "divergence": "reverse_kl",
+                                                                      "temperature": 1.0, "max_new_tokens": 48},
+                                     {"max_steps": 60, "learning_rate": 1e-4}),
 }
 
 
