@@ -96,6 +96,12 @@ ROWS: dict[str, tuple] = {  # (init, teacher source, distillation[, training ove
     "continue_on_policy_lmbda0.25": ("after:importance_kd", "live", {"lmbda": 0.25, "alpha": 0.5, "divergence": "reverse_kl",
                                                                       "temperature": 1.0, "max_new_tokens": 48},
                                      {"max_steps": 60, "learning_rate": 1e-4}),
+    # configs/distill_lora.yaml's settings (LoRA r 16 / alpha 32 / dropout 0.05 on every projection, lr 2e-4, the
+    # defaults' KD) against the same LoRA fine-tuned, on the importance cut, three epochs. Fixed before they ran.
+    "lora_finetune": ("importance", "none", {"alpha": 0.0},
+                      {"learning_rate": 2e-4, "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.05}}),
+    "lora_kd": ("importance", "live", {},
+                {"learning_rate": 2e-4, "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.05}}),
 }
 
 
@@ -207,6 +213,8 @@ def main() -> None:
             same = done.get(f"{row.get('init')}_finetune" + ("_lr1e-3" if row.get("learning_rate") == 1e-3 else ""))
             if str(row.get("init")).startswith("after:"):  # a continued student: against continued fine-tuning
                 same = done.get("continue_finetune")
+            if "lora" in row:  # adapters: against the same adapters fine-tuned
+                same = done.get("lora_finetune")
             if same and same is not row and (row.get("init") not in (None, "even") or row.get("learning_rate")):  # the gap against fine-tuning the same cut
                 row["same_init"] = gap_closed(row, top, same)
         table[name] = row
