@@ -143,8 +143,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nlm: internal error: {type(exc).__name__}: {redact(str(exc))} (rerun with --debug for the traceback)",
               file=sys.stderr)
         code = 1
+    _close_process_group()
     _summarise_hidden_warnings()
     return code
+
+
+def _close_process_group() -> None:
+    """Tear down the process group a distributed run (torchrun, accelerate launch) started, before exit: left to
+    the interpreter's shutdown, gloo's threads can abort a finished worker ("terminate called without an active
+    exception", SIGABRT) after the run itself succeeded."""
+    torch = sys.modules.get("torch")  # never imported just for this
+    distributed = getattr(torch, "distributed", None)
+    try:
+        if distributed is not None and distributed.is_available() and distributed.is_initialized():
+            distributed.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - the run's own outcome stands; a teardown failure is only logged
+        logging.getLogger("nlm").debug("process group teardown failed: %s", exc)
 
 
 def _summarise_hidden_warnings() -> None:
