@@ -276,6 +276,7 @@ def finish_run(config: TrainingConfig, start: RunStart, parts: RunParts, trainer
         save_projections(parts.objective, final_dir)
     seconds = time.perf_counter() - started
     if not trainer.is_world_process_zero():
+        trainer.accelerator.wait_for_everyone()  # leave with rank 0, once it has written the metadata (below)
         return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
     write_metadata(
         final_dir / METADATA_FILE,
@@ -303,6 +304,9 @@ def finish_run(config: TrainingConfig, start: RunStart, parts: RunParts, trainer
     )
     record_written(final_dir, "nlm train", kept_in_final)  # --overwrite removes exactly what this run wrote there
     logger.info("final model written to %s (%.1fs)", final_dir, seconds)
+    # Every rank leaves together: a worker that exited while rank 0 still wrote was seen to abort at shutdown
+    # under load ("terminate called without an active exception"), failing a run that had succeeded.
+    trainer.accelerator.wait_for_everyone()
     return TrainResult(run_dir=run_dir, final_dir=final_dir, metrics=metrics, seconds=seconds)
 
 
