@@ -67,9 +67,10 @@ CACHE_ENTRIES = ("manifest.json", "manifest.json.partial", "shard-*.safetensors"
 @torch.no_grad()
 def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k: int, dtype: torch.dtype,
                 device: torch.device, hidden_layers: tuple[int, ...] = (), tail_samples: int = 0,
-                generator: torch.Generator | None = None) -> ShardRows:
-    """`tail_samples`: of the top_k slots, that many are draws from the tail (`sampled_tail`, with `generator`)."""
+                seed: int = 0) -> ShardRows:
+    """`tail_samples`: of the top_k slots, that many are draws from the tail (`sampled_tail`), seeded by `seed`."""
     ids, logp, tail, offsets = [], [], [], [0]
+    generator: torch.Generator | None = None  # made on the teacher rows' device: the draws stay where the logits are
     hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
     rows_per_chunk = chunk_rows(teacher.vocab_width, device)
     for batch in teacher.read_ahead(iter(batches)):  # a served teacher: the next batches' requests in flight
@@ -82,9 +83,10 @@ def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k
             if isinstance(rows, SparseTargets):  # a served teacher: its top-k at the temperature already
                 top_ids, top_values = rows.ids[:, :top_k], rows.logp[:, :top_k]
             elif tail_samples:
-                assert generator is not None
-                top_ids, top_values = sampled_tail(target_logp(rows, temperature).cpu(), top_k - tail_samples, tail_samples,
-                                                   generator)
+                logp_rows = target_logp(rows, temperature)
+                if generator is None:
+                    generator = torch.Generator(device=logp_rows.device).manual_seed(seed)
+                top_ids, top_values = sampled_tail(logp_rows, top_k - tail_samples, tail_samples, generator)
             else:
                 top = target_logp(rows, temperature).topk(top_k, dim=-1)
                 top_ids, top_values = top.indices, top.values
@@ -93,7 +95,7 @@ def _shard_rows(teacher: Teacher, batches: list[dict], temperature: float, top_k
             logp.append(stored.cpu())
             # Sampled rows list the whole distribution (their probabilities sum to one up to the fp16 rounding
             # down): the tail bucket holds no mass, so the loss gives the student's rest no pull either way.
-            tail.append(torch.full_like(rest, float("-inf")).cpu() if tail_samples else rest.cpu())
+            tail.append(rest.cpu().fill_(float("-inf")) if tail_samples else rest.cpu())
         for row in range(mask.shape[0]):
             offsets.append(offsets[-1] + int(mask[row].sum()))
     return ShardRows(torch.cat(ids), torch.cat(logp), torch.cat(tail), torch.tensor(offsets, dtype=torch.int64),
@@ -328,9 +330,9 @@ def build_teacher_cache(config: TrainingConfig, output: Path, top_k: int = 64, b
 
     def write_topk(path: Path, batches: list[dict]) -> int:
         # Draws seeded by the run's seed and the shard's number: a resumed build redraws what it would have drawn.
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + int(path.stem.rsplit("-", 1)[-1]))
+        seed = config.seed * 1_000_003 + int(path.stem.rsplit("-", 1)[-1])
         rows = _shard_rows(teacher, batches, config.distillation.temperature, top_k, ids_type, device, hidden_layers,
-                           tail_samples, generator)
+                           tail_samples, seed)
         save_shard(path, rows)
         return int(rows.ids.shape[0])
 

@@ -1,8 +1,8 @@
 """A teacher cache whose slots hold the top tokens plus draws from the tail (`--tail_samples`)."""
 
 import json
+import math
 
-import pytest
 import torch
 
 from nlm.apps.train import train
@@ -30,7 +30,7 @@ def test_draws_sum_to_one_keep_the_head_exactly_and_are_unbiased_token_by_token(
     assert ids.shape == values.shape == (3, head + 24)
     top = logp.topk(head, -1)
     assert torch.equal(ids[:, :head], top.indices) and torch.equal(values[:, :head], top.values)
-    for ids, values in runs[:20]:
+    for _ids, values in runs[:20]:
         torch.testing.assert_close(values.double().exp().sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-6, rtol=0)
         assert not (values[:, head:] > torch.log(1 - top.values.exp().sum(-1, keepdim=True)) + 1e-6).any()
     mean = torch.stack([_dense(ids, values, 50) for ids, values in runs]).mean(0)
@@ -88,7 +88,7 @@ def test_cli_builds_a_sampled_cache_and_training_from_it_checks_the_divergence(m
     common = ["--student_model", str(model_dirs["student"]), "--train_file", str(pc_file), "--max_steps", "2",
               "--per_device_train_batch_size", "4", "--teacher_cache", str(out)]
     result = train(load_config([*common, "--output_dir", str(tmp_path / "ok")]).config)
-    assert result.metrics["train_loss"] == pytest.approx(result.metrics["train_loss"]) and result.metrics["train_loss"] > 0
+    assert math.isfinite(result.metrics["train_loss"]) and result.metrics["train_loss"] > 0
     capsys.readouterr()
     code = main(["train", *common, "--output_dir", str(tmp_path / "rkl"), "--distillation.divergence", "reverse_kl"])
     err = capsys.readouterr().err
